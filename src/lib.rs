@@ -1,0 +1,1 @@
+//! revive: instant VM recovery straight out of a deduplicated backup repository.
