@@ -1,1 +1,11 @@
 //! revive: instant VM recovery straight out of a deduplicated backup repository.
+//!
+//! Layers, each depending only on those below it (see `ARCHITECTURE.md`):
+//! - [`repo`]: backup chains of VM folders: restore points, chunk indexes,
+//!   backup, restore, verify, gc.
+//! - [`store`]: where the repository's bytes live (local folder; S3 later).
+//! - [`progress`]: how long operations report progress.
+
+pub mod progress;
+pub mod repo;
+pub mod store;

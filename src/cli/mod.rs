@@ -1,0 +1,153 @@
+//! Command-line definitions (clap derive) and the dispatch to each command.
+
+mod progress;
+mod repo_cmds;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line arguments of `revive`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "revive",
+    version,
+    about = "Instant VM recovery from deduplicated backups"
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the repository is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RepoArg {
+    /// Repository folder.
+    #[arg(long, env = "REVIVE_REPO", value_name = "DIR")]
+    pub repo: PathBuf,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new, empty repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Chunk size of disk indexes: a power of two from 64KiB to 4MiB.
+        #[arg(long, default_value = "1MiB", value_parser = parse_size_arg)]
+        chunk_size: u64,
+    },
+    /// Back up a VM folder or a disk image as a new restore point.
+    Backup {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// VM name (default: the .vmx name, else the folder or file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// VM folder or image file to back up.
+        path: PathBuf,
+    },
+    /// List restore points.
+    Points {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Only this VM's restore points.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Print one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a restore point's files into a folder.
+    Restore {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point: full id, unique prefix, or VM@latest.
+        point: String,
+        /// Destination folder (created if missing; existing files are never overwritten).
+        dest: PathBuf,
+    },
+    /// Re-read and check every chunk (of one restore point, or of all).
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Restore point: full id, unique prefix, or VM@latest.
+        point: Option<String>,
+    },
+    /// Drop a restore point (its chunks stay until gc).
+    Forget {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point: full id, unique prefix, or VM@latest.
+        point: String,
+    },
+    /// Remove chunks that no restore point uses.
+    Gc {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Command {
+    /// Log level when RUST_LOG is unset: quiet for one-shot commands.
+    pub fn default_log_level(&self) -> &'static str {
+        "warn"
+    }
+}
+
+/// How a successful command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything fine.
+    Ok,
+    /// `verify` found damaged objects.
+    Damaged,
+}
+
+impl Outcome {
+    /// The process exit code.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::Damaged => 1,
+        }
+    }
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size::parse_size(s).map_err(|e| format!("'{s}' is not a size like 1MiB: {e}"))
+}
+
+/// Runs one command.
+pub async fn run(args: Args) -> anyhow::Result<Outcome> {
+    match args.command {
+        Command::Init { repo, chunk_size } => repo_cmds::init(&repo.repo, chunk_size).await,
+        Command::Backup {
+            repo,
+            name,
+            json,
+            path,
+        } => repo_cmds::backup(&repo.repo, name, json, &path).await,
+        Command::Points { repo, vm, json } => {
+            repo_cmds::points(&repo.repo, vm.as_deref(), json).await
+        }
+        Command::Restore { repo, point, dest } => {
+            repo_cmds::restore(&repo.repo, &point, &dest).await
+        }
+        Command::Verify { repo, json, point } => {
+            repo_cmds::verify(&repo.repo, point.as_deref(), json).await
+        }
+        Command::Forget { repo, point } => repo_cmds::forget(&repo.repo, &point).await,
+        Command::Gc { repo, json } => repo_cmds::gc(&repo.repo, json).await,
+    }
+}

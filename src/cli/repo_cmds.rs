@@ -1,0 +1,231 @@
+//! The repository commands: init, backup, points, restore, verify, forget, gc.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use revive::repo::{self, BackupOptions, ProblemKind, Repository};
+use revive::store::LocalStore;
+use serde_json::json;
+
+use super::progress::Bar;
+use super::Outcome;
+
+async fn open(dir: &Path) -> anyhow::Result<Repository> {
+    Ok(Repository::open_local(dir).await?)
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Formats a byte count for people.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub async fn init(dir: &Path, chunk_size: u64) -> anyhow::Result<Outcome> {
+    let chunk_size = repo::check_chunk_size(chunk_size)?;
+    if dir.join("config.json").exists() {
+        bail!("a revive repository already exists at '{}'", dir.display());
+    }
+    if let Ok(mut entries) = std::fs::read_dir(dir) {
+        if entries.next().is_some() {
+            bail!(
+                "folder '{}' is not empty; a repository needs a folder of its own",
+                dir.display()
+            );
+        }
+    }
+    let store = LocalStore::open(dir)?;
+    let repo = Repository::init(Arc::new(store), chunk_size).await?;
+    println!(
+        "initialized repository {} at '{}' (chunk size {})",
+        repo.config().id,
+        dir.display(),
+        human(chunk_size as u64)
+    );
+    Ok(Outcome::Ok)
+}
+
+pub async fn backup(
+    dir: &Path,
+    name: Option<String>,
+    json: bool,
+    path: &Path,
+) -> anyhow::Result<Outcome> {
+    let repo = open(dir).await?;
+    let bar = Bar::bytes("backup");
+    let point = repo::backup(&repo, path, &BackupOptions { vm: name }, &bar)
+        .await
+        .with_context(|| format!("back up '{}'", path.display()))?;
+    bar.finish();
+    if json {
+        let s = &point.stats;
+        print_json(&json!({
+            "id": point.id,
+            "vm": point.vm,
+            "parent": point.parent,
+            "created": point.created,
+            "logical_size": point.logical_size(),
+            "bytes_read": s.bytes_read,
+            "bytes_new": s.bytes_new,
+            "bytes_stored": s.bytes_stored,
+            "chunks_new": s.chunks_new,
+            "chunks_reused": s.chunks_reused,
+            "chunks_zero": s.chunks_zero,
+            "pages_new": s.pages_new,
+            "seconds": s.seconds,
+        }))?;
+    } else {
+        println!("{}", point.id);
+    }
+    Ok(Outcome::Ok)
+}
+
+pub async fn points(dir: &Path, vm: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+    let repo = open(dir).await?;
+    let points: Vec<_> = repo
+        .points()
+        .await?
+        .into_iter()
+        .filter(|p| vm.is_none_or(|vm| p.vm == vm))
+        .collect();
+    if json {
+        let rows: Vec<_> = points
+            .iter()
+            .map(|p| {
+                json!({
+                    "id": p.id,
+                    "vm": p.vm,
+                    "created": p.created,
+                    "parent": p.parent,
+                    "logical_size": p.logical_size(),
+                    "bytes_new": p.stats.bytes_new,
+                    "bytes_stored": p.stats.bytes_stored,
+                    "files": p.files.iter().map(|f| json!({
+                        "name": f.name, "kind": f.kind, "size": f.size,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        print_json(&rows)?;
+        return Ok(Outcome::Ok);
+    }
+    println!(
+        "{:<16}  {:<16}  {:<20}  {:<16}  {:>10}  {:>10}",
+        "ID", "VM", "CREATED", "PARENT", "SIZE", "NEW"
+    );
+    for p in &points {
+        println!(
+            "{:<16}  {:<16}  {:<20}  {:<16}  {:>10}  {:>10}",
+            p.id,
+            p.vm,
+            p.created.format("%Y-%m-%d %H:%M:%S"),
+            p.parent.as_deref().unwrap_or("-"),
+            human(p.logical_size()),
+            human(p.stats.bytes_new)
+        );
+    }
+    Ok(Outcome::Ok)
+}
+
+pub async fn restore(dir: &Path, spec: &str, dest: &Path) -> anyhow::Result<Outcome> {
+    let repo = open(dir).await?;
+    let point = repo.resolve(spec).await?;
+    let bar = Bar::bytes("restore");
+    repo.restore(&point, dest, &bar)
+        .await
+        .with_context(|| format!("restore {} to '{}'", point.id, dest.display()))?;
+    bar.finish();
+    println!(
+        "restored {} ({} files, {}) to '{}'",
+        point.id,
+        point.files.len(),
+        human(point.logical_size()),
+        dest.display()
+    );
+    Ok(Outcome::Ok)
+}
+
+pub async fn verify(dir: &Path, spec: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+    let repo = open(dir).await?;
+    let points = match spec {
+        Some(spec) => vec![repo.resolve(spec).await?],
+        None => repo.points().await?,
+    };
+    let bar = Bar::items("verify");
+    let report = repo.verify(&points, &bar).await?;
+    bar.finish();
+    if json {
+        print_json(&report)?;
+    } else {
+        for p in &report.problems {
+            let what = match &p.problem {
+                ProblemKind::Missing => "missing".to_string(),
+                ProblemKind::Corrupt(reason) => format!("corrupt ({reason})"),
+            };
+            println!(
+                "{what}: {} used by restore points {}",
+                p.object,
+                p.points.join(", ")
+            );
+        }
+        println!(
+            "verified {} restore points, {} chunks, {}: {}",
+            report.points,
+            report.chunks_checked,
+            human(report.bytes_checked),
+            if report.is_ok() {
+                "ok".to_string()
+            } else {
+                format!("{} damaged objects", report.problems.len())
+            }
+        );
+    }
+    Ok(if report.is_ok() {
+        Outcome::Ok
+    } else {
+        Outcome::Damaged
+    })
+}
+
+pub async fn forget(dir: &Path, spec: &str) -> anyhow::Result<Outcome> {
+    let repo = open(dir).await?;
+    let point = repo.resolve(spec).await?;
+    repo.forget(&point.id).await?;
+    println!(
+        "forgot {} ({}); run `revive gc` to free its space",
+        point.id, point.vm
+    );
+    Ok(Outcome::Ok)
+}
+
+pub async fn gc(dir: &Path, json: bool) -> anyhow::Result<Outcome> {
+    let repo = open(dir).await?;
+    let report = repo.gc().await?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "gc: kept {} chunks, removed {} chunks and {} index pages, freed {}",
+            report.chunks_kept,
+            report.chunks_removed,
+            report.pages_removed,
+            human(report.bytes_freed)
+        );
+    }
+    Ok(Outcome::Ok)
+}

@@ -1,0 +1,406 @@
+//! `repo`: backup chains of VM folders in a deduplicated, content-addressed
+//! repository.
+//!
+//! # Layout (on any [`Store`])
+//! ```text
+//! config.json                 format version, chunk size, repository id
+//! chunks/<2 hex>/<64 hex>     chunk objects (format.rs), keyed by BLAKE3 of the plain data
+//! pages/<2 hex>/<64 hex>      index pages (format.rs), keyed by BLAKE3 of the page
+//! points/<id>.json            restore point manifests (manifest.rs)
+//! lock                        local stores only: shared by backups, exclusive for gc
+//! ```
+//!
+//! # Rules
+//! - Reads never walk a chain: every restore point has a complete index.
+//! - A manifest is published last (conditional put after a store sync), so a
+//!   killed backup leaves only unreferenced chunks, which `gc` sweeps.
+//! - Backups take the repository lock shared and `gc` exclusive, so gc never
+//!   removes a chunk that a running backup decided to reuse.
+//! - Nothing here writes into an existing object: chunks and pages are
+//!   put-if-absent, manifests are created once and only removed by `forget`.
+//!
+//! | operation | may run with |
+//! |---|---|
+//! | backup | backup, restore, verify, read, forget |
+//! | gc | restore, verify, read of points it keeps |
+
+mod backup;
+pub mod chunk;
+pub mod format;
+mod gc;
+pub mod index;
+pub mod manifest;
+mod reader;
+mod restore;
+pub mod source;
+mod verify;
+
+pub use backup::{backup, BackupOptions};
+pub use chunk::ChunkId;
+pub use gc::GcReport;
+pub use index::{IndexPage, PageId};
+pub use manifest::{BackupStats, FileEntry, FileKind, RestorePoint};
+pub use reader::FileReader;
+pub use verify::{Problem, ProblemKind, VerifyReport};
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{LocalStore, LockGuard, LockMode, PutOutcome, Store, StoreError};
+use format::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, REPO_FORMAT_VERSION};
+
+/// Key of the repository configuration object.
+const CONFIG_KEY: &str = "config.json";
+/// Index pages kept decoded in memory: 4096 × 32 KiB = 128 MiB at most, enough
+/// for the indexes of 4 TiB of disks at 1 MiB chunks.
+const PAGE_CACHE_PAGES: usize = 4096;
+
+/// Everything that can go wrong in the repository.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No repository at that location.
+    #[error("no revive repository at '{location}' (run `revive init --repo {location}` first)")]
+    NotARepository { location: String },
+    /// `init` on a location that already holds a repository.
+    #[error("a revive repository already exists at '{location}'")]
+    AlreadyExists { location: String },
+    /// A repository written by a different format version.
+    #[error(
+        "repository '{location}' has format version {found}; this revive reads version {supported}"
+    )]
+    FormatVersion {
+        location: String,
+        found: u32,
+        supported: u32,
+    },
+    /// A chunk size outside the supported range.
+    #[error("chunk size {size} is not a power of two between 64 KiB and 4 MiB")]
+    ChunkSize { size: u64 },
+    /// The backup source does not exist or cannot be read.
+    #[error("read backup source '{path}' - {source}")]
+    Source {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A source that is neither a folder nor a regular file, or an empty folder.
+    #[error("backup source '{path}' - {reason}")]
+    BadSource { path: PathBuf, reason: String },
+    /// A VMDK descriptor whose extent file is missing.
+    #[error("VMDK descriptor '{descriptor}' names extent '{extent}', which is missing")]
+    MissingExtent { descriptor: PathBuf, extent: String },
+    /// No restore point matches.
+    #[error("no restore point matches '{spec}'")]
+    PointNotFound { spec: String },
+    /// A prefix matching several points.
+    #[error("restore point '{spec}' is ambiguous: it matches {candidates}")]
+    AmbiguousPoint { spec: String, candidates: String },
+    /// A chunk whose stored bytes are wrong.
+    #[error("chunk {id} is corrupt - {reason}")]
+    CorruptChunk { id: ChunkId, reason: String },
+    /// A chunk referenced by an index but absent from the store.
+    #[error("chunk {id} is missing from the repository")]
+    MissingChunk { id: ChunkId },
+    /// A page, manifest or config object that does not parse.
+    #[error("object '{key}' is corrupt - {reason}")]
+    CorruptObject { key: String, reason: String },
+    /// Compression failed (out of memory, in practice).
+    #[error("compress chunk - {0}")]
+    Compress(#[source] std::io::Error),
+    /// Writing restored files failed.
+    #[error("{action} '{path}' - {source}")]
+    Restore {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A restore destination that already holds a file of the restore point.
+    #[error("restore destination '{path}' already exists; remove it or choose another folder")]
+    DestinationExists { path: PathBuf },
+    /// A worker task panicked or was cancelled: a bug, reported instead of crashing.
+    #[error("internal error - {what}")]
+    Internal { what: String },
+    /// A file name not found in a restore point.
+    #[error("restore point {point} has no file '{name}'")]
+    NoSuchFile { point: String, name: String },
+}
+
+impl RepoError {
+    /// True when retrying later may succeed (the store was unreachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RepoError::Store(e) if e.is_transient())
+    }
+}
+
+/// `config.json`: fixed at `init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoConfig {
+    /// Layout version; see [`REPO_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Random id of this repository.
+    pub id: String,
+    /// Chunk size of every disk index.
+    pub chunk_size: u32,
+    /// When `init` ran.
+    pub created: DateTime<Utc>,
+}
+
+/// Checks a chunk size chosen at `init`.
+pub fn check_chunk_size(size: u64) -> Result<u32, RepoError> {
+    if size.is_power_of_two() && (MIN_CHUNK_SIZE as u64..=MAX_CHUNK_SIZE as u64).contains(&size) {
+        Ok(size as u32)
+    } else {
+        Err(RepoError::ChunkSize { size })
+    }
+}
+
+/// An open repository; cheap to clone and share between tasks.
+#[derive(Clone)]
+pub struct Repository {
+    store: Arc<dyn Store>,
+    config: RepoConfig,
+    /// Decoded index pages: they are immutable, so caching them is always safe.
+    pages: Arc<Mutex<LruCache<PageId, Arc<IndexPage>>>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("store", &self.store.describe())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Repository {
+    /// Creates a new repository in an empty store.
+    pub async fn init(store: Arc<dyn Store>, chunk_size: u32) -> Result<Self, RepoError> {
+        let chunk_size = check_chunk_size(chunk_size as u64)?;
+        let config = RepoConfig {
+            format_version: REPO_FORMAT_VERSION,
+            id: format!("{:016x}", rand::random::<u64>()),
+            chunk_size,
+            created: Utc::now(),
+        };
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| RepoError::CorruptObject {
+            key: CONFIG_KEY.into(),
+            reason: e.to_string(),
+        })?;
+        match store.put_if_absent(CONFIG_KEY, Bytes::from(json)).await? {
+            PutOutcome::Created => {}
+            PutOutcome::AlreadyExists => {
+                return Err(RepoError::AlreadyExists {
+                    location: store.describe(),
+                })
+            }
+        }
+        store.sync().await?;
+        Ok(Self::with_config(store, config))
+    }
+
+    /// Opens an existing repository and checks its format version.
+    pub async fn open(store: Arc<dyn Store>) -> Result<Self, RepoError> {
+        let raw = match store.get(CONFIG_KEY).await {
+            Ok(raw) => raw,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(RepoError::NotARepository {
+                    location: store.describe(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let config: RepoConfig =
+            serde_json::from_slice(&raw).map_err(|e| RepoError::CorruptObject {
+                key: CONFIG_KEY.into(),
+                reason: e.to_string(),
+            })?;
+        if config.format_version != REPO_FORMAT_VERSION {
+            return Err(RepoError::FormatVersion {
+                location: store.describe(),
+                found: config.format_version,
+                supported: REPO_FORMAT_VERSION,
+            });
+        }
+        check_chunk_size(config.chunk_size as u64)?;
+        Ok(Self::with_config(store, config))
+    }
+
+    /// Opens the repository in a local folder.
+    pub async fn open_local(path: impl Into<PathBuf>) -> Result<Self, RepoError> {
+        let path = path.into();
+        if !path.join(CONFIG_KEY).exists() {
+            return Err(RepoError::NotARepository {
+                location: path.display().to_string(),
+            });
+        }
+        Self::open(Arc::new(LocalStore::open(path)?)).await
+    }
+
+    fn with_config(store: Arc<dyn Store>, config: RepoConfig) -> Self {
+        let cap = NonZeroUsize::new(PAGE_CACHE_PAGES).unwrap_or(NonZeroUsize::MIN);
+        Repository {
+            store,
+            config,
+            pages: Arc::new(Mutex::new(LruCache::new(cap))),
+        }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The repository's fixed configuration.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// Chunk size of this repository.
+    pub fn chunk_size(&self) -> u32 {
+        self.config.chunk_size
+    }
+
+    /// Takes the repository lock; see the module doc for who holds which mode.
+    pub async fn lock(&self, mode: LockMode) -> Result<Box<dyn LockGuard>, RepoError> {
+        Ok(self.store.try_lock(mode).await?)
+    }
+
+    /// Every restore point, oldest first.
+    pub async fn points(&self) -> Result<Vec<RestorePoint>, RepoError> {
+        let mut out = Vec::new();
+        for meta in self.store.list("points/").await? {
+            let Some(id) = meta
+                .key
+                .strip_prefix("points/")
+                .and_then(|k| k.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            match self.point(id).await {
+                Ok(p) => out.push(p),
+                // Forgotten between list and get: not an error.
+                Err(RepoError::PointNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Loads one manifest by its full id.
+    pub async fn point(&self, id: &str) -> Result<RestorePoint, RepoError> {
+        let key = RestorePoint::key_of(id);
+        let raw = match self.store.get(&key).await {
+            Ok(raw) => raw,
+            Err(StoreError::NotFound { .. }) | Err(StoreError::InvalidKey { .. }) => {
+                return Err(RepoError::PointNotFound { spec: id.into() })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        serde_json::from_slice(&raw).map_err(|e| RepoError::CorruptObject {
+            key,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Resolves a full id, a unique id prefix, or `VM@latest`.
+    pub async fn resolve(&self, spec: &str) -> Result<RestorePoint, RepoError> {
+        let points = self.points().await?;
+        resolve_in(&points, spec).cloned()
+    }
+
+    /// Drops a restore point; its chunks stay until `gc`.
+    pub async fn forget(&self, id: &str) -> Result<(), RepoError> {
+        self.point(id).await?;
+        self.store.delete(&RestorePoint::key_of(id)).await?;
+        Ok(())
+    }
+
+    /// Reads and decodes an index page (cached).
+    pub async fn page(&self, id: &PageId) -> Result<Arc<IndexPage>, RepoError> {
+        if let Some(p) = self.lock_pages().get(id) {
+            return Ok(p.clone());
+        }
+        let raw = match self.store.get(&id.key()).await {
+            Ok(raw) => raw,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(RepoError::CorruptObject {
+                    key: id.key(),
+                    reason: "index page is missing".into(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let page = Arc::new(IndexPage::decode(id, &raw)?);
+        self.lock_pages().put(*id, page.clone());
+        Ok(page)
+    }
+
+    /// Reads a chunk and checks its hash; holes come back as zeros of `len`.
+    pub async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        let raw = match self.store.get(&id.key()).await {
+            Ok(raw) => raw,
+            Err(StoreError::NotFound { .. }) => return Err(RepoError::MissingChunk { id: *id }),
+            Err(e) => return Err(e.into()),
+        };
+        let id = *id;
+        tokio::task::spawn_blocking(move || chunk::decode(&id, &raw))
+            .await
+            .map_err(|e| RepoError::Internal {
+                what: format!("decode chunk {id}: {e}"),
+            })?
+    }
+
+    fn lock_pages(&self) -> std::sync::MutexGuard<'_, LruCache<PageId, Arc<IndexPage>>> {
+        // A panic while holding the lock cannot leave the LRU inconsistent for us.
+        self.pages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Resolves a point spec among already loaded points.
+pub fn resolve_in<'a>(
+    points: &'a [RestorePoint],
+    spec: &str,
+) -> Result<&'a RestorePoint, RepoError> {
+    if let Some(vm) = spec.strip_suffix("@latest") {
+        return points
+            .iter()
+            .filter(|p| p.vm == vm)
+            .max_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)))
+            .ok_or_else(|| RepoError::PointNotFound { spec: spec.into() });
+    }
+    if let Some(p) = points.iter().find(|p| p.id == spec) {
+        return Ok(p);
+    }
+    let matches: Vec<&RestorePoint> = points
+        .iter()
+        .filter(|p| !spec.is_empty() && p.id.starts_with(spec))
+        .collect();
+    match matches.as_slice() {
+        [] => Err(RepoError::PointNotFound { spec: spec.into() }),
+        [one] => Ok(one),
+        many => Err(RepoError::AmbiguousPoint {
+            spec: spec.into(),
+            candidates: many
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// The chunk size used when `init` is not told one.
+pub const fn default_chunk_size() -> u32 {
+    DEFAULT_CHUNK_SIZE
+}

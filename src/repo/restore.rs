@@ -1,0 +1,124 @@
+//! Restore: writes a restore point back as an ordinary VM folder.
+//!
+//! Files are written under a temporary name and renamed when complete, so a
+//! failed restore (a corrupt chunk, a full disk) leaves no file that looks
+//! finished. Holes are not written: the result is sparse where the backup was.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use tracing::info;
+
+use super::index::chunk_count;
+use super::manifest::RestorePoint;
+use super::reader::FileReader;
+use super::{RepoError, Repository};
+use crate::progress::Progress;
+
+/// Chunks fetched and decoded at once while restoring.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+impl Repository {
+    /// Restores every file of `point` into the folder `dest` (created if needed).
+    ///
+    /// # Errors
+    /// [`RepoError::DestinationExists`] before writing anything if a file would
+    /// be overwritten; a chunk error names the chunk and removes the partial file.
+    pub async fn restore(
+        &self,
+        point: &RestorePoint,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), RepoError> {
+        let restore_err = |action: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RepoError::Restore {
+                action,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(dest).map_err(restore_err("create folder", dest))?;
+        for f in &point.files {
+            let target = dest.join(&f.name);
+            if target.exists() {
+                return Err(RepoError::DestinationExists { path: target });
+            }
+        }
+        progress.set_total(point.logical_size());
+        for f in &point.files {
+            progress.set_phase(&f.name);
+            let target = dest.join(&f.name);
+            let partial = dest.join(format!(".{}.revive-partial", f.name));
+            let result = self.restore_file(point, &f.name, &partial, progress).await;
+            match result {
+                Ok(()) => fs::rename(&partial, &target).map_err(restore_err("rename", &target))?,
+                Err(e) => {
+                    let _ = fs::remove_file(&partial);
+                    return Err(e);
+                }
+            }
+        }
+        info!(point = %point.id, dest = %dest.display(), "restore finished");
+        Ok(())
+    }
+
+    async fn restore_file(
+        &self,
+        point: &RestorePoint,
+        name: &str,
+        partial: &PathBuf,
+        progress: &dyn Progress,
+    ) -> Result<(), RepoError> {
+        let reader = FileReader::new(self, point, name)?;
+        let to_restore_err = |action: &'static str| {
+            let path = partial.clone();
+            move |source| RepoError::Restore {
+                action,
+                path,
+                source,
+            }
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(partial)
+            .map_err(to_restore_err("create"))?;
+        file.set_len(reader.size())
+            .map_err(to_restore_err("set length of"))?;
+        let file = Arc::new(file);
+        let chunk_size = reader.chunk_size();
+        stream::iter(0..chunk_count(reader.size(), chunk_size as u32))
+            .map(|i| {
+                let reader = &reader;
+                let file = file.clone();
+                let err = to_restore_err("write");
+                async move {
+                    let id = reader.chunk_id(i).await?;
+                    let len = chunk_size.min(reader.size() - i * chunk_size);
+                    if !id.is_hole() {
+                        let data = self.read_chunk(&id).await?;
+                        tokio::task::spawn_blocking(move || {
+                            file.write_all_at(&data, i * chunk_size)
+                        })
+                        .await
+                        .map_err(|e| RepoError::Internal {
+                            what: format!("restore writer failed: {e}"),
+                        })?
+                        .map_err(err)?;
+                    }
+                    progress.advance(len);
+                    Ok::<_, RepoError>(())
+                }
+            })
+            .buffer_unordered(CHUNKS_IN_FLIGHT)
+            .try_collect::<()>()
+            .await?;
+        let file: &File = &file;
+        file.sync_all().map_err(to_restore_err("sync"))?;
+        Ok(())
+    }
+}
