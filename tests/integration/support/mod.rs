@@ -1,0 +1,164 @@
+//! Shared test support: sample VM folders, hashing, and running the `revive`
+//! binary. Every helper that starts something lives here, not in a test file.
+
+#![allow(dead_code)]
+
+pub mod vm;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// The `revive` binary built for this test run.
+pub fn revive_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_revive"))
+}
+
+/// A `revive` command with logging quiet unless the test run asks for it.
+pub fn revive() -> Command {
+    let mut cmd = Command::new(revive_bin());
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "revive=warn");
+    }
+    cmd.env_remove("REVIVE_REPO");
+    cmd
+}
+
+/// Runs a command and returns its output, whatever the exit code.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns (exit code, stdout, stderr).
+pub fn run_fail(cmd: &mut Command) -> (i32, String, String) {
+    let out = run(cmd);
+    assert!(
+        !out.status.success(),
+        "{cmd:?} unexpectedly succeeded\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// SHA-256 of every regular file directly in a folder, by name.
+pub fn sha256_dir(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).expect("read dir") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            out.insert(
+                entry.file_name().to_string_lossy().into_owned(),
+                sha256_file(&entry.path()),
+            );
+        }
+    }
+    out
+}
+
+/// Every file under `dir` (recursively) with its SHA-256: a snapshot to prove
+/// that something did not change.
+pub fn snapshot_tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).expect("read dir") {
+            let entry = entry.expect("entry");
+            let path = entry.path();
+            if entry.file_type().expect("type").is_dir() {
+                stack.push(path);
+            } else {
+                out.insert(path.clone(), sha256_file(&path));
+            }
+        }
+    }
+    out
+}
+
+/// A fresh repository in `dir/repo`; returns its path.
+pub fn init_repo(dir: &Path, chunk_size: Option<&str>) -> PathBuf {
+    let repo = dir.join("repo");
+    let mut cmd = revive();
+    cmd.arg("init").arg("--repo").arg(&repo);
+    if let Some(cs) = chunk_size {
+        cmd.args(["--chunk-size", cs]);
+    }
+    run_ok(&mut cmd);
+    repo
+}
+
+/// `revive backup --json`, parsed.
+pub fn backup_json(repo: &Path, path: &Path, name: Option<&str>) -> serde_json::Value {
+    let mut cmd = revive();
+    cmd.arg("backup").arg("--repo").arg(repo).arg("--json");
+    if let Some(name) = name {
+        cmd.args(["--name", name]);
+    }
+    cmd.arg(path);
+    let out = run_ok(&mut cmd);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("backup --json printed {out:?}: {e}"))
+}
+
+/// `revive points --json`, parsed.
+pub fn points_json(repo: &Path) -> Vec<serde_json::Value> {
+    let out = run_ok(revive().arg("points").arg("--repo").arg(repo).arg("--json"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("points --json printed {out:?}: {e}"))
+}
+
+/// Chunk object files in a local repository.
+pub fn chunk_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = snapshot_keys(&repo.join("chunks"));
+    out.sort();
+    out
+}
+
+fn snapshot_keys(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(snapshot_keys(&path));
+        } else if !entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            out.push(path);
+        }
+    }
+    out
+}
