@@ -5,7 +5,9 @@
 //!   backup, restore, verify, gc.
 //! - [`store`]: where the repository's bytes live (local folder; S3 later).
 //! - [`progress`]: how long operations report progress.
+//! - [`config`]: the TOML configuration file.
 
+pub mod config;
 pub mod progress;
 pub mod repo;
 pub mod store;

@@ -19,12 +19,41 @@ pub struct Args {
     pub command: Command,
 }
 
-/// Where the repository is.
+/// Where the repository is: `--repo`, else `$REVIVE_REPO`, else the config file.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RepoArg {
     /// Repository folder.
     #[arg(long, env = "REVIVE_REPO", value_name = "DIR")]
-    pub repo: PathBuf,
+    pub repo: Option<PathBuf>,
+    /// Configuration file (default: $REVIVE_CONFIG).
+    #[arg(long, env = revive::config::CONFIG_ENV, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl RepoArg {
+    /// Resolves the repository folder.
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        if let Some(repo) = &self.repo {
+            return Ok(repo.clone());
+        }
+        match &self.config {
+            Some(path) => revive::config::Config::load(path)?
+                .repository
+                .path
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "config file '{}' names no [repository] path; pass --repo",
+                        path.display()
+                    )
+                }),
+            None => {
+                tracing::debug!("no --repo, $REVIVE_REPO or config file");
+                anyhow::bail!(
+                    "no repository given: pass --repo DIR (or set REVIVE_REPO, or --config FILE)"
+                )
+            }
+        }
+    }
 }
 
 /// The subcommands.
@@ -131,23 +160,23 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 /// Runs one command.
 pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     match args.command {
-        Command::Init { repo, chunk_size } => repo_cmds::init(&repo.repo, chunk_size).await,
+        Command::Init { repo, chunk_size } => repo_cmds::init(&repo.resolve()?, chunk_size).await,
         Command::Backup {
             repo,
             name,
             json,
             path,
-        } => repo_cmds::backup(&repo.repo, name, json, &path).await,
+        } => repo_cmds::backup(&repo.resolve()?, name, json, &path).await,
         Command::Points { repo, vm, json } => {
-            repo_cmds::points(&repo.repo, vm.as_deref(), json).await
+            repo_cmds::points(&repo.resolve()?, vm.as_deref(), json).await
         }
         Command::Restore { repo, point, dest } => {
-            repo_cmds::restore(&repo.repo, &point, &dest).await
+            repo_cmds::restore(&repo.resolve()?, &point, &dest).await
         }
         Command::Verify { repo, json, point } => {
-            repo_cmds::verify(&repo.repo, point.as_deref(), json).await
+            repo_cmds::verify(&repo.resolve()?, point.as_deref(), json).await
         }
-        Command::Forget { repo, point } => repo_cmds::forget(&repo.repo, &point).await,
-        Command::Gc { repo, json } => repo_cmds::gc(&repo.repo, json).await,
+        Command::Forget { repo, point } => repo_cmds::forget(&repo.resolve()?, &point).await,
+        Command::Gc { repo, json } => repo_cmds::gc(&repo.resolve()?, json).await,
     }
 }

@@ -352,7 +352,7 @@ fn forget_and_gc_free_space_and_keep_the_rest() {
     .unwrap();
     let removed = gc["chunks_removed"].as_u64().unwrap();
     assert!(
-        removed >= 1 && removed <= 4,
+        (1..=4).contains(&removed),
         "only chunks the forgotten point alone used go: {gc}"
     );
     assert_eq!(chunk_files(&repo).len() as u64, before as u64 - removed);

@@ -25,6 +25,7 @@ pub fn revive() -> Command {
         cmd.env("RUST_LOG", "revive=warn");
     }
     cmd.env_remove("REVIVE_REPO");
+    cmd.env_remove("REVIVE_CONFIG");
     cmd
 }
 

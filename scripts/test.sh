@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need and runs them all: unit tests, whole-system
+# tests with real peers, and the lint gates. Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-test-deps.sh
+
+export CARGO_TERM_COLOR=never
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked -- --test-threads=2
