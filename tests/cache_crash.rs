@@ -1,0 +1,250 @@
+//! Crash test of the write cache: acknowledged writes survive `kill -9`.
+//!
+//! The test re-runs its own binary as a child (`REVIVE_CRASH_CHILD` set) that
+//! does concurrent writes of known patterns to one write cache, some
+//! `FileSync`, some `Unstable` + `commit`, and prints every acknowledged
+//! write. The parent kills the child with SIGKILL at a random moment, reopens
+//! the cache and checks:
+//! - every acknowledged write is present (the block holds that write or a
+//!   newer one of the same writer);
+//! - every block whose bit is set holds a whole, valid pattern of a write to
+//!   that very block (never zeros or garbage: data is durable before its bit).
+//!
+//! Several rounds run on the same cache, so each also tests reopening a cache
+//! left by a crash. Runs as `harness = false`: `cargo test --test cache_crash`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use revive::cache::{CachePaths, NoBase, Origin, Stability, WriteCache};
+
+const CHILD_ENV: &str = "REVIVE_CRASH_CHILD";
+const BS: u64 = 4096;
+/// Writer tasks in the child; each owns `REGION` consecutive blocks.
+const WRITERS: u64 = 8;
+const REGION: u64 = 32;
+const BLOCKS: u64 = WRITERS * REGION;
+const ROUNDS: u64 = 6;
+/// Unstable writers commit after this many writes.
+const COMMIT_EVERY: u64 = 4;
+
+fn paths(dir: &Path) -> CachePaths {
+    CachePaths::in_dir(dir, "crash")
+}
+
+/// The content of `block` written with generation `gen`.
+fn pattern(block: u64, gen: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BS as usize);
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&gen.to_le_bytes());
+    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ gen ^ 0xD1B5_4A32_D192_ED03;
+    while out.len() < BS as usize {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The generation of a valid pattern of `block`, or why it is not one.
+fn decode(block: u64, bytes: &[u8]) -> Result<u64, String> {
+    if bytes.len() != BS as usize {
+        return Err(format!("block {block}: read {} bytes", bytes.len()));
+    }
+    let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
+    let (b, gen) = (word(0), word(8));
+    if b != block || pattern(block, gen) != bytes {
+        return Err(format!(
+            "block {block}: bit set but data is not a pattern of this block (found block {b}, gen {gen})"
+        ));
+    }
+    Ok(gen)
+}
+
+fn main() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        let round: u64 = std::env::var("REVIVE_CRASH_ROUND")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        child(PathBuf::from(dir), round);
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let cache = WriteCache::create(&paths(dir.path()), BLOCKS * BS, BS as u32, Origin::New)
+            .await
+            .expect("create cache");
+        drop(cache);
+    });
+    let mut acked: HashMap<u64, u64> = HashMap::new();
+    let mut total_acks = 0;
+    for round in 1..=ROUNDS {
+        let acks = run_child(dir.path(), round);
+        total_acks += acks.len();
+        for (block, n, gen) in acks {
+            for b in block..block + n {
+                let e = acked.entry(b).or_insert(0);
+                *e = (*e).max(gen);
+            }
+        }
+        let (cached, newer) = rt.block_on(verify(dir.path(), &acked));
+        println!(
+            "round {round}: {total_acks} acknowledged writes so far, {cached} blocks cached, \
+             {newer} hold an unacknowledged newer write: ok"
+        );
+    }
+    assert!(total_acks > 0, "the child never acknowledged a write");
+    println!("cache_crash: {ROUNDS} rounds of kill -9 passed");
+}
+
+/// Runs one child until a random moment after its first acknowledgement,
+/// kills it with SIGKILL, and returns its acknowledgements.
+fn run_child(dir: &Path, round: u64) -> Vec<(u64, u64, u64)> {
+    let exe = std::env::current_exe().expect("own path");
+    let mut child = Command::new(exe)
+        .env(CHILD_ENV, dir)
+        .env("REVIVE_CRASH_ROUND", round.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut acks = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let f: Vec<&str> = line.split(' ').collect();
+            // A line cut by the kill lacks its "end" and is ignored.
+            if let ["ack", b, n, g, "end"] = f.as_slice() {
+                if let (Ok(b), Ok(n), Ok(g)) = (b.parse(), n.parse(), g.parse()) {
+                    if acks.is_empty() {
+                        let _ = tx.send(());
+                    }
+                    acks.push((b, n, g));
+                }
+            }
+        }
+        acks
+    });
+    // Bounded waits, not assertions on speed.
+    let started = rx.recv_timeout(Duration::from_secs(20)).is_ok();
+    let delay = rand::rng().random_range(0..250);
+    std::thread::sleep(Duration::from_millis(delay));
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("child of round {round} exited early: {status}");
+    }
+    child.kill().expect("SIGKILL the child");
+    let status = child.wait().expect("reap child");
+    let acks = reader.join().expect("reader thread");
+    assert!(started, "child of round {round} acknowledged nothing");
+    println!(
+        "round {round}: killed after {delay} ms ({status}), {} acks",
+        acks.len()
+    );
+    acks
+}
+
+/// Reopens the cache and checks every block; returns (cached blocks, blocks
+/// holding a newer unacknowledged write).
+async fn verify(dir: &Path, acked: &HashMap<u64, u64>) -> (u64, u64) {
+    let cache = WriteCache::open(&paths(dir))
+        .await
+        .expect("reopen after kill");
+    assert_eq!(cache.len(), BLOCKS * BS, "logical size changed");
+    let (mut cached, mut newer) = (0, 0);
+    for block in 0..BLOCKS {
+        let want = acked.get(&block).copied();
+        if !cache.is_cached(block) {
+            assert!(
+                want.is_none(),
+                "block {block}: write gen {want:?} was acknowledged but the block is not cached"
+            );
+            continue;
+        }
+        cached += 1;
+        let bytes = cache
+            .read_overlay(block * BS, BS, &NoBase)
+            .await
+            .expect("read block");
+        let gen = decode(block, &bytes).unwrap_or_else(|e| panic!("{e}"));
+        if let Some(want) = want {
+            assert!(
+                gen >= want,
+                "block {block}: holds gen {gen}, older than acknowledged gen {want}"
+            );
+            if gen > want {
+                newer += 1;
+            }
+        }
+    }
+    (cached, newer)
+}
+
+/// The child: writers hammer the cache until killed (or for 30 s at most).
+fn child(dir: PathBuf, round: u64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("child runtime");
+    rt.block_on(async move {
+        let cache = Arc::new(WriteCache::open(&paths(&dir)).await.expect("child open"));
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let cache = Arc::clone(&cache);
+            tasks.push(tokio::spawn(writer(cache, w, round)));
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await;
+    });
+}
+
+/// One writer: random runs of 1-4 blocks in its own region, generations
+/// increasing; even writers use `FileSync`, odd ones `Unstable` + `commit`.
+async fn writer(cache: Arc<WriteCache>, w: u64, round: u64) {
+    let sync = w % 2 == 0;
+    let mut gen = round << 32;
+    let mut pending: Vec<(u64, u64, u64)> = Vec::new();
+    loop {
+        gen += 1;
+        let (start, n) = {
+            let mut rng = rand::rng();
+            let n = rng.random_range(1..=4u64);
+            (w * REGION + rng.random_range(0..=REGION - n), n)
+        };
+        let mut data = Vec::with_capacity((n * BS) as usize);
+        for b in start..start + n {
+            data.extend_from_slice(&pattern(b, gen));
+        }
+        let stability = if sync {
+            Stability::FileSync
+        } else {
+            Stability::Unstable
+        };
+        cache
+            .write(start * BS, Bytes::from(data), stability, &NoBase)
+            .await
+            .expect("child write");
+        pending.push((start, n, gen));
+        if !sync && pending.len() < COMMIT_EVERY as usize {
+            continue;
+        }
+        if !sync {
+            cache.commit().await.expect("child commit");
+        }
+        for (b, n, g) in pending.drain(..) {
+            println!("ack {b} {n} {g} end");
+        }
+    }
+}
