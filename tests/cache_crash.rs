@@ -213,7 +213,7 @@ fn child(dir: PathBuf, round: u64) {
 /// One writer: random runs of 1-4 blocks in its own region, generations
 /// increasing; even writers use `FileSync`, odd ones `Unstable` + `commit`.
 async fn writer(cache: Arc<WriteCache>, w: u64, round: u64) {
-    let sync = w % 2 == 0;
+    let sync = w.is_multiple_of(2);
     let mut gen = round << 32;
     let mut pending: Vec<(u64, u64, u64)> = Vec::new();
     loop {
