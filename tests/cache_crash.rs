@@ -3,12 +3,14 @@
 //! The test re-runs its own binary as a child (`REVIVE_CRASH_CHILD` set) that
 //! does concurrent writes of known patterns to one write cache, some
 //! `FileSync`, some `Unstable` + `commit`, and prints every acknowledged
-//! write. The parent kills the child with SIGKILL at a random moment, reopens
-//! the cache and checks:
-//! - every acknowledged write is present (the block holds that write or a
+//! write. Writes cover runs of 2 KiB units (half blocks), so many start or
+//! end inside a block and take the copy-on-write path. The parent kills the
+//! child with SIGKILL at a random moment, reopens the cache and checks:
+//! - every acknowledged write is present (each unit holds that write or a
 //!   newer one of the same writer);
-//! - every block whose bit is set holds a whole, valid pattern of a write to
-//!   that very block (never zeros or garbage: data is durable before its bit).
+//! - every block whose bit is set holds, in each unit, a whole valid pattern
+//!   of a write to that very unit, or zeros if no write to the unit was ever
+//!   acknowledged (never garbage: data is durable before its bit).
 //!
 //! Several rounds run on the same cache, so each also tests reopening a cache
 //! left by a crash. Runs as `harness = false`: `cargo test --test cache_crash`.
@@ -27,10 +29,14 @@ use revive::cache::{CachePaths, NoBase, Origin, Stability, WriteCache};
 
 const CHILD_ENV: &str = "REVIVE_CRASH_CHILD";
 const BS: u64 = 4096;
-/// Writer tasks in the child; each owns `REGION` consecutive blocks.
+/// The unit of patterns and acknowledgements: half a block.
+const UNIT: u64 = 2048;
+const UNITS_PER_BLOCK: u64 = BS / UNIT;
+/// Writer tasks in the child; each owns `REGION` consecutive units.
 const WRITERS: u64 = 8;
-const REGION: u64 = 32;
-const BLOCKS: u64 = WRITERS * REGION;
+const REGION: u64 = 64;
+const UNITS: u64 = WRITERS * REGION;
+const BLOCKS: u64 = UNITS / UNITS_PER_BLOCK;
 const ROUNDS: u64 = 6;
 /// Unstable writers commit after this many writes.
 const COMMIT_EVERY: u64 = 4;
@@ -39,13 +45,13 @@ fn paths(dir: &Path) -> CachePaths {
     CachePaths::in_dir(dir, "crash")
 }
 
-/// The content of `block` written with generation `gen`.
-fn pattern(block: u64, gen: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BS as usize);
-    out.extend_from_slice(&block.to_le_bytes());
+/// The content of `unit` written with generation `gen`.
+fn pattern(unit: u64, gen: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(UNIT as usize);
+    out.extend_from_slice(&unit.to_le_bytes());
     out.extend_from_slice(&gen.to_le_bytes());
-    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ gen ^ 0xD1B5_4A32_D192_ED03;
-    while out.len() < BS as usize {
+    let mut x = unit.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ gen ^ 0xD1B5_4A32_D192_ED03;
+    while out.len() < UNIT as usize {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -54,19 +60,23 @@ fn pattern(block: u64, gen: u64) -> Vec<u8> {
     out
 }
 
-/// The generation of a valid pattern of `block`, or why it is not one.
-fn decode(block: u64, bytes: &[u8]) -> Result<u64, String> {
-    if bytes.len() != BS as usize {
-        return Err(format!("block {block}: read {} bytes", bytes.len()));
+/// The generation of a valid pattern of `unit` (`None` for zeros), or why
+/// it is neither.
+fn decode(unit: u64, bytes: &[u8]) -> Result<Option<u64>, String> {
+    if bytes.len() != UNIT as usize {
+        return Err(format!("unit {unit}: read {} bytes", bytes.len()));
+    }
+    if bytes.iter().all(|b| *b == 0) {
+        return Ok(None);
     }
     let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
-    let (b, gen) = (word(0), word(8));
-    if b != block || pattern(block, gen) != bytes {
+    let (u, gen) = (word(0), word(8));
+    if u != unit || pattern(unit, gen) != bytes {
         return Err(format!(
-            "block {block}: bit set but data is not a pattern of this block (found block {b}, gen {gen})"
+            "unit {unit}: bit set but data is not a pattern of this unit (found unit {u}, gen {gen})"
         ));
     }
-    Ok(gen)
+    Ok(Some(gen))
 }
 
 fn main() {
@@ -81,7 +91,8 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let cache = WriteCache::create(&paths(dir.path()), BLOCKS * BS, BS as u32, Origin::New)
+        let size = UNITS * UNIT;
+        let cache = WriteCache::create(&paths(dir.path()), size, BS as u32, Origin::New)
             .await
             .expect("create cache");
         drop(cache);
@@ -91,16 +102,16 @@ fn main() {
     for round in 1..=ROUNDS {
         let acks = run_child(dir.path(), round);
         total_acks += acks.len();
-        for (block, n, gen) in acks {
-            for b in block..block + n {
-                let e = acked.entry(b).or_insert(0);
+        for (unit, n, gen) in acks {
+            for u in unit..unit + n {
+                let e = acked.entry(u).or_insert(0);
                 *e = (*e).max(gen);
             }
         }
         let (cached, newer) = rt.block_on(verify(dir.path(), &acked));
         println!(
             "round {round}: {total_acks} acknowledged writes so far, {cached} blocks cached, \
-             {newer} hold an unacknowledged newer write: ok"
+             {newer} units hold an unacknowledged newer write: ok"
         );
     }
     assert!(total_acks > 0, "the child never acknowledged a write");
@@ -155,21 +166,24 @@ fn run_child(dir: &Path, round: u64) -> Vec<(u64, u64, u64)> {
     acks
 }
 
-/// Reopens the cache and checks every block; returns (cached blocks, blocks
+/// Reopens the cache and checks every block; returns (cached blocks, units
 /// holding a newer unacknowledged write).
 async fn verify(dir: &Path, acked: &HashMap<u64, u64>) -> (u64, u64) {
     let cache = WriteCache::open(&paths(dir))
         .await
         .expect("reopen after kill");
-    assert_eq!(cache.len(), BLOCKS * BS, "logical size changed");
+    assert_eq!(cache.len(), UNITS * UNIT, "logical size changed");
     let (mut cached, mut newer) = (0, 0);
     for block in 0..BLOCKS {
-        let want = acked.get(&block).copied();
+        let units = block * UNITS_PER_BLOCK..(block + 1) * UNITS_PER_BLOCK;
         if !cache.is_cached(block) {
-            assert!(
-                want.is_none(),
-                "block {block}: write gen {want:?} was acknowledged but the block is not cached"
-            );
+            for unit in units {
+                let want = acked.get(&unit);
+                assert!(
+                    want.is_none(),
+                    "unit {unit}: write gen {want:?} was acknowledged but its block is not cached"
+                );
+            }
             continue;
         }
         cached += 1;
@@ -177,14 +191,20 @@ async fn verify(dir: &Path, acked: &HashMap<u64, u64>) -> (u64, u64) {
             .read_overlay(block * BS, BS, &NoBase)
             .await
             .expect("read block");
-        let gen = decode(block, &bytes).unwrap_or_else(|e| panic!("{e}"));
-        if let Some(want) = want {
-            assert!(
-                gen >= want,
-                "block {block}: holds gen {gen}, older than acknowledged gen {want}"
-            );
-            if gen > want {
-                newer += 1;
+        for (unit, bytes) in units.zip(bytes.chunks(UNIT as usize)) {
+            let found = decode(unit, bytes).unwrap_or_else(|e| panic!("{e}"));
+            match (acked.get(&unit).copied(), found) {
+                (None, _) => {}
+                (Some(want), None) => {
+                    panic!("unit {unit}: acknowledged gen {want} but the unit reads zeros")
+                }
+                (Some(want), Some(gen)) => {
+                    assert!(
+                        gen >= want,
+                        "unit {unit}: holds gen {gen}, older than acknowledged gen {want}"
+                    );
+                    newer += u64::from(gen > want);
+                }
             }
         }
     }
@@ -210,7 +230,7 @@ fn child(dir: PathBuf, round: u64) {
     });
 }
 
-/// One writer: random runs of 1-4 blocks in its own region, generations
+/// One writer: random runs of 1-7 units in its own region, generations
 /// increasing; even writers use `FileSync`, odd ones `Unstable` + `commit`.
 async fn writer(cache: Arc<WriteCache>, w: u64, round: u64) {
     let sync = w.is_multiple_of(2);
@@ -220,12 +240,12 @@ async fn writer(cache: Arc<WriteCache>, w: u64, round: u64) {
         gen += 1;
         let (start, n) = {
             let mut rng = rand::rng();
-            let n = rng.random_range(1..=4u64);
+            let n = rng.random_range(1..=7u64);
             (w * REGION + rng.random_range(0..=REGION - n), n)
         };
-        let mut data = Vec::with_capacity((n * BS) as usize);
-        for b in start..start + n {
-            data.extend_from_slice(&pattern(b, gen));
+        let mut data = Vec::with_capacity((n * UNIT) as usize);
+        for u in start..start + n {
+            data.extend_from_slice(&pattern(u, gen));
         }
         let stability = if sync {
             Stability::FileSync
@@ -233,7 +253,7 @@ async fn writer(cache: Arc<WriteCache>, w: u64, round: u64) {
             Stability::Unstable
         };
         cache
-            .write(start * BS, Bytes::from(data), stability, &NoBase)
+            .write(start * UNIT, Bytes::from(data), stability, &NoBase)
             .await
             .expect("child write");
         pending.push((start, n, gen));
@@ -243,8 +263,8 @@ async fn writer(cache: Arc<WriteCache>, w: u64, round: u64) {
         if !sync {
             cache.commit().await.expect("child commit");
         }
-        for (b, n, g) in pending.drain(..) {
-            println!("ack {b} {n} {g} end");
+        for (u, n, g) in pending.drain(..) {
+            println!("ack {u} {n} {g} end");
         }
     }
 }
