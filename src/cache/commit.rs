@@ -42,6 +42,38 @@ use super::format::{Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES};
 use super::range_lock::RangeLocks;
 use super::write_cache::CachePaths;
 
+/// An I/O event recorded in tests, to check the durability ordering against
+/// a model of what a power loss would keep (see `tests::power_loss_model`).
+#[cfg(test)]
+#[derive(Debug, Clone)]
+pub(crate) enum Event {
+    /// Blocks `start..end` of the data file were written (the call returned).
+    DataWritten(u64, u64),
+    /// An `fdatasync` of the data file is about to start.
+    DataSyncStart,
+    /// That `fdatasync` returned.
+    DataSyncEnd,
+    /// A bitmap page is about to be written with these bytes.
+    MapPage(u64, Vec<u8>),
+    /// The data file was truncated: blocks from this one on are gone.
+    DataTruncated(u64),
+}
+
+/// Records an `Event` in test builds; compiles to nothing otherwise.
+macro_rules! trace_io {
+    ($shared:expr, $event:expr) => {
+        #[cfg(test)]
+        {
+            $shared
+                .trace
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push($event);
+        }
+    };
+}
+pub(crate) use trace_io;
+
 /// State of one write cache, shared by its handle and background flushes.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -61,6 +93,9 @@ pub(crate) struct Shared {
     pub flushed: watch::Sender<u64>,
     /// Number of flushes that ran: a metric, and proof of group commit.
     pub flushes: AtomicU64,
+    /// I/O events, for the ordering test.
+    #[cfg(test)]
+    pub trace: Mutex<Vec<Event>>,
 }
 
 /// The mutable state of a write cache.
@@ -239,10 +274,19 @@ impl Shared {
 
     /// Steps 2 and 3: data durable first, then the map that publishes it.
     fn write_batch(&self, batch: &Batch) -> Result<()> {
+        tracing::debug!(
+            cache = %self.paths.map.display(),
+            seq = batch.seq,
+            pages = batch.pages.len(),
+            header = batch.header.is_some(),
+            "flush"
+        );
         if batch.data_dirty {
+            trace_io!(self, Event::DataSyncStart);
             self.data
                 .sync_data()
                 .map_err(io_err("sync", &self.paths.data))?;
+            trace_io!(self, Event::DataSyncEnd);
         }
         if batch.pages.is_empty() && batch.header.is_none() {
             return Ok(());
@@ -250,6 +294,7 @@ impl Shared {
         let map_err = || io_err("write", &self.paths.map);
         for (page, bytes) in &batch.pages {
             let off = BITMAP_OFFSET + page * BITMAP_PAGE_BYTES as u64;
+            trace_io!(self, Event::MapPage(*page, bytes.clone()));
             self.map.write_all_at(bytes, off).map_err(map_err())?;
         }
         if let Some(header) = batch.header {

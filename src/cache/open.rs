@@ -35,10 +35,13 @@ use super::write_cache::CachePaths;
 const LOAD_CHUNK: usize = 256 * BITMAP_PAGE_BYTES;
 
 /// Syncs a folder so that a created, renamed or removed entry is durable.
+/// Some file systems refuse fsync on a folder (EINVAL); their metadata is
+/// synchronous or out of our hands, so that is not an error.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync folder of", dir))
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        other => other.map_err(io_err("sync folder", dir)),
+    }
 }
 
 /// The folder holding a cache file (`.` for a bare file name).
@@ -50,17 +53,27 @@ pub(crate) fn parent_of(path: &Path) -> &Path {
 }
 
 /// Takes an exclusive advisory lock, so two processes never run one cache.
+///
+/// A cache on a mounted datastore may live on a file system without `flock`
+/// (ENOLCK, EOPNOTSUPP): then it runs unlocked, with a warning, rather than
+/// not at all.
 fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
-        Ok(())
-    } else {
-        Err(CacheError::Io {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) => {
+            tracing::warn!(cache = %path.display(), cause = %err, "cannot lock write cache; running it unlocked");
+            Ok(())
+        }
+        _ => Err(CacheError::Io {
             action: "lock (is another revive using it?)",
             path: path.to_path_buf(),
-            source: io::Error::last_os_error(),
-        })
+            source: err,
+        }),
     }
 }
 
@@ -82,6 +95,8 @@ fn shared(paths: &CachePaths, data: File, map: File, bitmap: Bitmap, header: Hea
         locks: Arc::new(RangeLocks::default()),
         flushed: watch::Sender::new(0),
         flushes: AtomicU64::new(0),
+        #[cfg(test)]
+        trace: Mutex::new(Vec::new()),
     }
 }
 

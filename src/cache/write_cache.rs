@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::commit::Shared;
+#[cfg(test)]
+use super::commit::Event;
+use super::commit::{trace_io, Shared};
 use super::error::{io_err, join_err, CacheError, Result};
 use super::format::MAX_LOGICAL_SIZE;
 use super::open::{self, read_full_at};
@@ -218,6 +220,16 @@ impl WriteCache {
         self.shared.flushes.load(Ordering::Relaxed)
     }
 
+    /// The I/O events recorded so far (tests only).
+    #[cfg(test)]
+    pub(crate) fn trace_events(&self) -> Vec<Event> {
+        self.shared
+            .trace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Whether `block` is present in the cache (written, maybe not durable).
     pub fn is_cached(&self, block: u64) -> bool {
         self.shared.lock().bitmap.get(block)
@@ -364,6 +376,7 @@ impl WriteCache {
                     .write_all_at(bytes, *off)
                     .map_err(io_err("write", &shared.paths.data))?;
             }
+            trace_io!(shared, Event::DataWritten(first, last + 1));
             // Publish only after the data is in the file (see module doc).
             let mut inner = shared.lock();
             inner.data_dirty = true;
@@ -490,6 +503,7 @@ impl WriteCache {
                 .data
                 .set_len(new_len.div_ceil(bs) * bs)
                 .map_err(io_err("truncate", &shared.paths.data))?;
+            trace_io!(shared, Event::DataTruncated(new_len.div_ceil(bs)));
             drop(guard);
             Ok(())
         })
@@ -525,6 +539,7 @@ impl WriteCache {
             Shared::check_poisoned(&shared.lock(), &shared.paths)?;
             punch_hole(&shared.data, first * bs, (last - first) * bs)
                 .map_err(io_err("punch", &shared.paths.data))?;
+            trace_io!(shared, Event::DataWritten(first, last));
             let mut inner = shared.lock();
             inner.data_dirty = true;
             inner.set_blocks(first, last);
