@@ -56,6 +56,21 @@ fn write_cache_is_send_and_sync() {
     check::<SessionCache>();
 }
 
+/// Compiles only if the request futures can be spawned on a tokio runtime.
+#[allow(dead_code)]
+fn request_futures_are_send<'a>(cache: &'a WriteCache, base: &'a MemBase) -> impl Send + 'a {
+    async move {
+        let _ = cache.read(0, 1).await;
+        let _ = cache.read_overlay(0, 1, base).await;
+        let _ = cache
+            .write(0, Bytes::new(), Stability::Unstable, base)
+            .await;
+        let _ = cache.punch(0, 1, base).await;
+        let _ = cache.set_len(0).await;
+        let _ = cache.commit().await;
+    }
+}
+
 #[tokio::test]
 async fn partial_blocks_are_copied_on_write_only_at_head_and_tail() {
     let dir = tempfile::tempdir().unwrap();

@@ -349,16 +349,28 @@ impl WriteCache {
                 inner.header.base_len,
             )
         };
+        // Fetch the base of both partial blocks at once: each may be a
+        // chunk read from the repository.
+        let cow = |wanted: bool, block: u64| {
+            let data = &data;
+            async move {
+                match wanted {
+                    true => Ok(Some(
+                        self.cow_block(block, base_len, offset, data, base).await?,
+                    )),
+                    false => Ok::<_, CacheError>(None),
+                }
+            }
+        };
+        let (head, tail) = tokio::try_join!(cow(head_cow, first), cow(tail_cow, last))?;
         // Pieces to write: (file offset, bytes).
         let mut pieces: Vec<(u64, Bytes)> = Vec::with_capacity(3);
         let (mut lo, mut hi) = (offset, end);
-        if head_cow {
-            let block = self.cow_block(first, base_len, offset, &data, base).await?;
+        if let Some(block) = head {
             pieces.push((first * bs, block));
             lo = ((first + 1) * bs).min(end);
         }
-        if tail_cow {
-            let block = self.cow_block(last, base_len, offset, &data, base).await?;
+        if let Some(block) = tail {
             pieces.push((last * bs, block));
             hi = last * bs;
         }
