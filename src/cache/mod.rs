@@ -31,6 +31,38 @@
 //!
 //! A read racing a write to the same block may see either version (as on any
 //! disk); overlapping writes are applied one after the other.
+//!
+//! # Example
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use bytes::Bytes;
+//! use revive::cache::{BaseRead, Origin, Segment, SessionCache, Stability};
+//!
+//! /// The backed-up file (here: all 0xAA); really a repository reader.
+//! struct Backup;
+//! impl BaseRead for Backup {
+//!     async fn read_base(&self, _offset: u64, len: usize) -> std::io::Result<Bytes> {
+//!         Ok(Bytes::from(vec![0xAA; len]))
+//!     }
+//! }
+//!
+//! let dir = tempfile::tempdir()?;
+//! let session = SessionCache::open(dir.path().join("session-1")).await?;
+//! let disk = session
+//!     .get_or_create("disk-flat.vmdk", 1 << 20, 4096, Origin::Backup)
+//!     .await?;
+//! // A 512-byte guest write: the cache copies the base of its 4 KiB block.
+//! disk.write(1024, Bytes::from(vec![1; 512]), Stability::FileSync, &Backup)
+//!     .await?;
+//! let segments = disk.read(0, 8192).await?;
+//! assert!(matches!(segments[0], Segment::Cached(_)));
+//! assert_eq!(segments[1], Segment::Base { offset: 4096, len: 4096 });
+//! let bytes = disk.read_overlay(0, 8192, &Backup).await?;
+//! assert_eq!(&bytes[1020..1028], &[0xAA, 0xAA, 0xAA, 0xAA, 1, 1, 1, 1]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
 
 mod bitmap;
 mod commit;
