@@ -473,6 +473,12 @@ impl WriteCache {
     /// the base beyond it is hidden for good, so a later extend reads zeros.
     /// An extend is sparse.
     ///
+    /// A truncate persists in order: the new size first, then the cleared
+    /// bits, then the data goes. A crash in between leaves the new size with
+    /// stale bits beyond it, which `open` clears; never the old size with
+    /// blocks already gone. The work runs in its own task, so a cancelled
+    /// caller cannot leave it half done.
+    ///
     /// # Errors
     /// `TooLarge`, `Poisoned`, or I/O errors.
     pub async fn set_len(&self, new_len: u64) -> Result<()> {
@@ -480,46 +486,50 @@ impl WriteCache {
         let bs = self.shared.block_size;
         let from = new_len.min(self.len()) / bs;
         let guard = self.shared.locks.lock(from..u64::MAX).await;
-        let (seq, shrink, zero_tail) = {
-            let mut inner = self.shared.lock();
-            Shared::check_poisoned(&inner, &self.shared.paths)?;
-            let old = inner.header.logical_size;
-            let shrink = new_len < old;
-            if shrink {
-                inner.clear_blocks(new_len.div_ceil(bs), u64::MAX);
-                inner.header.base_len = inner.header.base_len.min(new_len);
-            }
-            inner.header.logical_size = new_len;
-            inner.header_dirty = true;
-            let zero_tail = shrink && !new_len.is_multiple_of(bs) && inner.bitmap.get(new_len / bs);
-            (inner.bump(), shrink, zero_tail)
-        };
-        // The cleared bits are durable before any data goes away.
-        self.shared.commit_upto(seq).await?;
-        if !shrink {
-            return Ok(());
-        }
         let shared = Arc::clone(&self.shared);
-        blocking(&self.shared.paths.data, move || {
-            let data_err = io_err("truncate", &shared.paths.data);
-            if zero_tail {
-                let zeros = vec![0u8; (bs - new_len % bs) as usize];
-                shared
-                    .data
-                    .write_all_at(&zeros, new_len)
-                    .map_err(data_err)?;
-                // Synced by the next flush; `open` redoes it after a crash.
-                shared.lock().data_dirty = true;
+        let task = tokio::spawn(async move {
+            let (seq, shrink) = {
+                let mut inner = shared.lock();
+                Shared::check_poisoned(&inner, &shared.paths)?;
+                let shrink = new_len < inner.header.logical_size;
+                inner.header.logical_size = new_len;
+                inner.header.base_len = inner.header.base_len.min(new_len);
+                inner.header_dirty = true;
+                (inner.bump(), shrink)
+            };
+            shared.commit_upto(seq).await?;
+            if !shrink {
+                return Ok(());
             }
-            shared
-                .data
-                .set_len(new_len.div_ceil(bs) * bs)
-                .map_err(io_err("truncate", &shared.paths.data))?;
-            trace_io!(shared, Event::DataTruncated(new_len.div_ceil(bs)));
+            let (seq, zero_tail) = {
+                let mut inner = shared.lock();
+                inner.clear_blocks(new_len.div_ceil(bs), u64::MAX);
+                let zero_tail = !new_len.is_multiple_of(bs) && inner.bitmap.get(new_len / bs);
+                (inner.bump(), zero_tail)
+            };
+            // The cleared bits are durable before any data goes away.
+            shared.commit_upto(seq).await?;
+            let s = Arc::clone(&shared);
+            blocking(&shared.paths.data, move || {
+                let data_err = || io_err("truncate", &s.paths.data);
+                if zero_tail {
+                    let zeros = vec![0u8; (bs - new_len % bs) as usize];
+                    s.data.write_all_at(&zeros, new_len).map_err(data_err())?;
+                    // Synced by the next flush; `open` redoes it after a crash.
+                    s.lock().data_dirty = true;
+                }
+                s.data
+                    .set_len(new_len.div_ceil(bs) * bs)
+                    .map_err(data_err())?;
+                trace_io!(s, Event::DataTruncated(new_len.div_ceil(bs)));
+                Ok(())
+            })
+            .await?;
             drop(guard);
             Ok(())
-        })
-        .await
+        });
+        task.await
+            .map_err(|e| join_err(&self.shared.paths.data, e))?
     }
 
     /// Zeroes `[offset, offset + len)` (clipped to the logical size) and frees
