@@ -70,6 +70,7 @@ mod error;
 pub mod format;
 mod open;
 mod range_lock;
+mod resize;
 mod segment;
 mod session;
 mod write_cache;
@@ -80,5 +81,7 @@ pub use segment::{assemble, BaseRead, NoBase, Segment};
 pub use session::SessionCache;
 pub use write_cache::{CachePaths, Origin, Stability, WriteCache};
 
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;

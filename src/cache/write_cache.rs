@@ -1,7 +1,7 @@
 //! `WriteCache`: the write cache of one published file, the async API that
-//! the datastore overlays on the backup. It owns the request paths (read,
-//! write with copy-on-write, resize, punch); durability lives in `commit`,
-//! file setup in `open`.
+//! the datastore overlays on the backup. It owns the type and the read and
+//! write paths (with copy-on-write); resize and punch live in `resize`,
+//! durability in `commit`, file setup in `open`.
 //!
 //! Invariants kept by every path:
 //! - bytes of a cached block beyond the logical size are zero in the data
@@ -9,9 +9,7 @@
 //! - `base_len <= logical_size` (a truncate hides the base beyond it for good);
 //! - a bit is set in memory only after its block's data is in the data file.
 
-use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -71,10 +69,10 @@ impl CachePaths {
 /// many tasks at once. Requests on disjoint blocks run concurrently.
 #[derive(Debug)]
 pub struct WriteCache {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
-fn check_range(offset: u64, len: u64) -> Result<u64> {
+pub(super) fn check_range(offset: u64, len: u64) -> Result<u64> {
     match offset.checked_add(len) {
         Some(end) if end <= MAX_LOGICAL_SIZE => Ok(end),
         _ => Err(CacheError::TooLarge { offset, len }),
@@ -82,42 +80,13 @@ fn check_range(offset: u64, len: u64) -> Result<u64> {
 }
 
 /// Runs blocking file I/O off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| join_err(path, e))?
-}
-
-/// Frees `[offset, offset + len)` of `file`, keeping its size; falls back to
-/// writing zeros where the file system cannot punch holes.
-fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(err);
-    }
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64);
-        file.write_all_at(&zeros[..n as usize], offset + done)?;
-        done += n;
-    }
-    Ok(())
 }
 
 impl WriteCache {
@@ -465,113 +434,6 @@ impl WriteCache {
     pub async fn commit(&self) -> Result<()> {
         let target = self.shared.lock().write_seq;
         self.shared.commit_upto(target).await
-    }
-
-    /// Truncates or extends the file, durably.
-    ///
-    /// A truncate drops the blocks beyond the new end and frees their space;
-    /// the base beyond it is hidden for good, so a later extend reads zeros.
-    /// An extend is sparse.
-    ///
-    /// A truncate persists in order: the new size first, then the cleared
-    /// bits, then the data goes. A crash in between leaves the new size with
-    /// stale bits beyond it, which `open` clears; never the old size with
-    /// blocks already gone. The work runs in its own task, so a cancelled
-    /// caller cannot leave it half done.
-    ///
-    /// # Errors
-    /// `TooLarge`, `Poisoned`, or I/O errors.
-    pub async fn set_len(&self, new_len: u64) -> Result<()> {
-        check_range(0, new_len)?;
-        let bs = self.shared.block_size;
-        let from = new_len.min(self.len()) / bs;
-        let guard = self.shared.locks.lock(from..u64::MAX).await;
-        let shared = Arc::clone(&self.shared);
-        let task = tokio::spawn(async move {
-            let (seq, shrink) = {
-                let mut inner = shared.lock();
-                Shared::check_poisoned(&inner, &shared.paths)?;
-                let shrink = new_len < inner.header.logical_size;
-                inner.header.logical_size = new_len;
-                inner.header.base_len = inner.header.base_len.min(new_len);
-                inner.header_dirty = true;
-                (inner.bump(), shrink)
-            };
-            shared.commit_upto(seq).await?;
-            if !shrink {
-                return Ok(());
-            }
-            let (seq, zero_tail) = {
-                let mut inner = shared.lock();
-                inner.clear_blocks(new_len.div_ceil(bs), u64::MAX);
-                let zero_tail = !new_len.is_multiple_of(bs) && inner.bitmap.get(new_len / bs);
-                (inner.bump(), zero_tail)
-            };
-            // The cleared bits are durable before any data goes away.
-            shared.commit_upto(seq).await?;
-            let s = Arc::clone(&shared);
-            blocking(&shared.paths.data, move || {
-                let data_err = || io_err("truncate", &s.paths.data);
-                if zero_tail {
-                    let zeros = vec![0u8; (bs - new_len % bs) as usize];
-                    s.data.write_all_at(&zeros, new_len).map_err(data_err())?;
-                    // Synced by the next flush; `open` redoes it after a crash.
-                    s.lock().data_dirty = true;
-                }
-                s.data
-                    .set_len(new_len.div_ceil(bs) * bs)
-                    .map_err(data_err())?;
-                trace_io!(s, Event::DataTruncated(new_len.div_ceil(bs)));
-                Ok(())
-            })
-            .await?;
-            drop(guard);
-            Ok(())
-        });
-        task.await
-            .map_err(|e| join_err(&self.shared.paths.data, e))?
-    }
-
-    /// Zeroes `[offset, offset + len)` (clipped to the logical size) and frees
-    /// the space of the whole blocks inside it, durably. Partial blocks at the
-    /// edges are zeroed through `write` (copy-on-write from `base`).
-    ///
-    /// # Errors
-    /// As `write`.
-    pub async fn punch<B: BaseRead + ?Sized>(&self, offset: u64, len: u64, base: &B) -> Result<()> {
-        let end = check_range(offset, len)?.min(self.len());
-        if offset >= end {
-            return Ok(());
-        }
-        let bs = self.shared.block_size;
-        let (first, last) = (offset.div_ceil(bs), end / bs);
-        if first >= last {
-            let zeros = Bytes::from(vec![0u8; (end - offset) as usize]);
-            return self.write(offset, zeros, Stability::FileSync, base).await;
-        }
-        for (s, e) in [(offset, first * bs), (last * bs, end)] {
-            if s < e {
-                let zeros = Bytes::from(vec![0u8; (e - s) as usize]);
-                self.write(s, zeros, Stability::Unstable, base).await?;
-            }
-        }
-        let guard = self.shared.locks.lock(first..last).await;
-        let shared = Arc::clone(&self.shared);
-        blocking(&self.shared.paths.data, move || {
-            Shared::check_poisoned(&shared.lock(), &shared.paths)?;
-            punch_hole(&shared.data, first * bs, (last - first) * bs)
-                .map_err(io_err("punch", &shared.paths.data))?;
-            trace_io!(shared, Event::DataWritten(first, last));
-            let mut inner = shared.lock();
-            inner.data_dirty = true;
-            inner.set_blocks(first, last);
-            inner.bump();
-            drop(inner);
-            drop(guard);
-            Ok(())
-        })
-        .await?;
-        self.commit().await
     }
 }
 
