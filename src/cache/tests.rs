@@ -514,3 +514,36 @@ async fn session_cache_finds_sums_and_removes_its_files() {
     session.delete().await.unwrap();
     assert!(!folder.exists());
 }
+
+#[tokio::test]
+async fn resizes_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = MemBase::new(4 * BS as usize);
+    {
+        let cache = backup_cache(&dir, 4 * u64::from(BS)).await;
+        cache
+            .write(
+                4096,
+                Bytes::from(vec![5u8; 4096]),
+                Stability::FileSync,
+                &base,
+            )
+            .await
+            .unwrap();
+        cache.set_len(6000).await.unwrap();
+        cache.set_len(10_000).await.unwrap();
+    }
+    let cache = WriteCache::open(&paths(&dir)).await.unwrap();
+    assert_eq!((cache.len(), cache.base_len()), (10_000, 6000));
+    let got = cache.read_overlay(0, 10_000, &base).await.unwrap();
+    let mut expect = base.bytes[..10_000].to_vec();
+    expect[4096..6000].fill(5);
+    expect[6000..].fill(0);
+    assert_eq!(&got[..], &expect[..]);
+    // The data file keeps no bytes beyond the truncated block.
+    let data_len = std::fs::metadata(&paths(&dir).data).unwrap().len();
+    assert!(
+        data_len <= 2 * u64::from(BS),
+        "data file is {data_len} bytes"
+    );
+}

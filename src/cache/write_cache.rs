@@ -67,6 +67,9 @@ impl CachePaths {
 ///
 /// Cheap to share (`Send + Sync`); every method takes `&self` and may run from
 /// many tasks at once. Requests on disjoint blocks run concurrently.
+///
+/// Dropping it does not flush `Unstable` writes (like a crash, which NFS
+/// clients are ready for); call `commit` first for a clean shutdown.
 #[derive(Debug)]
 pub struct WriteCache {
     pub(super) shared: Arc<Shared>,
