@@ -1,0 +1,309 @@
+//! The shared state of one write cache and its group commit: which blocks are
+//! present in memory, which bitmap pages and header are not yet on disk, and
+//! the single flush that makes them durable for every waiter at once.
+//!
+//! # Durability ordering
+//!
+//! A flush runs in three steps, never reordered:
+//!
+//! 1. Under the state lock, snapshot the dirty bitmap pages and the header.
+//!    Every bit in the snapshot was set *after* the `pwrite` of its data
+//!    returned, so its data is already in the data file's page cache.
+//! 2. `fdatasync` the data file: all that data is now durable.
+//! 3. Write the snapshot pages and header to the `.map` file, `fdatasync` it.
+//!
+//! So the on-disk bitmap never has a bit set whose data is not durable. Bits
+//! set after step 1 stay dirty for the next flush.
+//!
+//! # Group commit
+//!
+//! Every change (a write's bits, a truncate) takes a sequence number
+//! `write_seq`. A caller that needs sequence `s` durable waits until
+//! `durable_seq >= s`. If no flush is running it starts one; otherwise it
+//! waits for the running flush to end and checks again. A flush covers
+//! everything up to the `write_seq` of its snapshot, so all callers that
+//! arrived while one flush ran are served by the next single flush: N
+//! concurrent stable writes cost about two fsync pairs, not N.
+//!
+//! The flush runs in `spawn_blocking`, detached from the caller that started
+//! it, so a cancelled caller never leaves the cache "flushing" forever.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
+
+use super::bitmap::Bitmap;
+use super::error::{io_err, CacheError, Result};
+use super::format::{Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES};
+use super::range_lock::RangeLocks;
+use super::write_cache::CachePaths;
+
+/// An I/O event recorded in tests, to check the durability ordering against
+/// a model of what a power loss would keep (see `tests::power_loss_model`).
+#[cfg(test)]
+#[derive(Debug, Clone)]
+pub(crate) enum Event {
+    /// Blocks `start..end` of the data file were written (the call returned).
+    DataWritten(u64, u64),
+    /// An `fdatasync` of the data file is about to start.
+    DataSyncStart,
+    /// That `fdatasync` returned.
+    DataSyncEnd,
+    /// A bitmap page is about to be written with these bytes.
+    MapPage(u64, Vec<u8>),
+    /// The data file was truncated: blocks from this one on are gone.
+    DataTruncated(u64),
+}
+
+/// Records an `Event` in test builds; compiles to nothing otherwise.
+macro_rules! trace_io {
+    ($shared:expr, $event:expr) => {
+        #[cfg(test)]
+        {
+            $shared
+                .trace
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push($event);
+        }
+    };
+}
+pub(crate) use trace_io;
+
+/// State of one write cache, shared by its handle and background flushes.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Where the cache lives (for errors and deletion).
+    pub paths: CachePaths,
+    /// The sparse data file, same offsets as the logical file.
+    pub data: File,
+    /// The header slots and the bitmap; holds an exclusive `flock`.
+    pub map: File,
+    /// Block size in bytes (a power of two).
+    pub block_size: u64,
+    /// Everything that changes, behind one short-held lock.
+    pub inner: Mutex<Inner>,
+    /// Serializes requests on overlapping blocks.
+    pub locks: Arc<RangeLocks>,
+    /// Bumped at the end of every flush; waiters watch it.
+    pub flushed: watch::Sender<u64>,
+    /// Number of flushes that ran: a metric, and proof of group commit.
+    pub flushes: AtomicU64,
+    /// I/O events, for the ordering test.
+    #[cfg(test)]
+    pub trace: Mutex<Vec<Event>>,
+}
+
+/// The mutable state of a write cache.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    /// Present blocks, including those of writes not yet durable.
+    pub bitmap: Bitmap,
+    /// Bitmap pages changed since the last flush snapshot.
+    pub dirty_pages: BTreeSet<u64>,
+    /// Current header (sizes); `sequence` is that of the last header written.
+    pub header: Header,
+    /// Whether `header` changed since the last flush snapshot.
+    pub header_dirty: bool,
+    /// Whether the data file was written since the last flush snapshot.
+    pub data_dirty: bool,
+    /// Sequence of the last change.
+    pub write_seq: u64,
+    /// Every change up to this sequence is durable.
+    pub durable_seq: u64,
+    /// A flush is running.
+    pub flushing: bool,
+    /// Set when a flush failed; the cache then refuses writes.
+    pub poisoned: Option<String>,
+}
+
+impl Inner {
+    /// A fresh state for a cache whose disk image matches `bitmap` and `header`.
+    pub fn new(bitmap: Bitmap, header: Header) -> Inner {
+        Inner {
+            bitmap,
+            dirty_pages: BTreeSet::new(),
+            header,
+            header_dirty: false,
+            data_dirty: false,
+            write_seq: 0,
+            durable_seq: 0,
+            flushing: false,
+            poisoned: None,
+        }
+    }
+
+    /// Records a change and returns its sequence number.
+    pub fn bump(&mut self) -> u64 {
+        self.write_seq += 1;
+        self.write_seq
+    }
+
+    /// Sets the bits of blocks `start..end`, marking their pages dirty.
+    pub fn set_blocks(&mut self, start: u64, end: u64) {
+        let dirty = &mut self.dirty_pages;
+        self.bitmap.set_range(start, end, |p| {
+            dirty.insert(p);
+        });
+    }
+
+    /// Clears the bits of blocks `start..end`, marking their pages dirty.
+    pub fn clear_blocks(&mut self, start: u64, end: u64) {
+        let dirty = &mut self.dirty_pages;
+        self.bitmap.clear_range(start, end, |p| {
+            dirty.insert(p);
+        });
+    }
+}
+
+/// What one flush writes, taken under the lock in step 1.
+struct Batch {
+    seq: u64,
+    data_dirty: bool,
+    pages: Vec<(u64, Vec<u8>)>,
+    header: Option<Header>,
+}
+
+impl Shared {
+    /// Locks the state; a panic elsewhere never leaves it unusable, because
+    /// every critical section keeps it consistent.
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fails if an earlier flush failed.
+    pub fn check_poisoned(inner: &Inner, paths: &CachePaths) -> Result<()> {
+        match &inner.poisoned {
+            Some(reason) => Err(CacheError::Poisoned {
+                path: paths.map.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every change up to `target` is durable, flushing as needed.
+    ///
+    /// # Errors
+    /// `Poisoned` if this or an earlier flush failed.
+    pub async fn commit_upto(self: &Arc<Self>, target: u64) -> Result<()> {
+        loop {
+            // Subscribe before looking, so the end of any flush running now
+            // (or started by us) wakes us.
+            let mut rx = self.flushed.subscribe();
+            let start = {
+                let mut inner = self.lock();
+                Self::check_poisoned(&inner, &self.paths)?;
+                if inner.durable_seq >= target {
+                    return Ok(());
+                }
+                let start = !inner.flushing;
+                inner.flushing = true;
+                start
+            };
+            if start {
+                let shared = Arc::clone(self);
+                // Detached on purpose: see the module doc.
+                drop(tokio::task::spawn_blocking(move || {
+                    let flushed = shared.flushed.clone();
+                    shared.flush_quietly();
+                    // Let go of the files before waking anyone, so a waiter
+                    // that drops its handle really closes (and unlocks) them.
+                    drop(shared);
+                    flushed.send_modify(|n| *n += 1);
+                }));
+            }
+            if rx.changed().await.is_err() {
+                // Unreachable while `self` holds the sender; stay safe anyway.
+                return Err(CacheError::Poisoned {
+                    path: self.paths.map.clone(),
+                    reason: "flush notifier dropped".into(),
+                });
+            }
+        }
+    }
+
+    /// One flush (steps 1-3 of the module doc). Called with `flushing` set;
+    /// clears it and wakes all waiters when done.
+    pub fn flush(&self) {
+        self.flush_quietly();
+        self.flushed.send_modify(|n| *n += 1);
+    }
+
+    /// `flush` without waking the waiters: the caller must do it.
+    fn flush_quietly(&self) {
+        let batch = self.take_batch();
+        let result = self.write_batch(&batch);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        inner.flushing = false;
+        match result {
+            Ok(()) => inner.durable_seq = inner.durable_seq.max(batch.seq),
+            Err(err) => {
+                tracing::error!(cache = %self.paths.map.display(), cause = %err, "write cache flush failed");
+                inner.poisoned = Some(err.to_string());
+            }
+        }
+    }
+
+    /// Step 1: snapshot what is dirty.
+    fn take_batch(&self) -> Batch {
+        let mut inner = self.lock();
+        let pages = std::mem::take(&mut inner.dirty_pages)
+            .into_iter()
+            .map(|p| (p, inner.bitmap.page_bytes(p)))
+            .collect();
+        let header = if inner.header_dirty {
+            inner.header_dirty = false;
+            inner.header.sequence += 1;
+            Some(inner.header)
+        } else {
+            None
+        };
+        Batch {
+            seq: inner.write_seq,
+            data_dirty: std::mem::take(&mut inner.data_dirty),
+            pages,
+            header,
+        }
+    }
+
+    /// Steps 2 and 3: data durable first, then the map that publishes it.
+    fn write_batch(&self, batch: &Batch) -> Result<()> {
+        tracing::debug!(
+            cache = %self.paths.map.display(),
+            seq = batch.seq,
+            pages = batch.pages.len(),
+            header = batch.header.is_some(),
+            "flush"
+        );
+        if batch.data_dirty {
+            trace_io!(self, Event::DataSyncStart);
+            self.data
+                .sync_data()
+                .map_err(io_err("sync", &self.paths.data))?;
+            trace_io!(self, Event::DataSyncEnd);
+        }
+        if batch.pages.is_empty() && batch.header.is_none() {
+            return Ok(());
+        }
+        let map_err = || io_err("write", &self.paths.map);
+        for (page, bytes) in &batch.pages {
+            let off = BITMAP_OFFSET + page * BITMAP_PAGE_BYTES as u64;
+            trace_io!(self, Event::MapPage(*page, bytes.clone()));
+            self.map.write_all_at(bytes, off).map_err(map_err())?;
+        }
+        if let Some(header) = batch.header {
+            self.map
+                .write_all_at(&header.encode(), header.slot_offset())
+                .map_err(map_err())?;
+        }
+        self.map
+            .sync_data()
+            .map_err(io_err("sync", &self.paths.map))
+    }
+}

@@ -1,0 +1,288 @@
+//! Creating, opening, repairing and deleting the two files of a write cache.
+//! Blocking code: the async `WriteCache` methods run it in `spawn_blocking`.
+//!
+//! `create` is atomic: the data file is created first, the `.map` file is
+//! written under a temporary name, synced, renamed into place and the folder
+//! synced, so a crash leaves either no cache or a complete empty one.
+//!
+//! `open` repairs what a crash can leave behind. The header and the bitmap
+//! pages of one flush are written together, so a crash can persist a bitmap
+//! page without the header that grew the file: bits beyond the logical size,
+//! or bytes past the end in the last block. Both are undone before use, which
+//! keeps the rule "bytes of a cached block beyond the logical size are zero".
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::bitmap::Bitmap;
+use super::commit::{Inner, Shared};
+use super::error::{io_err, CacheError, Result};
+use super::format::{
+    valid_block_size, Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES, HEADER_SIZE, HEADER_SLOTS,
+    MAX_LOGICAL_SIZE,
+};
+use super::range_lock::RangeLocks;
+use super::write_cache::CachePaths;
+
+/// How much of the bitmap `open` reads per call.
+const LOAD_CHUNK: usize = 256 * BITMAP_PAGE_BYTES;
+
+/// Syncs a folder so that a created, renamed or removed entry is durable.
+/// Some file systems refuse fsync on a folder (EINVAL); their metadata is
+/// synchronous or out of our hands, so that is not an error.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        other => other.map_err(io_err("sync folder", dir)),
+    }
+}
+
+/// The folder holding a cache file (`.` for a bare file name).
+pub(crate) fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Takes an exclusive advisory lock, so two processes never run one cache.
+///
+/// A cache on a mounted datastore may live on a file system without `flock`
+/// (ENOLCK, EOPNOTSUPP): then it runs unlocked, with a warning, rather than
+/// not at all.
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) => {
+            tracing::warn!(cache = %path.display(), cause = %err, "cannot lock write cache; running it unlocked");
+            Ok(())
+        }
+        _ => Err(CacheError::Io {
+            action: "lock (is another revive using it?)",
+            path: path.to_path_buf(),
+            source: err,
+        }),
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err("open", path))
+}
+
+fn shared(paths: &CachePaths, data: File, map: File, bitmap: Bitmap, header: Header) -> Shared {
+    Shared {
+        paths: paths.clone(),
+        data,
+        map,
+        block_size: u64::from(header.block_size),
+        inner: Mutex::new(Inner::new(bitmap, header)),
+        locks: Arc::new(RangeLocks::default()),
+        flushed: watch::Sender::new(0),
+        flushes: AtomicU64::new(0),
+        #[cfg(test)]
+        trace: Mutex::new(Vec::new()),
+    }
+}
+
+/// Creates a new, empty cache. See the module doc for the order of steps.
+pub(crate) fn create(
+    paths: &CachePaths,
+    logical_size: u64,
+    base_len: u64,
+    block_size: u32,
+) -> Result<Shared> {
+    if !valid_block_size(block_size) {
+        return Err(CacheError::InvalidBlockSize(block_size));
+    }
+    if logical_size > MAX_LOGICAL_SIZE {
+        return Err(CacheError::TooLarge {
+            offset: 0,
+            len: logical_size,
+        });
+    }
+    if paths.map.exists() {
+        return Err(CacheError::Exists(paths.map.clone()));
+    }
+    // A data file without a map is the leftover of a crashed create or
+    // delete: nothing references it, so truncating it is safe.
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&paths.data)
+        .map_err(io_err("create", &paths.data))?;
+    data.sync_all().map_err(io_err("sync", &paths.data))?;
+
+    let header = Header {
+        block_size,
+        logical_size,
+        base_len,
+        sequence: 1,
+    };
+    let tmp = paths.map.with_extension("map.tmp");
+    let write_tmp = || -> io::Result<()> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let first = Header {
+            sequence: 0,
+            ..header
+        };
+        f.write_all_at(&first.encode(), first.slot_offset())?;
+        f.write_all_at(&header.encode(), header.slot_offset())?;
+        f.set_len(BITMAP_OFFSET)?;
+        f.sync_all()
+    };
+    if let Err(err) = write_tmp() {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("create", &tmp)(err));
+    }
+    fs::rename(&tmp, &paths.map).map_err(io_err("rename into place", &paths.map))?;
+    sync_dir(parent_of(&paths.map))?;
+
+    let map = open_rw(&paths.map)?;
+    lock_exclusive(&map, &paths.map)?;
+    Ok(shared(paths, data, map, Bitmap::new(), header))
+}
+
+/// Reads the newer valid header slot.
+fn read_header(map: &File, path: &Path) -> Result<Header> {
+    let len = map.metadata().map_err(io_err("stat", path))?.len();
+    if len < BITMAP_OFFSET {
+        return Err(CacheError::CorruptHeader {
+            path: path.to_path_buf(),
+            reason: "map file shorter than its two header slots",
+        });
+    }
+    let mut best: Option<Header> = None;
+    let mut first_err = None;
+    for slot in HEADER_SLOTS {
+        let mut buf = [0u8; HEADER_SIZE];
+        map.read_exact_at(&mut buf, slot)
+            .map_err(io_err("read", path))?;
+        match Header::decode(&buf, path) {
+            Ok(h) if best.is_none_or(|b| h.sequence > b.sequence) => best = Some(h),
+            Ok(_) => {}
+            // A slot with our magic tells more than one without.
+            Err(e) => match first_err {
+                Some(CacheError::BadMagic { .. }) | None => first_err = Some(e),
+                Some(_) => {}
+            },
+        }
+    }
+    match (best, first_err) {
+        (Some(h), _) => Ok(h),
+        (None, Some(e)) => Err(e),
+        (None, None) => unreachable!("two slots give a header or an error"),
+    }
+}
+
+/// Loads every nonzero bitmap page.
+fn read_bitmap(map: &File, path: &Path) -> Result<Bitmap> {
+    let mut bitmap = Bitmap::new();
+    let mut buf = vec![0u8; LOAD_CHUNK];
+    let mut off = BITMAP_OFFSET;
+    loop {
+        let n = read_full_at(map, &mut buf, off).map_err(io_err("read", path))?;
+        if n == 0 {
+            break;
+        }
+        for (i, page) in buf[..n].chunks(BITMAP_PAGE_BYTES).enumerate() {
+            if page.iter().any(|b| *b != 0) {
+                let page_no = (off - BITMAP_OFFSET) / BITMAP_PAGE_BYTES as u64 + i as u64;
+                bitmap.load_page(page_no, page);
+            }
+        }
+        if n < buf.len() {
+            break;
+        }
+        off += n as u64;
+    }
+    Ok(bitmap)
+}
+
+/// Reads until `buf` is full or end of file; returns the bytes read.
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Opens an existing cache, checks its header and repairs crash leftovers.
+pub(crate) fn open(paths: &CachePaths) -> Result<Shared> {
+    let map = open_rw(&paths.map)?;
+    lock_exclusive(&map, &paths.map)?;
+    let header = read_header(&map, &paths.map)?;
+    let data = open_rw(&paths.data)?;
+    let bitmap = read_bitmap(&map, &paths.map)?;
+    let shared = shared(paths, data, map, bitmap, header);
+    repair(&shared)?;
+    Ok(shared)
+}
+
+/// Undoes what a crash between a bitmap page and its header can leave (see
+/// the module doc), and makes the repair durable before the cache is used.
+fn repair(shared: &Shared) -> Result<()> {
+    let bs = shared.block_size;
+    let mut inner = shared.lock();
+    let size = inner.header.logical_size;
+    let first_beyond = size.div_ceil(bs);
+    inner.clear_blocks(first_beyond, u64::MAX);
+    let tail_block = size / bs;
+    if !size.is_multiple_of(bs) && inner.bitmap.get(tail_block) {
+        let zeros = vec![0u8; (bs - size % bs) as usize];
+        shared
+            .data
+            .write_all_at(&zeros, size)
+            .map_err(io_err("write", &shared.paths.data))?;
+        inner.data_dirty = true;
+    }
+    if inner.dirty_pages.is_empty() && !inner.data_dirty {
+        return Ok(());
+    }
+    tracing::info!(cache = %shared.paths.map.display(), "repaired write cache after a crash");
+    inner.flushing = true;
+    drop(inner);
+    shared.flush();
+    let inner = shared.lock();
+    Shared::check_poisoned(&inner, &shared.paths)
+}
+
+/// Removes both files of a cache and syncs the folder. The map goes first:
+/// a data file without a map is ignored and reused by `create`.
+pub(crate) fn delete(paths: &CachePaths) -> Result<()> {
+    for path in [&paths.map, &paths.data] {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", path)(e)),
+        }
+    }
+    sync_dir(parent_of(&paths.map))
+}
