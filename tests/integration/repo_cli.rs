@@ -470,3 +470,34 @@ fn bad_input_gets_one_error_line_and_leaves_the_repository_alone() {
         "nothing stored in a foreign repository"
     );
 }
+
+#[test]
+fn unreadable_file_fails_the_backup_before_anything_is_stored() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let repo = init_repo(tmp.path(), None);
+    let vm = SampleVm::create(tmp.path(), "locked01", 2 * MIB, 15);
+    let secret = vm.dir.join("locked01.nvram");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
+    let snapshot = snapshot_tree(&repo);
+    // Root reads any file: drop to nobody so the permission bites, as it would
+    // for an operator running revive without access to a datastore file.
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(revive_bin());
+        c
+    } else {
+        std::process::Command::new(revive_bin())
+    };
+    cmd.arg("backup").arg("--repo").arg(&repo).arg(&vm.dir);
+    let (code, _, stderr) = run_fail(&mut cmd);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("locked01.nvram") && stderr.contains("ermission denied"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(snapshot_tree(&repo), snapshot, "repository changed");
+}
