@@ -25,6 +25,7 @@
 //! | gc | restore, verify, read of points it keeps |
 
 mod backup;
+pub mod block_cache;
 pub mod chunk;
 pub mod format;
 mod gc;
@@ -36,6 +37,7 @@ pub mod source;
 mod verify;
 
 pub use backup::{backup, BackupOptions};
+pub use block_cache::BlockCache;
 pub use chunk::ChunkId;
 pub use gc::GcReport;
 pub use index::{IndexPage, PageId};

@@ -3,9 +3,13 @@
 //! Offset → chunk is arithmetic plus one (cached) index page, so a read costs
 //! the same in the first restore point of a chain and in the five-hundredth.
 
+use std::sync::{Arc, OnceLock};
+
 use bytes::{Bytes, BytesMut};
 
+use super::block_cache::BlockCache;
 use super::chunk::ChunkId;
+use super::format::MAX_CHUNK_SIZE;
 use super::index::locate;
 use super::manifest::{FileEntry, RestorePoint};
 use super::{RepoError, Repository};
@@ -16,6 +20,16 @@ pub struct FileReader {
     repo: Repository,
     entry: FileEntry,
     chunk_size: u64,
+    /// Shared cache of verified chunks; `None` reads the store every time.
+    cache: Option<Arc<BlockCache>>,
+}
+
+/// One chunk's worth of zeros, shared: holes are served without allocating.
+fn zeros(len: usize) -> Bytes {
+    static ZEROS: OnceLock<Bytes> = OnceLock::new();
+    ZEROS
+        .get_or_init(|| Bytes::from(vec![0u8; MAX_CHUNK_SIZE as usize]))
+        .slice(..len)
 }
 
 impl FileReader {
@@ -32,7 +46,36 @@ impl FileReader {
             repo: repo.clone(),
             entry,
             chunk_size: point.chunk_size as u64,
+            cache: None,
         })
+    }
+
+    /// Serves chunks through `cache` (fetching into it on a miss).
+    pub fn with_cache(mut self, cache: Arc<BlockCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Number of chunks in the file.
+    pub fn chunk_count(&self) -> u64 {
+        super::index::chunk_count(self.entry.size, self.chunk_size as u32)
+    }
+
+    /// Starts fetching chunk `index` into the block cache in the background,
+    /// unless it is a hole or already cached. Used for readahead.
+    pub async fn prefetch(&self, index: u64) {
+        let Some(cache) = &self.cache else { return };
+        let Ok(id) = self.chunk_id(index).await else {
+            return;
+        };
+        if id.is_hole() || cache.contains(&id) {
+            return;
+        }
+        let (cache, repo) = (cache.clone(), self.repo.clone());
+        tokio::spawn(async move {
+            // Errors surface when the reader asks for the chunk itself.
+            let _ = cache.get(&repo, &id).await;
+        });
     }
 
     /// The file's logical size.
@@ -68,9 +111,12 @@ impl FileReader {
         if id.is_hole() {
             let start = index * self.chunk_size;
             let len = self.chunk_size.min(self.entry.size.saturating_sub(start));
-            return Ok(Bytes::from(vec![0u8; len as usize]));
+            return Ok(zeros(len as usize));
         }
-        self.repo.read_chunk(&id).await
+        match &self.cache {
+            Some(cache) => cache.get(&self.repo, &id).await,
+            None => self.repo.read_chunk(&id).await,
+        }
     }
 
     /// Reads up to `len` bytes at `offset`; short only at end of file.
