@@ -7,6 +7,7 @@
 //! every NFS server: nothing depends on it.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes};
 use nfs3_types::mount::{
@@ -15,6 +16,7 @@ use nfs3_types::mount::{
 use nfs3_types::rpc::accept_stat;
 use nfs3_types::xdr_codec::{List, Opaque};
 
+use super::backend::{BackendError, Export, FileId, FileKind};
 use super::proc::fh_for;
 use super::rpc::{Call, Reply};
 use super::server::ServerState;
@@ -43,7 +45,7 @@ pub(crate) async fn dispatch(state: &ServerState, peer: IpAddr, call: Call) -> R
     let mut reply = Reply::success(xid);
     let result = match call.proc_num {
         0 => Ok(()),
-        1 => mnt(state, peer, &mut args, &mut reply),
+        1 => mnt(state, peer, &mut args, &mut reply).await,
         2 => {
             dump(state, &mut reply);
             Ok(())
@@ -86,37 +88,91 @@ fn normalize(path: &str) -> &str {
     }
 }
 
-fn mnt(
+/// The export `path` names and the rest of the path below it. The longest
+/// matching export wins (`/a/b` over `/a`).
+fn find_export<'p>(state: &ServerState, wanted: &'p str) -> Option<(Arc<Export>, &'p str)> {
+    let mut best: Option<(Arc<Export>, &str)> = None;
+    for e in state.backend.exports() {
+        let base = normalize(&e.path);
+        let rest = if wanted == base {
+            Some("")
+        } else if base == "/" {
+            wanted.strip_prefix('/')
+        } else {
+            wanted.strip_prefix(base).and_then(|r| r.strip_prefix('/'))
+        };
+        if let Some(rest) = rest {
+            if best
+                .as_ref()
+                .is_none_or(|(b, _)| b.path.len() < e.path.len())
+            {
+                best = Some((e, rest));
+            }
+        }
+    }
+    best
+}
+
+/// Walk `rest` below the export root (`/revive/vm1`: clients such as libnfs
+/// mount a file's parent directory). `.`, `..` and over-long components are
+/// refused, so the walk never leaves the export.
+async fn walk(state: &ServerState, export: &Export, rest: &str) -> Result<FileId, mountstat3> {
+    let mut dir = export.root;
+    for component in rest.split('/').filter(|c| !c.is_empty()) {
+        if component == "." || component == ".." || component.len() > super::proc::MAX_NAME {
+            return Err(mountstat3::MNT3ERR_INVAL);
+        }
+        let attr = state
+            .backend
+            .lookup(export.id, dir, component)
+            .await
+            .map_err(|e| match e {
+                BackendError::NotFound => mountstat3::MNT3ERR_NOENT,
+                BackendError::NotDir => mountstat3::MNT3ERR_NOTDIR,
+                BackendError::Access => mountstat3::MNT3ERR_ACCES,
+                _ => mountstat3::MNT3ERR_IO,
+            })?;
+        if attr.kind != FileKind::Directory {
+            return Err(mountstat3::MNT3ERR_NOTDIR);
+        }
+        dir = attr.fileid;
+    }
+    Ok(dir)
+}
+
+async fn mnt(
     state: &ServerState,
     peer: IpAddr,
     args: &mut XdrReader,
     reply: &mut Reply,
 ) -> Result<(), Garbage> {
     let path = read_path(args)?;
-    let wanted = normalize(&path);
-    let export = state
-        .backend
-        .exports()
-        .into_iter()
-        .find(|e| normalize(&e.path) == wanted);
-    let res = match export {
+    let res = match find_export(state, normalize(&path)) {
         None => {
             tracing::info!(peer = %peer, path = %path, "mount refused: no such export");
             mountres3::Err(mountstat3::MNT3ERR_NOENT)
         }
-        Some(e) if !e.allows(peer) => {
+        // The allow-list comes first: a refused client learns nothing of
+        // what lies below the export.
+        Some((e, _)) if !e.allows(peer) => {
             tracing::warn!(peer = %peer, export = %e.path, "mount refused: client not on allow-list");
             mountres3::Err(mountstat3::MNT3ERR_ACCES)
         }
-        Some(e) => {
-            tracing::info!(peer = %peer, export = %e.path, "mounted");
-            state.remember_mount(peer, &e.path);
-            let fh = fh_for(&e, e.root);
-            mountres3::Ok(mountres3_ok {
-                fhandle: fhandle3(fh.data),
-                auth_flavors: AUTH_FLAVORS.to_vec(),
-            })
-        }
+        Some((e, rest)) => match walk(state, &e, rest).await {
+            Ok(dir) => {
+                tracing::info!(peer = %peer, export = %e.path, path = %path, "mounted");
+                state.remember_mount(peer, &path);
+                let fh = fh_for(&e, dir);
+                mountres3::Ok(mountres3_ok {
+                    fhandle: fhandle3(fh.data),
+                    auth_flavors: AUTH_FLAVORS.to_vec(),
+                })
+            }
+            Err(stat) => {
+                tracing::info!(peer = %peer, path = %path, status = %stat, "mount refused");
+                mountres3::Err(stat)
+            }
+        },
     };
     pack(reply.body(), &res);
     Ok(())
