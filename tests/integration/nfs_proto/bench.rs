@@ -1,0 +1,71 @@
+//! On-demand throughput measurement with fio's nfs engine.
+
+use super::{pattern, run};
+use crate::support::memfs::{MemFs, ROOT};
+use crate::support::TestServer;
+
+/// fio binary built with the nfs engine (see PEERS.md), from `FIO_NFS`.
+fn fio_nfs() -> Option<String> {
+    std::env::var("FIO_NFS")
+        .ok()
+        .filter(|p| std::path::Path::new(p).exists())
+}
+
+/// Throughput of the protocol layer over the in-memory backend, with fio's
+/// nfs engine. Not a correctness test: run on demand with
+/// `FIO_NFS=/path/to/fio cargo test --release --test integration bench -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; needs FIO_NFS pointing at fio built with --enable-libnfs"]
+async fn bench_fio_nfs_engine() {
+    let Some(fio) = fio_nfs() else {
+        eprintln!("\n!!! SKIPPED: set FIO_NFS to a fio built with the nfs engine\n");
+        return;
+    };
+    let fs = MemFs::new();
+    fs.add_file(ROOT, "disk", pattern(256 * 1024 * 1024, 9));
+    let s = TestServer::start(fs.clone()).await;
+    let url = s.url("/export");
+    let jobs: [(&str, &[&str]); 4] = [
+        (
+            "4k randread qd1",
+            &["--rw=randread", "--bs=4k", "--iodepth=1"],
+        ),
+        (
+            "4k randread qd16",
+            &["--rw=randread", "--bs=4k", "--iodepth=16"],
+        ),
+        ("1m seqread qd4", &["--rw=read", "--bs=1m", "--iodepth=4"]),
+        ("1m seqwrite qd4", &["--rw=write", "--bs=1m", "--iodepth=4"]),
+    ];
+    for (name, args) in jobs {
+        let nfs_url = format!("--nfs_url={url}");
+        let mut all = vec![
+            "--name=bench",
+            "--ioengine=nfs",
+            nfs_url.as_str(),
+            "--filename=/disk",
+            "--size=256m",
+            "--time_based",
+            "--runtime=8",
+            "--output-format=terse",
+            "--terse-version=3",
+        ];
+        all.extend_from_slice(args);
+        let out = run(&fio, &all).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // terse v3: field 8 read IOPS, 7 read bandwidth KiB/s; 49/48 for write.
+        let f: Vec<&str> = text.lines().last().unwrap_or("").split(';').collect();
+        let pick = |i: usize| f.get(i).copied().unwrap_or("?");
+        eprintln!(
+            "{name:>18}: read {} IOPS {} KiB/s | write {} IOPS {} KiB/s",
+            pick(7),
+            pick(6),
+            pick(48),
+            pick(47)
+        );
+        if !out.status.success() {
+            eprintln!("fio stderr: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    s.stop().await;
+}
