@@ -256,6 +256,12 @@ async fn escaping_names_are_refused() {
 
     // MOUNT of a path leaving the export is refused too.
     assert!(mount(&s, "/export/sub/..").await.is_err());
+    if !skip_without_libnfs() {
+        for url in [s.url("/export/.."), s.url("/export/sub/../..")] {
+            let out = run("nfs-ls", &[&url]).await;
+            assert!(!out.status.success(), "nfs-ls {url} must fail: {out:?}");
+        }
+    }
     s.stop().await;
 }
 
