@@ -152,3 +152,55 @@ async fn portmapper_over_tcp_and_udp() {
     assert_eq!(&buf[24..28], &u32::from(s.nfs_port).to_be_bytes());
     s.stop().await;
 }
+
+/// Many calls written at once on one connection are all answered (in any
+/// order: each reply carries its xid), and the counters see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_calls_are_all_answered() {
+    use std::sync::atomic::Ordering;
+
+    let fs = MemFs::new();
+    fs.add_file(crate::support::memfs::ROOT, "f", pattern(1 << 20, 1));
+    let s = TestServer::start(fs.clone()).await;
+    let conn = mount(&s, "/export").await.expect("mount");
+    let root = conn.root_nfs_fh3();
+    let mut c = conn.into_nfs3_client();
+    let fh = super::lookup(&mut c, &root, "f").await.expect("lookup");
+
+    let mut raw = TcpStream::connect(s.nfs_addr()).await.expect("connect");
+    let mut batch = Vec::new();
+    let n = 200u32;
+    for xid in 1000..1000 + n {
+        // READ(fh, offset, 4096) for even xids, GETATTR(fh) for odd ones.
+        let mut args = Vec::new();
+        args.extend_from_slice(&(fh.data.len() as u32).to_be_bytes());
+        args.extend_from_slice(&fh.data);
+        if xid % 2 == 0 {
+            args.extend_from_slice(&(u64::from(xid) * 4096).to_be_bytes());
+            args.extend_from_slice(&4096u32.to_be_bytes());
+            batch.extend(call_record(xid, 100_003, 3, 6, &args));
+        } else {
+            batch.extend(call_record(xid, 100_003, 3, 1, &args));
+        }
+    }
+    raw.write_all(&batch).await.expect("send");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let (xid, stat) = read_reply(&mut raw).await;
+        assert_eq!(stat, 0);
+        assert!(seen.insert(xid), "xid {xid} answered twice");
+    }
+    assert_eq!(seen.len(), n as usize);
+    assert_eq!(seen.first().copied(), Some(1000));
+    let m = &s.metrics;
+    let reads = m.proc_stats(6).expect("read").calls.load(Ordering::Relaxed);
+    let getattrs = m
+        .proc_stats(1)
+        .expect("getattr")
+        .calls
+        .load(Ordering::Relaxed);
+    assert_eq!(reads, u64::from(n / 2));
+    assert!(getattrs >= u64::from(n / 2));
+    assert!(m.connections_accepted.load(Ordering::Relaxed) >= 3);
+    s.stop().await;
+}

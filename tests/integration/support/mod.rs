@@ -5,7 +5,7 @@ pub mod memfs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use revive::nfs::{NfsListeners, NfsServer};
+use revive::nfs::{NfsListeners, NfsMetrics, NfsServer};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -17,6 +17,7 @@ pub struct TestServer {
     pub mount_port: u16,
     pub portmap_port: u16,
     pub write_verifier: [u8; 8],
+    pub metrics: Arc<NfsMetrics>,
     stop: Option<oneshot::Sender<()>>,
     join: JoinHandle<std::io::Result<()>>,
 }
@@ -50,6 +51,7 @@ impl TestServer {
         let ports = listeners.ports().expect("ports");
         let server = NfsServer::new(backend);
         let write_verifier = server.write_verifier();
+        let metrics = server.metrics();
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(server.serve(listeners, async move {
             let _ = rx.await;
@@ -59,6 +61,7 @@ impl TestServer {
             mount_port: ports.mount,
             portmap_port: ports.portmap_tcp.expect("portmap"),
             write_verifier,
+            metrics,
             stop: Some(tx),
             join,
         }
