@@ -93,10 +93,8 @@ impl NfsListeners {
         };
         let (portmap_tcp, portmap_udp) = match bind.portmap_port {
             Some(port) => {
-                let tcp = TcpListener::bind((bind.addr, port)).await?;
-                // With port 0 the UDP socket takes the port TCP got.
-                let port = tcp.local_addr()?.port();
-                (Some(tcp), Some(UdpSocket::bind((bind.addr, port)).await?))
+                let (tcp, udp) = bind_pair(bind.addr, port).await?;
+                (Some(tcp), Some(udp))
             }
             None => (None, None),
         };
@@ -133,6 +131,24 @@ impl NfsListeners {
                 .transpose()?
                 .map(|a| a.port()),
         })
+    }
+}
+
+/// A TCP listener and a UDP socket on the same port. With port 0 the UDP
+/// socket takes the port TCP got, retrying if that UDP port is taken.
+async fn bind_pair(addr: IpAddr, port: u16) -> std::io::Result<(TcpListener, UdpSocket)> {
+    let mut attempt = 0;
+    loop {
+        let tcp = TcpListener::bind((addr, port)).await?;
+        let got = tcp.local_addr()?.port();
+        match UdpSocket::bind((addr, got)).await {
+            Ok(udp) => return Ok((tcp, udp)),
+            Err(e) if port == 0 && attempt < 8 => {
+                tracing::debug!(cause = %e, port = got, "udp port taken, retrying");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -459,5 +475,65 @@ async fn udp_loop(
         if let Err(e) = sock.send_to(&reply.into_datagram(), from).await {
             tracing::debug!(cause = %e, peer = %from, "udp send failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_shares_nfs_and_mount_and_pairs_portmap_ports() {
+        let bind = NfsBind {
+            addr: IpAddr::from([127, 0, 0, 1]),
+            nfs_port: 0,
+            mount_port: 0,
+            portmap_port: Some(0),
+        };
+        let l = NfsListeners::bind(&bind).await.expect("bind");
+        assert!(l.mount.is_none(), "equal ports share one listener");
+        let p = l.ports().expect("ports");
+        assert_eq!(p.nfs, p.mount);
+        assert_ne!(p.nfs, 0);
+        assert_eq!(p.portmap_tcp, p.portmap_udp);
+        let none = NfsBind {
+            portmap_port: None,
+            ..bind
+        };
+        let l = NfsListeners::bind(&none).await.expect("bind");
+        assert_eq!(l.ports().expect("ports").portmap_tcp, None);
+    }
+
+    #[tokio::test]
+    async fn write_all_handles_partial_buffers() {
+        let (client, server) = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let c = TcpStream::connect(addr).await.expect("connect");
+            let (s, _) = l.accept().await.expect("accept");
+            (c, s)
+        };
+        let (_, mut wr) = server.into_split();
+        let big = Bytes::from(vec![7u8; 8 << 20]);
+        let mut bufs = vec![
+            Bytes::from_static(b"head"),
+            big.clone(),
+            Bytes::from_static(b"x"),
+        ];
+        let reader = tokio::spawn(async move {
+            let mut client = client;
+            let mut all = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut all)
+                .await
+                .expect("read");
+            all
+        });
+        write_all(&mut wr, &mut bufs).await.expect("write");
+        assert!(bufs.is_empty());
+        drop(wr);
+        let all = reader.await.expect("join");
+        assert_eq!(all.len(), 4 + (8 << 20) + 1);
+        assert_eq!(&all[..4], b"head");
+        assert_eq!(all[all.len() - 1], b'x');
     }
 }

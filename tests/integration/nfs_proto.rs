@@ -190,6 +190,35 @@ async fn client_not_on_allow_list_is_refused() {
     );
     assert_eq!(lookup(&mut c, &fh, "x").await, Err(nfsstat3::NFS3ERR_ACCES));
 
+    // Handles of an older export instance or an unknown export are stale;
+    // a handle of another size or format is bad.
+    let forged = |export, instance| nfs_fh3 {
+        data: Opaque::owned(
+            FileHandle {
+                export,
+                instance,
+                file: ROOT,
+            }
+            .encode()
+            .to_vec(),
+        ),
+    };
+    assert_eq!(
+        lookup(&mut c, &forged(1, 1), "x").await,
+        Err(nfsstat3::NFS3ERR_STALE)
+    );
+    assert_eq!(
+        lookup(&mut c, &forged(9, 0x5eed_0009), "x").await,
+        Err(nfsstat3::NFS3ERR_STALE)
+    );
+    let short = nfs_fh3 {
+        data: Opaque::owned(vec![1, 0, 0, 0]),
+    };
+    assert_eq!(
+        lookup(&mut c, &short, "x").await,
+        Err(nfsstat3::NFS3ERR_BADHANDLE)
+    );
+
     if !skip_without_libnfs() {
         let out = run("nfs-ls", &[&s.url("/locked")]).await;
         assert!(
