@@ -63,6 +63,9 @@ pub struct NfsMetrics {
     /// Calls answered with GARBAGE_ARGS, PROG_UNAVAIL, PROC_UNAVAIL or an
     /// RPC/auth rejection.
     pub rejected_calls: AtomicU64,
+    /// Retransmitted non-idempotent calls answered from the duplicate
+    /// request cache (or dropped while the original still ran).
+    pub drc_hits: AtomicU64,
     /// Connections closed because their byte stream was not valid RPC.
     pub framing_errors: AtomicU64,
     /// TCP connections accepted since start.

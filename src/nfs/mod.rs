@@ -23,6 +23,7 @@
 //!  ├─ portmap   program 100000 v2: NULL GETPORT DUMP (TCP + UDP)
 //!  ├─ mount     program 100005 v3: NULL MNT DUMP UMNT UMNTALL EXPORT
 //!  └─ proc/     program 100003 v3: the 22 procedures
+//!       ├─ drc      duplicate request cache (non-idempotent calls only)
 //!       ├─ handle   file handle format (persistent, versioned)
 //!       ├─ error    BackendError -> nfsstat3, the only such mapping
 //!       └─ backend  the NfsBackend trait the datastore implements
@@ -47,6 +48,7 @@
 //! start time in nanoseconds, new at every start.
 
 pub mod backend;
+pub mod drc;
 pub mod error;
 pub mod handle;
 pub mod metrics;

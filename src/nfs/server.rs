@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::backend::NfsBackend;
+use super::drc::{Drc, DrcKey, Seen};
 use super::metrics::NfsMetrics;
 use super::portmap::Ports;
 use super::rpc::{Call, RecordReader, Reply};
@@ -160,6 +161,7 @@ pub(crate) struct ServerState {
     /// unstable writes a crash may have lost.
     pub write_verifier: [u8; 8],
     pub ports: Ports,
+    drc: Drc,
     mounts: Mutex<BTreeSet<(IpAddr, String)>>,
 }
 
@@ -241,6 +243,7 @@ impl NfsServer {
             metrics: self.metrics,
             write_verifier: self.write_verifier,
             ports,
+            drc: Drc::default(),
             mounts: Mutex::new(BTreeSet::new()),
         });
         tracing::info!(?ports, "nfs server listening");
@@ -347,7 +350,7 @@ async fn connection(
                 tokio::spawn(async move {
                     if let Some(reply) = answer(&state, peer.ip(), record).await {
                         // A closed writer means the connection is gone.
-                        let _ = tx.send(reply.into_record()).await;
+                        let _ = tx.send(reply).await;
                     }
                     drop(permit);
                 });
@@ -370,17 +373,17 @@ async fn connection(
 }
 
 /// Parse and answer one record; `None` when nothing is to be sent back.
-async fn answer(state: &ServerState, peer: IpAddr, record: Bytes) -> Option<Reply> {
+async fn answer(state: &ServerState, peer: IpAddr, record: Bytes) -> Option<[Bytes; 3]> {
     let call = match Call::parse(record) {
         Ok(call) => call,
         Err(e) => {
             tracing::debug!(error = ?e, "bad call header");
             state.count_rejected();
-            return Reply::for_call_error(&e);
+            return Reply::for_call_error(&e).map(Reply::into_record);
         }
     };
-    Some(match call.prog {
-        NFS_PROGRAM if call.vers == NFS_VERSION => proc::dispatch(state, peer, call).await,
+    let reply = match call.prog {
+        NFS_PROGRAM if call.vers == NFS_VERSION => return nfs_call(state, peer, call).await,
         NFS_PROGRAM => Reply::prog_mismatch(call.xid, NFS_VERSION, NFS_VERSION),
         mount::PROGRAM => mount::dispatch(state, peer, call).await,
         portmap::PROGRAM => portmap::dispatch(state, call),
@@ -388,7 +391,32 @@ async fn answer(state: &ServerState, peer: IpAddr, record: Bytes) -> Option<Repl
             state.count_rejected();
             Reply::accept_error(call.xid, accept_stat::PROG_UNAVAIL)
         }
-    })
+    };
+    Some(reply.into_record())
+}
+
+/// An NFS call, through the duplicate request cache when it is not
+/// idempotent.
+async fn nfs_call(state: &ServerState, peer: IpAddr, call: Call) -> Option<[Bytes; 3]> {
+    let Some(key) = DrcKey::for_call(peer, call.xid, call.proc_num, call.args.as_bytes()) else {
+        return Some(proc::dispatch(state, peer, call).await.into_record());
+    };
+    match state.drc.start(&key) {
+        Seen::New => {}
+        Seen::InProgress => {
+            state.metrics.drc_hits.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Seen::Done(head) => {
+            tracing::debug!(xid = call.xid, "retransmission answered from cache");
+            state.metrics.drc_hits.fetch_add(1, Ordering::Relaxed);
+            return Some([head, Bytes::new(), Bytes::new()]);
+        }
+    }
+    let record = proc::dispatch(state, peer, call).await.into_record();
+    // These procedures have no bulk tail: the head is the whole record.
+    state.drc.finish(key, record[0].clone());
+    Some(record)
 }
 
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<[Bytes; 3]>) {

@@ -28,6 +28,11 @@ impl XdrReader {
         Self { buf }
     }
 
+    /// The bytes not yet consumed.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Bytes not yet consumed.
     pub fn remaining(&self) -> usize {
         self.buf.len()

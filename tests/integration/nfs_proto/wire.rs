@@ -24,8 +24,8 @@ fn call_record(xid: u32, prog: u32, vers: u32, proc_num: u32, args: &[u8]) -> Ve
     rec
 }
 
-/// Read one reply; returns (xid, accept_stat) of an accepted reply.
-async fn read_reply(stream: &mut TcpStream) -> (u32, u32) {
+/// Read one reply record (without its mark).
+async fn read_record(stream: &mut TcpStream) -> Vec<u8> {
     let mut mark = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut mark))
         .await
@@ -34,17 +34,24 @@ async fn read_reply(stream: &mut TcpStream) -> (u32, u32) {
     let len = (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize;
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await.expect("body");
-    let word = |i: usize| {
-        u32::from_be_bytes([
-            body[4 * i],
-            body[4 * i + 1],
-            body[4 * i + 2],
-            body[4 * i + 3],
-        ])
-    };
-    assert_eq!(word(1), 1, "REPLY");
-    assert_eq!(word(2), 0, "MSG_ACCEPTED");
-    (word(0), word(5))
+    body
+}
+
+fn word(body: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([
+        body[4 * i],
+        body[4 * i + 1],
+        body[4 * i + 2],
+        body[4 * i + 3],
+    ])
+}
+
+/// Read one reply; returns (xid, accept_stat) of an accepted reply.
+async fn read_reply(stream: &mut TcpStream) -> (u32, u32) {
+    let body = read_record(stream).await;
+    assert_eq!(word(&body, 1), 1, "REPLY");
+    assert_eq!(word(&body, 2), 0, "MSG_ACCEPTED");
+    (word(&body, 0), word(&body, 5))
 }
 
 /// Garbage on the wire is answered or closes only its own connection; the
@@ -202,5 +209,49 @@ async fn pipelined_calls_are_all_answered() {
     assert_eq!(reads, u64::from(n / 2));
     assert!(getattrs >= u64::from(n / 2));
     assert!(m.connections_accepted.load(Ordering::Relaxed) >= 3);
+    s.stop().await;
+}
+
+/// A retransmitted REMOVE (same xid, same arguments) gets the first reply
+/// again, not NOENT; a new xid runs the call again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmitted_remove_is_answered_from_cache() {
+    use std::sync::atomic::Ordering;
+
+    let fs = MemFs::new();
+    fs.add_file(crate::support::memfs::ROOT, "victim", b"x".to_vec());
+    let s = TestServer::start(fs.clone()).await;
+    let conn = mount(&s, "/export").await.expect("mount");
+    let root = conn.root_nfs_fh3();
+    drop(conn);
+
+    let mut args = Vec::new();
+    args.extend_from_slice(&(root.data.len() as u32).to_be_bytes());
+    args.extend_from_slice(&root.data);
+    args.extend_from_slice(&6u32.to_be_bytes());
+    args.extend_from_slice(b"victim\0\0");
+    let status = |body: &[u8]| word(body, 6);
+
+    let mut raw = TcpStream::connect(s.nfs_addr()).await.expect("connect");
+    raw.write_all(&call_record(500, 100_003, 3, 12, &args))
+        .await
+        .expect("send");
+    let first = read_record(&mut raw).await;
+    assert_eq!(status(&first), 0, "NFS3_OK");
+    assert_eq!(fs.file_data(&["victim"]), None);
+    // The client lost the reply, reconnects, retransmits.
+    drop(raw);
+    let mut raw = TcpStream::connect(s.nfs_addr()).await.expect("connect");
+    raw.write_all(&call_record(500, 100_003, 3, 12, &args))
+        .await
+        .expect("send");
+    let again = read_record(&mut raw).await;
+    assert_eq!(again, first, "same reply as the first time");
+    assert_eq!(s.metrics.drc_hits.load(Ordering::Relaxed), 1);
+    raw.write_all(&call_record(501, 100_003, 3, 12, &args))
+        .await
+        .expect("send");
+    let fresh = read_record(&mut raw).await;
+    assert_eq!(status(&fresh), 2, "NFS3ERR_NOENT for a new call");
     s.stop().await;
 }
