@@ -134,7 +134,9 @@ pub struct SetAttr {
 /// How CREATE treats an existing name (RFC 1813 `createmode3`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreateMode {
-    /// Create, or open and apply the attributes if the name exists.
+    /// Create, or open if the name exists. On an existing file apply only
+    /// `size` from the attributes (a truncate, as knfsd does): the rest,
+    /// the owner in particular, describes a new file.
     Unchecked,
     /// Fail with [`BackendError::Exists`] if the name exists.
     Guarded,
@@ -339,7 +341,8 @@ pub trait NfsBackend: Send + Sync + 'static {
         count: u32,
     ) -> BackendResult<()>;
 
-    /// Create a regular file.
+    /// Create a regular file. `attrs.uid`/`gid` carry the caller's AUTH_SYS
+    /// identity when the client did not ask for an owner.
     async fn create(
         &self,
         export: ExportId,

@@ -487,6 +487,10 @@ async fn namespace_operations() {
         .await
         .expect("rpc")
         .unwrap();
+    // Owned by the AUTH_SYS caller (root here) since no owner was asked.
+    assert!(
+        matches!(created.obj_attributes, nfs3::Nfs3Option::Some(ref a) if a.uid == 0 && a.gid == 0)
+    );
     let fh = match created.obj {
         nfs3::Nfs3Option::Some(fh) => fh,
         nfs3::Nfs3Option::None => panic!("no handle"),
@@ -565,6 +569,30 @@ async fn namespace_operations() {
     assert!(
         matches!(link, Nfs3Result::Err((nfsstat3::NFS3ERR_NOTSUPP, _))),
         "{link:?}"
+    );
+
+    // A non-root caller owns what it creates.
+    let stream = TcpStream::connect(s.nfs_addr()).await.expect("connect");
+    let user = opaque_auth::auth_unix(&auth_unix {
+        stamp: 2,
+        machinename: Opaque::borrowed(b"test"),
+        uid: 1234,
+        gid: 99,
+        gids: vec![99],
+    });
+    let mut u = Nfs3Client::new_with_auth(TokioIo::new(stream), user, opaque_auth::default());
+    let made = u
+        .mkdir(&nfs3::MKDIR3args {
+            where_: dirop(&root, "users-dir"),
+            attributes: nfs3::sattr3::default(),
+        })
+        .await
+        .expect("rpc")
+        .unwrap();
+    assert!(
+        matches!(made.obj_attributes, nfs3::Nfs3Option::Some(ref a) if a.uid == 1234 && a.gid == 99),
+        "{:?}",
+        made.obj_attributes
     );
     s.stop().await;
 }

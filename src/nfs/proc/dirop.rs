@@ -80,6 +80,8 @@ pub(super) async fn create(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
     let (mode, attrs) = match r.u32()? {
         0 => (CreateMode::Unchecked, read_sattr(r)?),
         1 => (CreateMode::Guarded, read_sattr(r)?),
+        // The owner is set even for EXCLUSIVE, whose attributes otherwise
+        // follow in a SETATTR.
         2 => (CreateMode::Exclusive(r.fixed::<8>()?), SetAttr::default()),
         _ => return Err(Garbage),
     };
@@ -90,7 +92,13 @@ pub(super) async fn create(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
     let res = ctx
         .state
         .backend
-        .create(dir.export.id, dir.file, name, mode, &attrs)
+        .create(
+            dir.export.id,
+            dir.file,
+            name,
+            mode,
+            &ctx.owned_by_caller(attrs),
+        )
         .await;
     created(ctx, &dir, res, reply)
 }
@@ -106,7 +114,7 @@ pub(super) async fn mkdir(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) -
     let res = ctx
         .state
         .backend
-        .mkdir(dir.export.id, dir.file, name, &attrs)
+        .mkdir(dir.export.id, dir.file, name, &ctx.owned_by_caller(attrs))
         .await;
     created(ctx, &dir, res, reply)
 }
@@ -126,7 +134,13 @@ pub(super) async fn symlink(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply)
     let res = ctx
         .state
         .backend
-        .symlink(dir.export.id, dir.file, name, target, &attrs)
+        .symlink(
+            dir.export.id,
+            dir.file,
+            name,
+            target,
+            &ctx.owned_by_caller(attrs),
+        )
         .await;
     created(ctx, &dir, res, reply)
 }

@@ -32,7 +32,7 @@ use nfs3_types::xdr_codec::Opaque;
 use super::backend::{Attr, Export, FileId, FileKind, SetAttr, SetTime};
 use super::error::nfsstat;
 use super::handle::FileHandle;
-use super::rpc::{Call, Reply};
+use super::rpc::{Call, Credentials, Reply};
 use super::server::ServerState;
 use super::xdr::{pack, Garbage, XdrReader};
 
@@ -53,6 +53,7 @@ const MAX_FH: usize = 64;
 pub(crate) struct Ctx<'a> {
     pub state: &'a ServerState,
     pub peer: IpAddr,
+    pub cred: Credentials,
 }
 
 /// A file handle that passed every check: known export, current instance,
@@ -69,7 +70,11 @@ pub(crate) type ProcResult = Result<nfsstat3, Garbage>;
 /// Answer one NFS call.
 pub(crate) async fn dispatch(state: &ServerState, peer: IpAddr, call: Call) -> Reply {
     let started = Instant::now();
-    let ctx = Ctx { state, peer };
+    let ctx = Ctx {
+        state,
+        peer,
+        cred: call.cred,
+    };
     let xid = call.xid;
     let proc_num = call.proc_num;
     let mut args = call.args;
@@ -148,6 +153,16 @@ impl Ctx<'_> {
             export,
             file: h.file,
         })
+    }
+
+    /// New objects belong to the caller (AUTH_SYS uid/gid) unless the
+    /// client asked for an owner, as a local file system would do.
+    pub(crate) fn owned_by_caller(&self, mut attrs: SetAttr) -> SetAttr {
+        if let Credentials::Sys { uid, gid } = self.cred {
+            attrs.uid.get_or_insert(uid);
+            attrs.gid.get_or_insert(gid);
+        }
+        attrs
     }
 
     /// Wire handle for `file` in `target`'s export.

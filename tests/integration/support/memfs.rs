@@ -367,7 +367,13 @@ impl NfsBackend for MemFs {
                     Ok(st.node(existing)?.attr.clone())
                 }
                 CreateMode::Exclusive(_) => Err(BackendError::Exists),
-                CreateMode::Unchecked => st.apply(existing, attrs),
+                CreateMode::Unchecked => st.apply(
+                    existing,
+                    &SetAttr {
+                        size: attrs.size,
+                        ..SetAttr::default()
+                    },
+                ),
             };
         }
         let id = st.insert(
