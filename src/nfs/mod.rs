@@ -20,10 +20,10 @@
 //! ```text
 //! server      listeners, per-connection reader / call tasks / writer
 //!  ├─ rpc       record marking, call header, credentials, reply header
-//!  ├─ portmap   program 100000 v2: NULL GETPORT DUMP (TCP + UDP)
-//!  ├─ mount     program 100005 v3: NULL MNT DUMP UMNT UMNTALL EXPORT
-//!  └─ proc/     program 100003 v3: the 22 procedures
-//!       ├─ drc      duplicate request cache (non-idempotent calls only)
+//!  ├─ portmap   program 100000 v2: NULL SET UNSET GETPORT DUMP (TCP + UDP)
+//!  ├─ mount     program 100005 v3: NULL MNT DUMP UMNT UMNTALL EXPORT (TCP + UDP)
+//!  ├─ drc       duplicate request cache (non-idempotent NFS calls only)
+//!  └─ proc/     program 100003 v3: the 22 procedures (attr, io, dirop, readdir)
 //!       ├─ handle   file handle format (persistent, versioned)
 //!       ├─ error    BackendError -> nfsstat3, the only such mapping
 //!       └─ backend  the NfsBackend trait the datastore implements
