@@ -1,11 +1,35 @@
 #!/bin/sh
-# Install the peers the integration tests drive (Debian 12). Idempotent.
-#   libnfs-utils: nfs-ls, nfs-cat, nfs-cp (real NFSv3 client for tests/integration/nfs_proto.rs)
+# Install the peers the integration tests drive (Debian 12 bookworm, root).
+# Idempotent: installs only what is missing.
+#   libnfs-utils      nfs-ls, nfs-cat, nfs-cp   (tests/integration/nfs_proto.rs)
+#   qemu-utils +      qemu-img with the nfs     (tests/integration/nfs_proto/qemu.rs;
+#   qemu-block-extra  block driver                only in bookworm-backports)
+#   util-linux, iproute2: unshare, ip           (private network namespace for port 111)
 set -eu
-if command -v nfs-ls >/dev/null 2>&1 && command -v nfs-cat >/dev/null 2>&1 && command -v nfs-cp >/dev/null 2>&1; then
-    echo "install-test-deps: libnfs-utils already installed"
+export DEBIAN_FRONTEND=noninteractive
+
+have() { command -v "$1" >/dev/null 2>&1; }
+qemu_nfs() { have qemu-img && qemu-img --help 2>/dev/null | grep -qw nfs; }
+
+BACKPORTS=/etc/apt/sources.list.d/revive-backports.sources
+if ! qemu_nfs && [ ! -e "$BACKPORTS" ]; then
+    cat >"$BACKPORTS" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip; then
+    echo "install-test-deps: everything already installed"
     exit 0
 fi
-export DEBIAN_FRONTEND=noninteractive
+
 apt-get update
-apt-get install -y --no-install-recommends libnfs-utils
+apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2
+if ! qemu_nfs; then
+    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra
+fi
+echo "install-test-deps: done"

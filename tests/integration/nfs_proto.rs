@@ -20,6 +20,7 @@ use crate::support::memfs::{MemFs, ROOT};
 use crate::support::{skip_without_libnfs, TestServer};
 
 mod bench;
+mod qemu;
 mod wire;
 
 type Conn = Nfs3Connection<TokioIo<TcpStream>>;

@@ -29,7 +29,7 @@ async fn local_tcp() -> TcpListener {
 }
 
 impl TestServer {
-    /// Start serving `backend`.
+    /// Start serving `backend` on random ports.
     pub async fn start(backend: Arc<memfs::MemFs>) -> Self {
         let nfs = local_tcp().await;
         let mount = local_tcp().await;
@@ -48,6 +48,11 @@ impl TestServer {
             portmap_tcp: Some(pm_tcp),
             portmap_udp: Some(pm_udp),
         };
+        Self::start_on(backend, listeners)
+    }
+
+    /// Start serving `backend` on the given listeners.
+    pub fn start_on(backend: Arc<memfs::MemFs>, listeners: NfsListeners) -> Self {
         let ports = listeners.ports().expect("ports");
         let server = NfsServer::new(backend);
         let write_verifier = server.write_verifier();
