@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use crate::support::memfs::{MemFs, ROOT};
 use crate::support::{skip_without_libnfs, TestServer};
 
-mod bench;
+mod fio;
 mod qemu;
 mod wire;
 

@@ -134,6 +134,16 @@ impl MemFs {
         id
     }
 
+    /// Overwrite bytes of a root-level file behind the clients' back (to
+    /// prove a verifier notices).
+    pub fn poke(&self, name: &str, offset: usize, data: &[u8]) {
+        let mut st = self.lock();
+        let id = *st.dir(ROOT).expect("root").get(name).expect("file");
+        if let Content::File(content) = &mut st.node_mut(id).expect("node").content {
+            content[offset..offset + data.len()].copy_from_slice(data);
+        }
+    }
+
     /// Content of a file by path from the root (test checks).
     pub fn file_data(&self, path: &[&str]) -> Option<Vec<u8>> {
         let st = self.lock();
