@@ -1,16 +1,36 @@
-#!/usr/bin/env bash
-# Installs what the tests need on a fresh Debian 12 machine (idempotent).
-# The Rust toolchain itself comes with the machine (rustup).
-set -euo pipefail
+#!/bin/sh
+# Install the peers the integration tests drive (Debian 12 bookworm, root).
+# Idempotent: installs only what is missing.
+#   libnfs-utils      nfs-ls, nfs-cat, nfs-cp   (tests/integration/nfs_proto.rs)
+#   qemu-utils +      qemu-img with the nfs     (tests/integration/nfs_proto/qemu.rs;
+#   qemu-block-extra  block driver                only in bookworm-backports)
+#   util-linux, iproute2: unshare, ip           (private network namespace for port 111)
+#   python3                                     (scripts/demo.sh makes its sample VM with it)
+set -eu
+export DEBIAN_FRONTEND=noninteractive
 
-need_apt=()
-for tool in sha256sum:coreutils python3:python3; do
-  bin=${tool%%:*}; pkg=${tool##*:}
-  command -v "$bin" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
+have() { command -v "$1" >/dev/null 2>&1; }
+qemu_nfs() { have qemu-img && qemu-img --help 2>/dev/null | grep -qw nfs; }
 
-if [ ${#need_apt[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+BACKPORTS=/etc/apt/sources.list.d/revive-backports.sources
+if ! qemu_nfs && [ ! -e "$BACKPORTS" ]; then
+    cat >"$BACKPORTS" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
 fi
+
+if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3; then
+    echo "install-test-deps: everything already installed"
+    exit 0
+fi
+
+apt-get update
+apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3
+if ! qemu_nfs; then
+    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra
+fi
+echo "install-test-deps: done"

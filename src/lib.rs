@@ -1,16 +1,19 @@
 //! revive: instant VM recovery straight out of a deduplicated backup repository.
 //!
 //! Layers, each depending only on those below it (see `ARCHITECTURE.md`):
+//! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
+//!   portmapper), a thin protocol layer over a backend trait.
 //! - [`cache`]: the write cache of a published file: sparse data file,
 //!   persistent bitmap, group commit, crash-safe ordering.
 //! - [`repo`]: backup chains of VM folders: restore points, chunk indexes,
-//!   backup, restore, verify, gc.
+//!   backup, restore, verify, gc, block cache.
 //! - [`store`]: where the repository's bytes live (local folder; S3 later).
 //! - [`progress`]: how long operations report progress.
 //! - [`config`]: the TOML configuration file.
 
 pub mod cache;
 pub mod config;
+pub mod nfs;
 pub mod progress;
 pub mod repo;
 pub mod store;

@@ -1,5 +1,7 @@
 //! Whole-system tests: the `revive` binary and library against real files,
-//! real clients and real peers. One test binary keeps link times down.
+//! real clients and real peers. One test binary (`autotests = false`) keeps
+//! link times down; each module is one area.
 
+mod nfs_proto;
 mod repo_cli;
 mod support;
