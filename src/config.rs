@@ -2,9 +2,14 @@
 //! (`config/revive.toml` is the documented example). Missing keys take the
 //! defaults, which work on a laptop.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
+use crate::nfs::NfsBind;
+use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
 
 /// Environment variable naming the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "REVIVE_CONFIG";
@@ -30,6 +35,108 @@ pub enum ConfigError {
 pub struct Config {
     /// Where the backup repository is.
     pub repository: RepositoryConfig,
+    /// State, write caches and memory of the NFS datastore.
+    pub datastore: DatastoreSection,
+    /// Listening addresses and ports.
+    pub nfs: NfsSection,
+    /// Exports (`[[export]]`); one `/revive` export for localhost when none is given.
+    #[serde(rename = "export")]
+    pub exports: Vec<ExportSection>,
+    /// Restore points published when `revive serve` starts (`[[publication]]`).
+    #[serde(rename = "publication")]
+    pub publications: Vec<PublicationSection>,
+}
+
+/// `[datastore]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatastoreSection {
+    /// Persisted identity (file ids, export instances) and namespaces.
+    pub state_dir: PathBuf,
+    /// Default write cache location: one folder per publication.
+    pub cache_root: PathBuf,
+    /// Memory for verified backup chunks, e.g. "256MiB".
+    #[serde(deserialize_with = "size")]
+    pub block_cache: u64,
+    /// Chunks fetched ahead of a sequential reader.
+    pub readahead_chunks: u64,
+}
+
+impl Default for DatastoreSection {
+    fn default() -> Self {
+        DatastoreSection {
+            state_dir: PathBuf::from("/var/lib/revive/state"),
+            cache_root: PathBuf::from("/var/lib/revive/cache"),
+            block_cache: DEFAULT_BLOCK_CACHE_BYTES as u64,
+            readahead_chunks: DEFAULT_READAHEAD_CHUNKS,
+        }
+    }
+}
+
+/// `[nfs]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NfsSection {
+    /// Address to listen on.
+    pub bind: IpAddr,
+    /// NFS port (2049 is what ESXi and QEMU expect).
+    pub nfs_port: u16,
+    /// MOUNT port; the same as `nfs_port` shares one listener.
+    pub mount_port: u16,
+    /// Portmapper port (111 is where clients look); 0 picks a free port.
+    pub portmap_port: u16,
+    /// Run without a portmapper (clients must be told both ports).
+    pub portmap: bool,
+}
+
+impl Default for NfsSection {
+    fn default() -> Self {
+        let bind = NfsBind::default();
+        NfsSection {
+            bind: bind.addr,
+            nfs_port: bind.nfs_port,
+            mount_port: bind.mount_port,
+            portmap_port: bind.portmap_port.unwrap_or(111),
+            portmap: true,
+        }
+    }
+}
+
+/// `[[export]]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// Path clients mount.
+    pub path: String,
+    /// Client addresses allowed to mount (the ESXi hosts).
+    pub allowed_clients: Vec<IpAddr>,
+}
+
+/// `[[publication]]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicationSection {
+    /// Folder name in the export.
+    pub name: String,
+    /// Restore point: id, unique prefix or VM@latest.
+    pub point: String,
+    /// Export path (default: the first export).
+    pub export: Option<String>,
+    /// Write cache folder (default: `<cache_root>/<name>`).
+    pub cache: Option<PathBuf>,
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(s) => parse_size::parse_size(&s).map_err(serde::de::Error::custom),
+    }
 }
 
 /// `[repository]`
@@ -53,6 +160,44 @@ impl Config {
         })
     }
 
+    /// The exports, with the default `/revive` for localhost when none is configured.
+    pub fn export_configs(&self) -> Vec<ExportConfig> {
+        if self.exports.is_empty() {
+            return vec![ExportConfig {
+                path: "/revive".into(),
+                allowed_clients: vec![IpAddr::from([127, 0, 0, 1])],
+            }];
+        }
+        self.exports
+            .iter()
+            .map(|e| ExportConfig {
+                path: e.path.clone(),
+                allowed_clients: e.allowed_clients.clone(),
+            })
+            .collect()
+    }
+
+    /// What the datastore needs.
+    pub fn datastore_config(&self) -> DatastoreConfig {
+        DatastoreConfig {
+            state_dir: self.datastore.state_dir.clone(),
+            cache_root: self.datastore.cache_root.clone(),
+            block_cache_bytes: self.datastore.block_cache as usize,
+            readahead_chunks: self.datastore.readahead_chunks,
+            exports: self.export_configs(),
+        }
+    }
+
+    /// Where the NFS server listens.
+    pub fn nfs_bind(&self) -> NfsBind {
+        NfsBind {
+            addr: self.nfs.bind,
+            nfs_port: self.nfs.nfs_port,
+            mount_port: self.nfs.mount_port,
+            portmap_port: self.nfs.portmap.then_some(self.nfs.portmap_port),
+        }
+    }
+
     /// Parses configuration text.
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.message().to_string())
@@ -71,6 +216,21 @@ mod tests {
             config.repository.path.as_deref(),
             Some(Path::new("/var/lib/revive/repo"))
         );
+        assert_eq!(
+            config,
+            Config::parse(&std::fs::read_to_string(&path).unwrap()).unwrap()
+        );
+        assert_eq!(config.datastore.block_cache, 256 << 20);
+        assert_eq!(config.nfs.nfs_port, 2049);
+        assert_eq!(config.nfs.portmap_port, 111);
+        assert_eq!(config.export_configs()[0].path, "/revive");
+    }
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.datastore_config().exports.len(), 1);
+        assert_eq!(config.nfs_bind(), NfsBind::default());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Layers, each depending only on those below it (see `ARCHITECTURE.md`):
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
 //!   portmapper), a thin protocol layer over a backend trait.
+//! - [`datastore`]: the namespace clients see: exports, one folder per
+//!   published restore point, stable file ids, cache over backup.
 //! - [`cache`]: the write cache of a published file: sparse data file,
 //!   persistent bitmap, group commit, crash-safe ordering.
 //! - [`repo`]: backup chains of VM folders: restore points, chunk indexes,
@@ -13,6 +15,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod datastore;
 pub mod nfs;
 pub mod progress;
 pub mod repo;

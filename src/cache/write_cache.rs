@@ -25,7 +25,7 @@ use super::open::{self, read_full_at};
 use super::segment::{assemble, BaseRead, Segment};
 
 /// How durable a write must be before `write` returns (NFSv3 `stable_how`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stability {
     /// Readable at once, durable only after `commit`.
     Unstable,

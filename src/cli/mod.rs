@@ -2,6 +2,7 @@
 
 mod progress;
 mod repo_cmds;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -117,6 +118,15 @@ pub enum Command {
         /// Restore point: full id, unique prefix, or VM@latest.
         point: String,
     },
+    /// Serve the NFSv3 datastore: published restore points as VM folders.
+    Serve {
+        /// Configuration file (default: $REVIVE_CONFIG, else built-in defaults).
+        #[arg(long, env = revive::config::CONFIG_ENV, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Repository folder (default: [repository] path of the config).
+        #[arg(long, env = "REVIVE_REPO", value_name = "DIR")]
+        repo: Option<PathBuf>,
+    },
     /// Remove chunks that no restore point uses.
     Gc {
         #[command(flatten)]
@@ -130,7 +140,10 @@ pub enum Command {
 impl Command {
     /// Log level when RUST_LOG is unset: quiet for one-shot commands.
     pub fn default_log_level(&self) -> &'static str {
-        "warn"
+        match self {
+            Command::Serve { .. } => "info",
+            _ => "warn",
+        }
     }
 }
 
@@ -177,6 +190,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             repo_cmds::verify(&repo.resolve()?, point.as_deref(), json).await
         }
         Command::Forget { repo, point } => repo_cmds::forget(&repo.resolve()?, &point).await,
+        Command::Serve { config, repo } => serve::serve(config, repo).await,
         Command::Gc { repo, json } => repo_cmds::gc(&repo.resolve()?, json).await,
     }
 }

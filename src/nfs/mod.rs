@@ -47,6 +47,7 @@
 //! ESXi stay valid across restarts. The WRITE/COMMIT verifier is the server
 //! start time in nanoseconds, new at every start.
 
+pub mod adapter;
 pub mod backend;
 pub mod drc;
 pub mod error;

@@ -29,7 +29,7 @@ use super::backend::NfsBackend;
 use super::drc::{Drc, DrcKey, Seen};
 use super::metrics::NfsMetrics;
 use super::portmap::Ports;
-use super::rpc::{Call, RecordReader, Reply};
+use super::rpc::{Call, FrameError, RecordReader, Reply};
 use super::{mount, portmap, proc, NFS_PROGRAM, NFS_VERSION};
 
 /// Calls of one connection processed at once. Bounds memory (a 1 MiB WRITE
@@ -356,6 +356,12 @@ async fn connection(
                 });
             }
             Ok(None) => break,
+            // A client that resets its connection (libnfs does at exit) is
+            // not a protocol problem.
+            Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                tracing::debug!("connection reset by client");
+                break;
+            }
             Err(e) => {
                 tracing::info!(cause = %e, "closing connection: bad record");
                 state.metrics.framing_errors.fetch_add(1, Ordering::Relaxed);

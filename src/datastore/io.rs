@@ -1,0 +1,279 @@
+//! Data paths of the datastore: READ (cache first, else the backup through the
+//! block cache, with readahead), WRITE (into the write cache, copy-on-write of
+//! partial blocks from the backup) and COMMIT.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tracing::error;
+
+use super::namespace::{Content, Node};
+use super::{Datastore, DatastoreError, DsResult, ExportId, ExportState, FileId, FileState};
+use super::{ReadReply, Stability, WriteReply};
+use crate::cache::{
+    BaseRead, CacheError, NoBase, Origin, SessionCache, WriteCache, DEFAULT_BLOCK_SIZE,
+};
+use crate::repo::{FileReader, RepoError};
+
+/// The backup under a presented file, as the write cache reads it.
+struct Base<'a>(&'a FileReader);
+
+impl BaseRead for Base<'_> {
+    async fn read_base(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        self.0.read_at(offset, len).await.map_err(|e| repo_io(&e))
+    }
+}
+
+/// A repository failure as an I/O error, logged with what failed (the chunk id
+/// of a corrupt chunk): the client gets EIO, never wrong bytes.
+fn repo_io(e: &RepoError) -> std::io::Error {
+    error!(cause = %e, "read from backup failed");
+    std::io::Error::other(e.to_string())
+}
+
+pub(super) fn cache_err(e: CacheError) -> DatastoreError {
+    error!(cause = %e, "write cache failed");
+    match e {
+        CacheError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            DatastoreError::NoSpace
+        }
+        CacheError::TooLarge { .. } => DatastoreError::TooBig,
+        other => DatastoreError::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// Name of a file's cache inside its session folder: the file id, so renames
+/// never move cache files.
+pub(super) fn cache_key(id: FileId) -> String {
+    format!("f{id:016x}")
+}
+
+impl FileState {
+    /// Logical size: the cache's once the file has one, else the backup's.
+    pub(super) fn size(&self, node: &Node) -> u64 {
+        match (self.cache.get(), &node.content) {
+            (Some(c), _) => c.len(),
+            (None, Content::Presented { base_size, .. }) => *base_size,
+            _ => 0,
+        }
+    }
+
+    /// Bytes this file really occupies.
+    pub(super) fn used(&self, node: &Node) -> u64 {
+        let cached = self.cache.get().map_or(0, |c| c.bytes_used());
+        let base = match &node.content {
+            Content::Presented { base_size, .. } => *base_size,
+            _ => 0,
+        };
+        (base + cached).min(self.size(node).max(cached))
+    }
+}
+
+impl Datastore {
+    /// The write cache folder of a publication (`None`: outside publications).
+    pub(super) async fn session(
+        &self,
+        export: &ExportState,
+        publication: &Option<String>,
+    ) -> DsResult<Arc<SessionCache>> {
+        if let Some(s) = export.sessions.get(publication) {
+            return Ok(s.clone());
+        }
+        let dir = match publication {
+            Some(name) => {
+                let ns = export.ns.read().await;
+                ns.publication(name)
+                    .map(|p| p.cache_dir.clone())
+                    .ok_or(DatastoreError::Stale)?
+            }
+            None => export.default_cache_dir.clone(),
+        };
+        let session = Arc::new(SessionCache::open(dir).await.map_err(cache_err)?);
+        Ok(export
+            .sessions
+            .entry(publication.clone())
+            .or_insert(session)
+            .clone())
+    }
+
+    /// Runtime state of a file node: backup reader and (existing) write cache.
+    pub(super) async fn file_state(
+        &self,
+        export: &ExportState,
+        node: &Node,
+    ) -> DsResult<Arc<FileState>> {
+        if let Some(st) = export.files.get(&node.id) {
+            return Ok(st.clone());
+        }
+        let base = match &node.content {
+            Content::Presented { file, .. } => {
+                let point_id = {
+                    let ns = export.ns.read().await;
+                    node.publication
+                        .as_ref()
+                        .and_then(|p| ns.publication(p))
+                        .map(|p| p.point.clone())
+                        .ok_or(DatastoreError::Stale)?
+                };
+                let point = self
+                    .repo
+                    .point(&point_id)
+                    .await
+                    .map_err(|e| DatastoreError::Io(repo_io(&e)))?;
+                let reader = FileReader::new(&self.repo, &point, file)
+                    .map_err(|e| DatastoreError::Io(repo_io(&e)))?
+                    .with_cache(self.block_cache.clone());
+                Some(reader)
+            }
+            _ => None,
+        };
+        let session = self.session(export, &node.publication).await?;
+        let cache = tokio::sync::OnceCell::new();
+        if let Some(c) = session.get(&cache_key(node.id)).await {
+            let _ = cache.set(c);
+        }
+        let st = Arc::new(FileState {
+            base,
+            cache,
+            next_offset: Default::default(),
+        });
+        Ok(export.files.entry(node.id).or_insert(st).clone())
+    }
+
+    /// The file's write cache, created on first need.
+    pub(super) async fn ensure_cache(
+        &self,
+        export: &ExportState,
+        node: &Node,
+        st: &FileState,
+    ) -> DsResult<Arc<WriteCache>> {
+        let cache = st
+            .cache
+            .get_or_try_init(|| async {
+                let (size, origin) = match &node.content {
+                    Content::Presented { base_size, .. } => (*base_size, Origin::Backup),
+                    _ => (0, Origin::New),
+                };
+                let session = self.session(export, &node.publication).await?;
+                session
+                    .get_or_create(&cache_key(node.id), size, DEFAULT_BLOCK_SIZE, origin)
+                    .await
+                    .map_err(cache_err)
+            })
+            .await?;
+        Ok(cache.clone())
+    }
+
+    /// A file node and its runtime state, refusing folders.
+    pub(super) async fn regular(
+        &self,
+        export: ExportId,
+        id: FileId,
+    ) -> DsResult<(Arc<ExportState>, Node, Arc<FileState>)> {
+        let state = self.state(export)?.clone();
+        let node = state.ns.read().await.get(id)?.clone();
+        if node.is_dir() {
+            return Err(DatastoreError::IsDir);
+        }
+        let st = self.file_state(&state, &node).await?;
+        Ok((state, node, st))
+    }
+
+    /// READ: at most `count` bytes at `offset`.
+    pub async fn read(
+        &self,
+        export: ExportId,
+        id: FileId,
+        offset: u64,
+        count: u32,
+    ) -> DsResult<ReadReply> {
+        let (_, node, st) = self.regular(export, id).await?;
+        let size = st.size(&node);
+        if offset >= size {
+            return Ok(ReadReply {
+                data: Bytes::new(),
+                eof: true,
+                attr: None,
+            });
+        }
+        let len = (count as u64).min(size - offset);
+        if let Some(base) = &st.base {
+            self.readahead(&st, base, offset, len).await;
+        }
+        let data = match (st.cache.get(), &st.base) {
+            (Some(cache), Some(base)) => cache
+                .read_overlay(offset, len, &Base(base))
+                .await
+                .map_err(cache_err)?,
+            (Some(cache), None) => cache
+                .read_overlay(offset, len, &NoBase)
+                .await
+                .map_err(cache_err)?,
+            (None, Some(base)) => base
+                .read_at(offset, len as usize)
+                .await
+                .map_err(|e| DatastoreError::Io(repo_io(&e)))?,
+            (None, None) => Bytes::from(vec![0u8; len as usize]),
+        };
+        Ok(ReadReply {
+            eof: offset + data.len() as u64 >= size,
+            data,
+            attr: None,
+        })
+    }
+
+    /// Prefetches the chunks after a read that continues the previous one.
+    async fn readahead(&self, st: &FileState, base: &FileReader, offset: u64, len: u64) {
+        let end = offset + len;
+        let previous = st.next_offset.swap(end, Ordering::Relaxed);
+        if previous != offset || self.config.readahead_chunks == 0 {
+            return;
+        }
+        let cs = base.chunk_size();
+        let first = end / cs + 1;
+        let last = (first + self.config.readahead_chunks).min(base.chunk_count());
+        for index in first..last {
+            base.prefetch(index).await;
+        }
+    }
+
+    /// WRITE: into the write cache, durable as asked.
+    pub async fn write(
+        &self,
+        export: ExportId,
+        id: FileId,
+        offset: u64,
+        data: Bytes,
+        stability: Stability,
+    ) -> DsResult<WriteReply> {
+        let (state, node, st) = self.regular(export, id).await?;
+        let count = data.len() as u32;
+        let cache = self.ensure_cache(&state, &node, &st).await?;
+        match &st.base {
+            Some(base) => cache.write(offset, data, stability, &Base(base)).await,
+            None => cache.write(offset, data, stability, &NoBase).await,
+        }
+        .map_err(cache_err)?;
+        if let Ok(n) = state.ns.write().await.get_mut(id) {
+            let now = SystemTime::now();
+            n.mtime = now;
+            n.ctime = now;
+        }
+        Ok(WriteReply {
+            count,
+            committed: stability,
+            attr: None,
+        })
+    }
+
+    /// COMMIT: every earlier unstable write of the file becomes durable.
+    pub async fn commit(&self, export: ExportId, id: FileId) -> DsResult<()> {
+        let (_, _, st) = self.regular(export, id).await?;
+        if let Some(cache) = st.cache.get() {
+            cache.commit().await.map_err(cache_err)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,340 @@
+//! `datastore`: the namespace a client sees. Exports, one folder per
+//! publication (a restore point presented as a VM folder), stable file ids,
+//! and the overlay of each file's write cache on its backup.
+//!
+//! # Rules
+//! - The repository is never written: every client write lands in the write
+//!   cache of the publication that owns the file (`cache`).
+//! - File ids and export instances are persisted (`namespace.json`,
+//!   `exports.json`) before a change is acknowledged, so handles held by ESXi
+//!   stay valid across restarts.
+//! - Reads of a presented file come from the cache bitmap first, else from the
+//!   backup through the shared block cache, with readahead for sequential
+//!   readers (Storage vMotion reads every disk start to end).
+//!
+//! # State folder
+//! ```text
+//! <state>/exports.json                 export path → id, instance
+//! <state>/exports/<id>/namespace.json  the tree, publications, next file id
+//! <state>/exports/<id>/cache/          write caches of files outside publications
+//! <cache_root>/<publication>/          write caches of a publication (default location)
+//! ```
+
+mod io;
+pub mod namespace;
+mod ops;
+pub mod types;
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OnceCell, RwLock};
+use tracing::{info, warn};
+
+use crate::cache::{SessionCache, WriteCache};
+use crate::repo::{BlockCache, FileReader, Repository};
+use namespace::{Content, Namespace, Node, Publication, ROOT_ID};
+pub use types::*;
+
+/// Chunks fetched ahead of a sequential reader: 8 × 1 MiB keeps a Storage
+/// vMotion-style reader from ever waiting on a chunk decode.
+pub const DEFAULT_READAHEAD_CHUNKS: u64 = 8;
+
+/// One export as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// Path clients mount, e.g. `/revive`.
+    pub path: String,
+    /// Client addresses allowed (the ESXi hosts).
+    pub allowed_clients: Vec<IpAddr>,
+}
+
+/// How a datastore is set up.
+#[derive(Debug, Clone)]
+pub struct DatastoreConfig {
+    /// Folder of persisted identity and namespaces.
+    pub state_dir: PathBuf,
+    /// Default write cache location: one folder per publication below it.
+    pub cache_root: PathBuf,
+    /// Bytes of verified chunks kept in memory.
+    pub block_cache_bytes: usize,
+    /// Chunks fetched ahead of a sequential reader.
+    pub readahead_chunks: u64,
+    /// The exports.
+    pub exports: Vec<ExportConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ExportRecord {
+    path: String,
+    id: ExportId,
+    instance: u64,
+}
+
+/// Runtime state of one file: its backup reader and its write cache.
+pub(crate) struct FileState {
+    /// The backup behind a presented file.
+    base: Option<FileReader>,
+    /// The write cache, once the file has one.
+    cache: OnceCell<Arc<WriteCache>>,
+    /// Where the next sequential read would start (readahead detection).
+    next_offset: AtomicU64,
+}
+
+/// One export at run time.
+pub(crate) struct ExportState {
+    info: Arc<Export>,
+    ns: RwLock<Namespace>,
+    files: DashMap<FileId, Arc<FileState>>,
+    /// Write caches by publication (`None`: files outside any publication).
+    sessions: DashMap<Option<String>, Arc<SessionCache>>,
+    default_cache_dir: PathBuf,
+}
+
+/// The datastore: every export, over one repository.
+pub struct Datastore {
+    repo: Repository,
+    block_cache: Arc<BlockCache>,
+    config: DatastoreConfig,
+    exports: HashMap<ExportId, Arc<ExportState>>,
+    by_path: HashMap<String, ExportId>,
+}
+
+fn state_io(action: &str, path: &Path, e: std::io::Error) -> DatastoreError {
+    tracing::error!(path = %path.display(), cause = %e, "{action} failed");
+    DatastoreError::Io(e)
+}
+
+impl Datastore {
+    /// Opens (or creates) the datastore state and loads every export.
+    pub async fn open(repo: Repository, config: DatastoreConfig) -> DsResult<Datastore> {
+        fs::create_dir_all(&config.state_dir)
+            .map_err(|e| state_io("create state folder", &config.state_dir, e))?;
+        let records = load_export_records(&config)?;
+        let block_cache = BlockCache::new(config.block_cache_bytes);
+        let mut exports = HashMap::new();
+        let mut by_path = HashMap::new();
+        for ec in &config.exports {
+            let record = records
+                .iter()
+                .find(|r| r.path == ec.path)
+                .ok_or(DatastoreError::Invalid)?;
+            let dir = config.state_dir.join("exports").join(record.id.to_string());
+            let ns = Namespace::open(dir.join("namespace.json"))?;
+            let state = Arc::new(ExportState {
+                info: Arc::new(Export {
+                    id: record.id,
+                    instance: record.instance,
+                    path: ec.path.clone(),
+                    root: ROOT_ID,
+                    allowed_clients: ec.allowed_clients.clone(),
+                }),
+                ns: RwLock::new(ns),
+                files: DashMap::new(),
+                sessions: DashMap::new(),
+                default_cache_dir: dir.join("cache"),
+            });
+            info!(export = %ec.path, id = record.id, "export loaded");
+            by_path.insert(ec.path.clone(), record.id);
+            exports.insert(record.id, state);
+        }
+        Ok(Datastore {
+            repo,
+            block_cache,
+            config,
+            exports,
+            by_path,
+        })
+    }
+
+    /// The repository behind every publication.
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// The shared block cache (for metrics).
+    pub fn block_cache(&self) -> &Arc<BlockCache> {
+        &self.block_cache
+    }
+
+    /// Every export.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        let mut v: Vec<_> = self.exports.values().map(|e| e.info.clone()).collect();
+        v.sort_by_key(|e| e.id);
+        v
+    }
+
+    /// One export by id.
+    pub fn export(&self, id: ExportId) -> Option<Arc<Export>> {
+        self.exports.get(&id).map(|e| e.info.clone())
+    }
+
+    /// The export mounted at `path`.
+    pub fn export_by_path(&self, path: &str) -> Option<Arc<Export>> {
+        self.by_path.get(path).and_then(|id| self.export(*id))
+    }
+
+    pub(crate) fn state(&self, export: ExportId) -> DsResult<&Arc<ExportState>> {
+        self.exports.get(&export).ok_or(DatastoreError::Stale)
+    }
+
+    /// Presents restore point `point` (any spec `repo.resolve` takes) as folder
+    /// `name` of export `export_path`; writes go to `cache_dir` (default:
+    /// `<cache_root>/<name>`). Returns the folder's file id.
+    pub async fn publish(
+        &self,
+        export_path: &str,
+        name: &str,
+        point: &str,
+        cache_dir: Option<PathBuf>,
+    ) -> DsResult<FileId> {
+        namespace::check_name(name)?;
+        let id = *self
+            .by_path
+            .get(export_path)
+            .ok_or(DatastoreError::NotFound)?;
+        let export = self.state(id)?;
+        let point = self.repo.resolve(point).await.map_err(|e| {
+            warn!(cause = %e, "publish: restore point not found");
+            DatastoreError::NotFound
+        })?;
+        let cache_dir = cache_dir.unwrap_or_else(|| self.config.cache_root.join(name));
+        let mut ns = export.ns.write().await;
+        if ns.publication(name).is_some() || ns.lookup(ROOT_ID, name).is_ok() {
+            return Err(DatastoreError::Exists);
+        }
+        let now = SystemTime::now();
+        let template = Node {
+            id: 0,
+            parent: 0,
+            name: String::new(),
+            content: Content::Dir,
+            publication: Some(name.to_string()),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            verifier: None,
+        };
+        let folder = ns.add(ROOT_ID, name, Content::Dir, &template)?;
+        for file in &point.files {
+            let content = Content::Presented {
+                file: file.name.clone(),
+                base_size: file.size,
+            };
+            let mode = if file.kind.is_disk() { 0o600 } else { 0o644 };
+            ns.add(
+                folder,
+                &file.name,
+                content,
+                &Node {
+                    mode,
+                    ..template.clone()
+                },
+            )?;
+        }
+        ns.add_publication(Publication {
+            name: name.to_string(),
+            point: point.id.clone(),
+            cache_dir,
+            folder,
+        });
+        ns.save()?;
+        info!(export = %export_path, publication = %name, point = %point.id, "published");
+        Ok(folder)
+    }
+
+    /// Removes a publication: its folder, everything clients wrote in it and its write caches.
+    pub async fn unpublish(&self, export_path: &str, name: &str) -> DsResult<()> {
+        let id = *self
+            .by_path
+            .get(export_path)
+            .ok_or(DatastoreError::NotFound)?;
+        let export = self.state(id)?;
+        let mut ns = export.ns.write().await;
+        let publication = ns
+            .publication(name)
+            .cloned()
+            .ok_or(DatastoreError::NotFound)?;
+        let removed = ns.remove_tree(publication.folder)?;
+        ns.remove_publication(name);
+        ns.save()?;
+        drop(ns);
+        for node in removed {
+            export.files.remove(&node.id);
+        }
+        let session = export.sessions.remove(&Some(name.to_string()));
+        drop(session);
+        match fs::remove_dir_all(&publication.cache_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(state_io("delete write cache", &publication.cache_dir, e)),
+        }
+        info!(export = %export_path, publication = %name, "unpublished");
+        Ok(())
+    }
+
+    /// Names and restore points of the publications of an export.
+    pub async fn publications(&self, export_path: &str) -> DsResult<Vec<(String, String)>> {
+        let id = *self
+            .by_path
+            .get(export_path)
+            .ok_or(DatastoreError::NotFound)?;
+        let ns = self.state(id)?.ns.read().await;
+        Ok(ns
+            .publications()
+            .map(|p| (p.name.clone(), p.point.clone()))
+            .collect())
+    }
+}
+
+fn load_export_records(config: &DatastoreConfig) -> DsResult<Vec<ExportRecord>> {
+    let path = config.state_dir.join("exports.json");
+    let mut records: Vec<ExportRecord> = match fs::read(&path) {
+        Ok(raw) => serde_json::from_slice(&raw).map_err(|e| {
+            state_io(
+                "parse export records",
+                &path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(state_io("read export records", &path, e)),
+    };
+    let mut changed = false;
+    for ec in &config.exports {
+        if !records.iter().any(|r| r.path == ec.path) {
+            let id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+            records.push(ExportRecord {
+                path: ec.path.clone(),
+                id,
+                instance: rand::random(),
+            });
+            changed = true;
+        }
+    }
+    if changed {
+        let json = serde_json::to_vec_pretty(&records)
+            .map_err(|e| state_io("encode export records", &path, std::io::Error::other(e)))?;
+        let temp = path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = fs::File::create(&temp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            fs::rename(&temp, &path)?;
+            fs::File::open(&config.state_dir)?.sync_all()
+        };
+        write().map_err(|e| state_io("save export records", &path, e))?;
+    }
+    Ok(records)
+}
