@@ -40,7 +40,8 @@ use tracing::{info, warn};
 
 use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
-use namespace::{Content, Namespace, Node, Publication, ROOT_ID};
+pub use namespace::ROOT_ID;
+use namespace::{Content, Namespace, Node, Publication};
 pub use types::*;
 
 /// Chunks fetched ahead of a sequential reader: 8 × 1 MiB keeps a Storage
@@ -338,3 +339,6 @@ fn load_export_records(config: &DatastoreConfig) -> DsResult<Vec<ExportRecord>> 
     }
     Ok(records)
 }
+
+#[cfg(test)]
+mod tests;

@@ -171,6 +171,10 @@ impl Datastore {
                 _ => Err(DatastoreError::Exists),
             };
         }
+        // The session is looked up before the namespace is locked for
+        // writing: finding it may need a read of the namespace.
+        let publication = state.ns.read().await.get(dir)?.publication.clone();
+        let session = self.session(&state, &publication).await?;
         let node = {
             let mut ns = state.ns.write().await;
             let mut template = new_node(attrs, 0o644);
@@ -181,7 +185,6 @@ impl Datastore {
             let node = ns.get(id)?.clone();
             // The cache file exists before the name is durable: a crash in
             // between leaves an orphan cache, never a name without data.
-            let session = self.session(&state, &node.publication).await?;
             session
                 .get_or_create(
                     &cache_key(id),
