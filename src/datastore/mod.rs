@@ -243,6 +243,11 @@ impl Datastore {
                 },
             )?;
         }
+        // Pinned before it is visible: gc must never remove what a client can read.
+        self.repo
+            .pin(&point.id, &pin_holder(&export.info, name))
+            .await
+            .map_err(|e| DatastoreError::Io(std::io::Error::other(e.to_string())))?;
         ns.add_publication(Publication {
             name: name.to_string(),
             point: point.id.clone(),
@@ -275,6 +280,13 @@ impl Datastore {
         }
         let session = export.sessions.remove(&Some(name.to_string()));
         drop(session);
+        if let Err(e) = self
+            .repo
+            .unpin(&publication.point, &pin_holder(&export.info, name))
+            .await
+        {
+            warn!(cause = %e, publication = %name, "could not unpin restore point");
+        }
         match fs::remove_dir_all(&publication.cache_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -296,6 +308,11 @@ impl Datastore {
             .map(|p| (p.name.clone(), p.point.clone()))
             .collect())
     }
+}
+
+/// The pin holder of a publication: unique per export instance and name.
+fn pin_holder(export: &Export, publication: &str) -> String {
+    format!("{:016x}-{publication}", export.instance)
 }
 
 fn load_export_records(config: &DatastoreConfig) -> DsResult<Vec<ExportRecord>> {

@@ -221,6 +221,10 @@ async fn unpublish_removes_folder_and_cache_and_fsstat_is_real() {
         ds.publish(EXPORT, "s2", "web01@latest", None).await,
         Err(DatastoreError::Exists)
     ));
+    // Published points are pinned: they cannot be forgotten while in use.
+    let point = ds.publications(EXPORT).await.unwrap()[0].1.clone();
+    let err = ds.repo().forget(&point).await.unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
     let stat = ds.fsstat(export).await.unwrap();
     assert!(stat.total_bytes > 0 && stat.free_bytes <= stat.total_bytes);
     ds.unpublish(EXPORT, "s2").await.unwrap();
@@ -230,4 +234,5 @@ async fn unpublish_removes_folder_and_cache_and_fsstat_is_real() {
         Err(DatastoreError::Stale)
     ));
     assert!(ds.publications(EXPORT).await.unwrap().is_empty());
+    ds.repo().forget(&point).await.unwrap();
 }

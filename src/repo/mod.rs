@@ -7,6 +7,7 @@
 //! chunks/<2 hex>/<64 hex>     chunk objects (format.rs), keyed by BLAKE3 of the plain data
 //! pages/<2 hex>/<64 hex>      index pages (format.rs), keyed by BLAKE3 of the page
 //! points/<id>.json            restore point manifests (manifest.rs)
+//! pins/<id>/<holder>          a live session reads restore point <id> (pins.rs)
 //! lock                        local stores only: shared by backups, exclusive for gc
 //! ```
 //!
@@ -16,6 +17,8 @@
 //!   killed backup leaves only unreferenced chunks, which `gc` sweeps.
 //! - Backups take the repository lock shared and `gc` exclusive, so gc never
 //!   removes a chunk that a running backup decided to reuse.
+//! - A pinned restore point (published by a live session) cannot be
+//!   forgotten, so `gc` never removes a chunk a session can read.
 //! - Nothing here writes into an existing object: chunks and pages are
 //!   put-if-absent, manifests are created once and only removed by `forget`.
 //!
@@ -31,6 +34,7 @@ pub mod format;
 mod gc;
 pub mod index;
 pub mod manifest;
+mod pins;
 mod reader;
 mod restore;
 pub mod source;
@@ -132,6 +136,12 @@ pub enum RepoError {
     /// A worker task panicked or was cancelled: a bug, reported instead of crashing.
     #[error("internal error - {what}")]
     Internal { what: String },
+    /// `forget` of a restore point that live sessions read.
+    #[error("restore point {point} is in use by {holders}; stop those sessions first")]
+    Pinned { point: String, holders: String },
+    /// A pin holder name that cannot be a store key.
+    #[error("invalid pin holder '{holder}'")]
+    BadPin { holder: String },
     /// A file name not found in a restore point.
     #[error("restore point {point} has no file '{name}'")]
     NoSuchFile { point: String, name: String },
@@ -324,6 +334,13 @@ impl Repository {
     /// Drops a restore point; its chunks stay until `gc`.
     pub async fn forget(&self, id: &str) -> Result<(), RepoError> {
         self.point(id).await?;
+        let holders = self.pins(id).await?;
+        if !holders.is_empty() {
+            return Err(RepoError::Pinned {
+                point: id.to_string(),
+                holders: holders.join(", "),
+            });
+        }
         self.store.delete(&RestorePoint::key_of(id)).await?;
         Ok(())
     }
