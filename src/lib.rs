@@ -12,10 +12,12 @@
 //! - [`store`]: where the repository's bytes live (local folder; S3 later).
 //! - [`progress`]: how long operations report progress.
 //! - [`config`]: the TOML configuration file.
+//! - [`fsutil`]: atomic replacement of small state files.
 
 pub mod cache;
 pub mod config;
 pub mod datastore;
+pub mod fsutil;
 pub mod nfs;
 pub mod progress;
 pub mod repo;

@@ -343,16 +343,8 @@ fn load_export_records(config: &DatastoreConfig) -> DsResult<Vec<ExportRecord>> 
     if changed {
         let json = serde_json::to_vec_pretty(&records)
             .map_err(|e| state_io("encode export records", &path, std::io::Error::other(e)))?;
-        let temp = path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = fs::File::create(&temp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            fs::rename(&temp, &path)?;
-            fs::File::open(&config.state_dir)?.sync_all()
-        };
-        write().map_err(|e| state_io("save export records", &path, e))?;
+        crate::fsutil::write_atomic(&path, &json)
+            .map_err(|e| state_io("save export records", &path, e))?;
     }
     Ok(records)
 }

@@ -7,8 +7,7 @@
 //! this is only the tree.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -187,17 +186,8 @@ impl Namespace {
         };
         let json = serde_json::to_vec(&persisted)
             .map_err(|e| io_err("encode namespace", &self.path, std::io::Error::other(e)))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let temp = self.path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            fs::create_dir_all(dir)?;
-            let mut f = File::create(&temp)?;
-            f.write_all(&json)?;
-            f.sync_data()?;
-            fs::rename(&temp, &self.path)?;
-            File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| io_err("save namespace", &self.path, e))
+        crate::fsutil::write_atomic(&self.path, &json)
+            .map_err(|e| io_err("save namespace", &self.path, e))
     }
 
     /// A node by id; [`DatastoreError::Stale`] if it was removed.
