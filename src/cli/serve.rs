@@ -41,22 +41,7 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
                 )
             })?,
     );
-    let default_export = datastore
-        .exports()
-        .first()
-        .map(|e| e.path.clone())
-        .context("no export configured")?;
-    for p in &config.publications {
-        let export = p.export.clone().unwrap_or_else(|| default_export.clone());
-        let existing = datastore.publications(&export).await?;
-        if existing.iter().any(|(name, _)| name == &p.name) {
-            continue;
-        }
-        datastore
-            .publish(&export, &p.name, &p.point, p.cache.clone())
-            .await
-            .with_context(|| format!("publish '{}' ({}) in export '{export}'", p.name, p.point))?;
-    }
+    publish_configured(&datastore, &config).await?;
     let bind = config.nfs_bind();
     let listeners = NfsListeners::bind(&bind)
         .await
@@ -75,10 +60,53 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
         })
     )?;
     out.flush()?;
+    // SIGHUP re-reads the config and publishes new [[publication]]s, so a
+    // restore point can be published without restarting the datastore.
+    if let Some(path) = config_path.clone() {
+        let datastore = datastore.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let result = match Config::load(&path) {
+                    Ok(config) => publish_configured(&datastore, &config).await,
+                    Err(e) => Err(e.into()),
+                };
+                match result {
+                    Ok(()) => info!("configuration reloaded"),
+                    Err(e) => tracing::error!(cause = %format!("{e:#}"), "reload configuration"),
+                }
+            }
+        });
+    }
     let server = NfsServer::new(datastore.clone());
     server.serve(listeners, shutdown_signal()).await?;
     info!("revive stopped");
     Ok(Outcome::Ok)
+}
+
+/// Publishes every configured publication that is not published yet.
+async fn publish_configured(datastore: &Datastore, config: &Config) -> anyhow::Result<()> {
+    let default_export = datastore
+        .exports()
+        .first()
+        .map(|e| e.path.clone())
+        .context("no export configured")?;
+    for p in &config.publications {
+        let export = p.export.clone().unwrap_or_else(|| default_export.clone());
+        let existing = datastore.publications(&export).await?;
+        if existing.iter().any(|(name, _)| name == &p.name) {
+            continue;
+        }
+        datastore
+            .publish(&export, &p.name, &p.point, p.cache.clone())
+            .await
+            .with_context(|| format!("publish '{}' ({}) in export '{export}'", p.name, p.point))?;
+    }
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.
