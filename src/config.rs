@@ -39,6 +39,8 @@ pub struct Config {
     pub datastore: DatastoreSection,
     /// Listening addresses and ports.
     pub nfs: NfsSection,
+    /// The HTTP API (metrics; sessions later).
+    pub api: ApiSection,
     /// Exports (`[[export]]`); one `/revive` export for localhost when none is given.
     #[serde(rename = "export")]
     pub exports: Vec<ExportSection>,
@@ -101,6 +103,28 @@ impl Default for NfsSection {
         }
     }
 }
+
+/// `[api]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Address of the HTTP API; keep it on localhost.
+    pub bind: std::net::SocketAddr,
+    /// Bearer token every request must carry; without one the API is off.
+    pub token: Option<String>,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            bind: std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
+            token: None,
+        }
+    }
+}
+
+/// Default API port: unassigned by IANA, easy to remember next to 2049.
+pub const DEFAULT_API_PORT: u16 = 8750;
 
 /// `[[export]]`
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -1,6 +1,7 @@
 //! revive: instant VM recovery straight out of a deduplicated backup repository.
 //!
 //! Layers, each depending only on those below it (see `ARCHITECTURE.md`):
+//! - [`api`]: the HTTP API on localhost: Prometheus metrics, behind a token.
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
 //!   portmapper), a thin protocol layer over a backend trait.
 //! - [`datastore`]: the namespace clients see: exports, one folder per
@@ -14,6 +15,7 @@
 //! - [`config`]: the TOML configuration file.
 //! - [`fsutil`]: atomic replacement of small state files.
 
+pub mod api;
 pub mod cache;
 pub mod config;
 pub mod datastore;

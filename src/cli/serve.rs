@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use revive::api::ApiState;
 use revive::config::Config;
 use revive::datastore::Datastore;
 use revive::nfs::{NfsListeners, NfsServer};
@@ -47,6 +48,33 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
         .await
         .with_context(|| format!("bind NFS ports on {} ({:?})", bind.addr, bind))?;
     let ports = listeners.ports()?;
+    let server = NfsServer::new(datastore.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let api_port = match &config.api.token {
+        Some(token) if !token.is_empty() => {
+            let listener = tokio::net::TcpListener::bind(config.api.bind)
+                .await
+                .with_context(|| format!("bind API on {}", config.api.bind))?;
+            let port = listener.local_addr()?.port();
+            let state = ApiState {
+                datastore: datastore.clone(),
+                nfs: server.metrics(),
+                token: Arc::from(token.as_str()),
+            };
+            tokio::spawn(revive::api::serve(listener, state, stopped()));
+            Some(port)
+        }
+        _ => {
+            info!("no [api] token configured: HTTP API and metrics are off");
+            None
+        }
+    };
     // One JSON line on stdout: scripts and tests learn the ports (port 0 = any).
     let mut out = std::io::stdout();
     writeln!(
@@ -56,6 +84,7 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
             "nfs_port": ports.nfs,
             "mount_port": ports.mount,
             "portmap_port": ports.portmap_tcp,
+            "api_port": api_port,
             "exports": datastore.exports().iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
         })
     )?;
@@ -82,8 +111,11 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
             }
         });
     }
-    let server = NfsServer::new(datastore.clone());
-    server.serve(listeners, shutdown_signal()).await?;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    server.serve(listeners, stopped()).await?;
     info!("revive stopped");
     Ok(Outcome::Ok)
 }
