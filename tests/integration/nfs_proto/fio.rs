@@ -22,15 +22,7 @@
 
 use super::{pattern, run};
 use crate::support::memfs::{MemFs, ROOT};
-use crate::support::TestServer;
-
-/// fio binary built with the nfs engine (`scripts/build-fio-nfs.sh`), from
-/// `FIO_NFS`.
-pub(super) fn fio_nfs() -> Option<String> {
-    std::env::var("FIO_NFS")
-        .ok()
-        .filter(|p| std::path::Path::new(p).exists())
-}
+use crate::support::{fio_nfs, TestServer};
 
 /// Throughput of the protocol layer over the in-memory backend, with fio's
 /// nfs engine. Not a correctness test: run on demand with
