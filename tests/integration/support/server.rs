@@ -8,6 +8,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
@@ -27,6 +28,8 @@ pub struct PublicationSpec {
     pub point: String,
     /// Export path; the first export when `None`.
     pub export: Option<String>,
+    /// Write cache folder; `<cache_root>/<name>` when `None`.
+    pub cache: Option<PathBuf>,
 }
 
 /// What a test asks of the server.
@@ -74,7 +77,16 @@ impl ServerSpec {
             name: name.into(),
             point: point.into(),
             export: export.map(String::from),
+            cache: None,
         });
+        self
+    }
+
+    /// Puts the write cache of the last publication in `dir`.
+    pub fn cache_in(mut self, dir: &Path) -> Self {
+        if let Some(p) = self.publications.last_mut() {
+            p.cache = Some(dir.to_path_buf());
+        }
         self
     }
 
@@ -168,6 +180,9 @@ impl ReviveServer {
             if let Some(e) = &p.export {
                 text += &format!("export = {e:?}\n");
             }
+            if let Some(dir) = &p.cache {
+                text += &format!("cache = {}\n", q(dir));
+            }
         }
         let path = self.dir.join("revive.toml");
         fs::write(&path, text).expect("write config");
@@ -183,7 +198,16 @@ impl ReviveServer {
             .open(self.dir.join("serve.log"))
             .expect("open log");
         let started = Instant::now();
-        let mut child = revive()
+        let mut cmd = revive();
+        // If the test process dies (timeout, abort), the server goes with it.
+        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&config)
