@@ -171,6 +171,13 @@ impl Datastore {
                 _ => Err(DatastoreError::Exists),
             };
         }
+        // Open the write cache folder before taking the namespace write lock:
+        // opening it reads the namespace, and tokio's RwLock is not reentrant
+        // (a CREATE as first call after a start hung the export). The new file
+        // belongs to its folder's publication, which never changes (renames
+        // across publications are refused).
+        let publication = state.ns.read().await.get(dir)?.publication.clone();
+        let session = self.session(&state, &publication).await?;
         let node = {
             let mut ns = state.ns.write().await;
             let mut template = new_node(attrs, 0o644);
@@ -181,7 +188,6 @@ impl Datastore {
             let node = ns.get(id)?.clone();
             // The cache file exists before the name is durable: a crash in
             // between leaves an orphan cache, never a name without data.
-            let session = self.session(&state, &node.publication).await?;
             session
                 .get_or_create(
                     &cache_key(id),

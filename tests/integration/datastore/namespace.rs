@@ -177,3 +177,28 @@ async fn esxi_style_namespace_use() {
     drop(c);
     f.assert_repo_untouched();
 }
+
+/// Regression: a CREATE in a publication folder as the first call after the
+/// server starts (ESXi re-taking its `.lck-*` files after a restart) hung
+/// the whole export: CREATE held the namespace write lock while opening the
+/// publication's write cache folder, which reads the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_as_first_call_after_start_does_not_hang() {
+    let mut f = Fixture::new("lck01", MIB, 40);
+    for round in 0..2 {
+        let (mut c, _, folder) = f.mount().await;
+        let name = format!(".lck-{round:016x}");
+        let fh = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            create(&mut c, &folder, &name),
+        )
+        .await
+        .expect("CREATE as first call must not hang")
+        .expect("create");
+        write(&mut c, &fh, 0, b"owner", stable_how::FILE_SYNC).await;
+        assert_eq!(read(&mut c, &fh, 0, 100).await, Ok(b"owner".to_vec()));
+        drop(c);
+        f.server.restart();
+    }
+    f.assert_repo_untouched();
+}
