@@ -27,6 +27,10 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyhow::Result<Outcome> {
     let config = load_config(config_path.as_ref())?;
+    // Take SIGTERM/SIGINT before anything else: a signal that arrives after
+    // the ports line but before the server first polls its shutdown future
+    // would otherwise kill the process uncleanly.
+    let shutdown = shutdown_signal().context("install signal handlers")?;
     let repo_dir = repo
         .or_else(|| config.repository.path.clone())
         .context("no repository given: pass --repo DIR or set [repository] path")?;
@@ -76,24 +80,21 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
     )?;
     out.flush()?;
     let server = NfsServer::new(datastore.clone());
-    server.serve(listeners, shutdown_signal()).await?;
+    server.serve(listeners, shutdown).await?;
     info!("revive stopped");
     Ok(Outcome::Ok)
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now; the future completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("shutdown requested");
+        info!("shutdown requested");
+    })
 }

@@ -17,6 +17,7 @@ use crate::support::*;
 mod faults;
 mod namespace;
 mod peers;
+mod restart;
 
 const MIB: u64 = 1 << 20;
 /// Folder name of the publication in every test.
