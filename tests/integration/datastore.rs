@@ -14,6 +14,7 @@ use crate::support::server::{ReviveServer, ServerSpec};
 use crate::support::vm::SampleVm;
 use crate::support::*;
 
+mod concurrency;
 mod faults;
 mod namespace;
 mod peers;
