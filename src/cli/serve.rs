@@ -81,6 +81,10 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
     out.flush()?;
     let server = NfsServer::new(datastore.clone());
     server.serve(listeners, shutdown).await?;
+    datastore
+        .flush_all()
+        .await
+        .context("flush the write caches at stop")?;
     info!("revive stopped");
     Ok(Outcome::Ok)
 }

@@ -103,3 +103,29 @@ fn sigterm_right_after_the_ports_line_stops_cleanly() {
     }
     server.stop();
 }
+
+/// Regression: a clean stop (SIGTERM) dropped UNSTABLE writes that no COMMIT
+/// had covered yet; libnfs-based clients (QEMU, fio) never resend them. Now
+/// `revive serve` flushes every write cache before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstable_writes_survive_a_clean_restart() {
+    let mut f = Fixture::new("stop01", 2 * MIB, 44);
+    let (mut c, _, folder) = f.mount().await;
+    let disk_fh = lookup(&mut c, &folder, &f.disk_name()).await.expect("disk");
+    let new = create(&mut c, &folder, "new.bin").await.expect("create");
+    let mut disk = f.disk();
+    let patch = pattern(10_000, 45);
+    write(&mut c, &disk_fh, 12_345, &patch, stable_how::UNSTABLE).await;
+    apply(&mut disk, 12_345, &patch);
+    write(&mut c, &new, 0, &patch, stable_how::UNSTABLE).await;
+    drop(c);
+    f.server.restart();
+    let mut c = client_at(f.server.nfs_port).await;
+    let got = read_all(&mut c, &disk_fh, 0, disk.len() as u64)
+        .await
+        .expect("read");
+    assert!(got == disk, "UNSTABLE disk write lost by a clean restart");
+    assert_eq!(read_all(&mut c, &new, 0, 1 << 20).await, Ok(patch));
+    drop(c);
+    f.assert_repo_untouched();
+}
