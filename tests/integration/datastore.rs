@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use nfs3_client::nfs3_types::nfs3::{nfs_fh3, nfsstat3, stable_how};
 use tempfile::TempDir;
@@ -33,6 +35,26 @@ pub(crate) struct Fixture {
     /// The repository's files before the server ever ran.
     pub repo_before: BTreeMap<PathBuf, String>,
     pub server: ReviveServer,
+    /// Dropped with the fixture; see [`watchdog`].
+    _watchdog: mpsc::Sender<()>,
+}
+
+/// A test stuck on a hung server (an NFS call never answered) must fail CI,
+/// not stall it: abort the test binary if the fixture lives longer than this.
+const WATCHDOG: Duration = Duration::from_secs(300);
+
+/// Aborts the process, naming the test, unless the returned sender is
+/// dropped within [`WATCHDOG`].
+fn watchdog() -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(WATCHDOG) {
+            eprintln!("\n!!! {test}: still running after {WATCHDOG:?}; aborting (hung server?)");
+            std::process::abort();
+        }
+    });
+    tx
 }
 
 impl Fixture {
@@ -48,6 +70,7 @@ impl Fixture {
         seed: u64,
         f: impl FnOnce(ServerSpec) -> ServerSpec,
     ) -> Fixture {
+        let watchdog = watchdog();
         let tmp = tempfile::tempdir().expect("tempdir");
         let vm = SampleVm::create(&tmp.path().join("src"), name, size, seed);
         let repo = init_repo(tmp.path(), None);
@@ -61,6 +84,7 @@ impl Fixture {
             repo,
             repo_before,
             server,
+            _watchdog: watchdog,
         }
     }
 

@@ -96,12 +96,11 @@ async fn namespace_changes_survive_restarts() {
 /// when the server first polled its shutdown future. Now it always exits 0.
 #[test]
 fn sigterm_right_after_the_ports_line_stops_cleanly() {
-    let f = Fixture::new("term01", MIB, 41);
-    let mut server = f.server;
+    let mut f = Fixture::new("term01", MIB, 41);
     for _ in 0..20 {
-        server.restart(); // stops (asserting exit 0), then starts again
+        f.server.restart(); // stops (asserting exit 0), then starts again
     }
-    server.stop();
+    f.server.stop();
 }
 
 /// Regression: a clean stop (SIGTERM) dropped UNSTABLE writes that no COMMIT
