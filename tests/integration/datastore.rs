@@ -9,6 +9,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use nfs3_client::nfs3_types::nfs3::{nfs_fh3, nfsstat3, stable_how};
+use nfs3_client::nfs3_types::xdr_codec::Opaque;
+use revive::datastore::namespace::ROOT_ID;
+use revive::nfs::handle::FileHandle;
 use tempfile::TempDir;
 
 use crate::support::client::*;
@@ -324,6 +327,37 @@ async fn allow_lists_and_escaping_names_are_enforced() {
 
     let (mut c, root, folder) = f.mount().await;
     let acces = Err(nfsstat3::NFS3ERR_ACCES);
+    // A handle of /locked, forged from the persisted export record as a
+    // client could guess it: refused on every call, not only at MOUNT.
+    let records: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.server.state_dir().join("exports.json")).expect("exports.json"),
+    )
+    .expect("parse exports.json");
+    let locked = records
+        .as_array()
+        .expect("records")
+        .iter()
+        .find(|r| r["path"] == "/locked")
+        .expect("/locked record");
+    let forged = |file| nfs_fh3 {
+        data: Opaque::owned(
+            FileHandle {
+                export: locked["id"].as_u64().expect("id") as u32,
+                instance: locked["instance"].as_u64().expect("instance"),
+                file,
+            }
+            .encode()
+            .to_vec(),
+        ),
+    };
+    let locked_root = forged(ROOT_ID);
+    let denied = Some(nfsstat3::NFS3ERR_ACCES);
+    assert_eq!(getattr(&mut c, &locked_root).await.err(), denied);
+    assert_eq!(lookup(&mut c, &locked_root, "hidden").await.err(), denied);
+    assert_eq!(
+        read(&mut c, &forged(ROOT_ID + 1), 0, 10).await.err(),
+        denied
+    );
     assert_eq!(lookup(&mut c, &root, "..").await, acces);
     assert_eq!(lookup(&mut c, &root, "../etc").await, acces);
     assert_eq!(
