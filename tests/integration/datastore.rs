@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use nfs3_client::nfs3_types::nfs3::{nfs_fh3, nfsstat3, stable_how};
+use nfs3_client::nfs3_types::nfs3::{self, nfs_fh3, nfsstat3, stable_how};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use revive::datastore::namespace::ROOT_ID;
 use revive::nfs::handle::FileHandle;
@@ -397,4 +397,48 @@ async fn allow_lists_and_escaping_names_are_enforced() {
     assert!(names.contains(&"app01.vmx".to_string()));
     drop(c);
     f.assert_repo_untouched();
+}
+
+/// FSSTAT gives the real size of the filesystem where writes land; FSINFO
+/// the limits real clients need (1 MiB transfers, files of 64 TiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsstat_and_fsinfo_describe_the_write_cache() {
+    let f = Fixture::new("fs01", MIB, 48);
+    let (mut c, root, _) = f.mount().await;
+    let stat = c
+        .fsstat(&nfs3::FSSTAT3args {
+            fsroot: root.clone(),
+        })
+        .await
+        .expect("rpc")
+        .unwrap();
+    let dir = std::ffi::CString::new(f.server.dir.to_str().expect("utf8")).expect("path");
+    // SAFETY: a valid NUL-terminated path and a zeroed statvfs buffer.
+    let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(dir.as_ptr(), &mut vfs) }, 0);
+    assert_eq!(stat.tbytes, vfs.f_blocks as u64 * vfs.f_frsize as u64);
+    assert!(stat.abytes <= stat.fbytes && stat.fbytes <= stat.tbytes);
+    let info = c
+        .fsinfo(&nfs3::FSINFO3args { fsroot: root })
+        .await
+        .expect("rpc")
+        .unwrap();
+    assert_eq!((info.rtmax, info.wtmax), (1 << 20, 1 << 20));
+    assert!(info.maxfilesize >= 64 << 40);
+}
+
+/// A publication of a restore point that does not exist stops `revive
+/// serve` at start with one error naming it, before any port is announced.
+#[test]
+fn serve_refuses_a_publication_of_a_missing_restore_point() {
+    let f = Fixture::new("pub01", MIB, 49);
+    let spec = ServerSpec::new(&f.repo).publish("ghost", "nope@latest");
+    let err = match ReviveServer::try_start(&f.tmp.path().join("server2"), spec) {
+        Ok(_) => panic!("serve must refuse a missing restore point"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("revive: publish 'ghost' (nope@latest)"),
+        "{err}"
+    );
 }

@@ -115,6 +115,12 @@ pub struct ReviveServer {
 impl ReviveServer {
     /// Starts `revive serve` with its state in `dir` (created).
     pub fn start(dir: &Path, spec: ServerSpec) -> ReviveServer {
+        Self::try_start(dir, spec).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`ReviveServer::start`], but a server that does not come up is an
+    /// error carrying its log.
+    pub fn try_start(dir: &Path, spec: ServerSpec) -> Result<ReviveServer, String> {
         fs::create_dir_all(dir).expect("create server folder");
         let mut s = ReviveServer {
             dir: dir.to_path_buf(),
@@ -126,10 +132,13 @@ impl ReviveServer {
             startup: Duration::ZERO,
         };
         let ports = s.spec.ports;
-        if let Err(e) = s.boot(ports) {
-            panic!("revive serve did not start: {e}\nlog:\n{}", s.log());
+        match s.boot(ports) {
+            Ok(()) => Ok(s),
+            Err(e) => Err(format!(
+                "revive serve did not start: {e}\nlog:\n{}",
+                s.log()
+            )),
         }
-        s
     }
 
     /// State folder (persisted identity, namespaces).
