@@ -2,7 +2,8 @@
 //! log appends, `.vmx~` renamed over `.vmx`, removing presented files,
 //! sparse truncate-extend, folders.
 
-use nfs3_client::nfs3_types::nfs3::{nfsstat3, stable_how};
+use nfs3_client::nfs3_types::nfs3::{self, nfsstat3, stable_how, Nfs3Result};
+use nfs3_client::nfs3_types::xdr_codec::Opaque;
 
 use super::{apply, Fixture, MIB, PUB};
 use crate::support::client::*;
@@ -200,5 +201,39 @@ async fn create_as_first_call_after_start_does_not_hang() {
         drop(c);
         f.server.restart();
     }
+    f.assert_repo_untouched();
+}
+
+/// Regression: a write or size change past the limit of the write cache's
+/// filesystem (ext4: 16 TiB) answered NFS3ERR_IO; it is NFS3ERR_FBIG, the
+/// answer a client expects for a file too large. Filesystems without that
+/// limit take the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_the_cache_filesystem_limit_are_fbig_not_eio() {
+    let mut f = Fixture::new("big01", MIB, 50);
+    let (mut c, _, folder) = f.mount().await;
+    let fh = create(&mut c, &folder, "huge-flat.vmdk")
+        .await
+        .expect("create");
+    let offset = 60u64 << 40;
+    let res = c
+        .write(&nfs3::WRITE3args {
+            file: fh.clone(),
+            offset,
+            count: 4,
+            stable: stable_how::FILE_SYNC,
+            data: Opaque::borrowed(b"tail"),
+        })
+        .await
+        .expect("write rpc");
+    match res {
+        Nfs3Result::Ok(_) => assert_eq!(read(&mut c, &fh, offset, 4).await, Ok(b"tail".to_vec())),
+        Nfs3Result::Err((stat, _)) => assert_eq!(stat, nfsstat3::NFS3ERR_FBIG),
+    }
+    match set_size(&mut c, &fh, 62 << 40).await {
+        Ok(size) => assert_eq!(size, 62 << 40),
+        Err(stat) => assert_eq!(stat, nfsstat3::NFS3ERR_FBIG),
+    }
+    drop(c);
     f.assert_repo_untouched();
 }
