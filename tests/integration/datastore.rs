@@ -1,7 +1,8 @@
 //! Issue 3: the real datastore (`revive serve` over a repository) against
 //! real clients: libnfs-utils, `nfs3_client`, `qemu-img` and fio. Every test
-//! publishes a backed-up sample VM, works through NFS only, and ends by
-//! checking that the repository still verifies and did not change.
+//! publishes a backed-up sample VM and works through NFS only; every test
+//! that writes ends by checking that the repository still verifies and did
+//! not change.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -6,8 +6,8 @@ use nfs3_client::nfs3_types::nfs3::{self, nfsstat3, stable_how, Nfs3Result};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 
 use super::{Fixture, MIB};
-use crate::support::chunk_files;
 use crate::support::client::*;
+use crate::support::{chunk_files, snapshot_tree};
 
 /// A corrupt chunk is never served: reads of its region fail with
 /// NFS3ERR_IO (again and again: nothing bad is cached), so does a read of a
@@ -17,7 +17,7 @@ use crate::support::client::*;
 /// and the other files still read right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_chunk_reads_fail_with_eio_and_are_logged() {
-    let f = Fixture::new("file01", 12 * MIB, 34);
+    let mut f = Fixture::new("file01", 12 * MIB, 34);
     let disk = f.disk();
     // A chunk of the disk that holds data and is used exactly once.
     let ids: Vec<String> = disk
@@ -146,4 +146,14 @@ async fn corrupt_chunk_reads_fail_with_eio_and_are_logged() {
             "nothing of the bad chunk or after it was served"
         );
     }
+
+    // The server wrote nothing to the repository: only the two damaged
+    // chunk files differ from before.
+    drop(c);
+    f.server.stop();
+    let mut want = f.repo_before.clone();
+    want.remove(gone);
+    let mut now = snapshot_tree(&f.repo);
+    assert_ne!(now.remove(victim), want.remove(victim), "victim corrupted");
+    assert_eq!(now, want, "the repository changed");
 }
