@@ -103,3 +103,54 @@ async fn concurrent_writers_creators_and_readers_then_kill9() {
     drop(c);
     f.assert_repo_untouched();
 }
+
+/// A block cache much smaller than the disk (8 MiB for 48 MiB): two
+/// sequential readers with readahead and a random 4 KiB reader at once keep
+/// evicting each other's chunks, and every byte they get is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_through_a_small_block_cache_get_right_bytes() {
+    let mut f = Fixture::with("bc01", 48 * MIB, 52, |mut s| {
+        s.block_cache = "8MiB".into();
+        s
+    });
+    let (mut c, _, folder) = f.mount().await;
+    let backup = std::sync::Arc::new(f.disk());
+    let port = f.server.nfs_port;
+    let fh = lookup(&mut c, &folder, &f.disk_name()).await.expect("disk");
+    let mut tasks = Vec::new();
+    for (r, step) in [(0u64, 1u32 << 20), (1, 320 * 1024)] {
+        let (fh, want) = (fh.clone(), backup.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = client_at(port).await;
+            for pass in 0..2 {
+                let mut offset = 0u64;
+                while offset < want.len() as u64 {
+                    let got = read(&mut c, &fh, offset, step).await.expect("read");
+                    assert!(!got.is_empty(), "short read at {offset}");
+                    assert!(
+                        got[..] == want[offset as usize..][..got.len()],
+                        "reader {r} pass {pass}: wrong bytes at {offset}"
+                    );
+                    offset += got.len() as u64;
+                }
+            }
+        }));
+    }
+    let (fh2, want) = (fh.clone(), backup.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut c = client_at(port).await;
+        for i in 0..600u64 {
+            let offset = (i * 7_919 * 4096 + i * 3) % (want.len() as u64 - 4096);
+            let got = read(&mut c, &fh2, offset, 4096).await.expect("read");
+            assert!(
+                got[..] == want[offset as usize..][..4096],
+                "random read at {offset}"
+            );
+        }
+    }));
+    for t in tasks {
+        t.await.expect("task");
+    }
+    drop(c);
+    f.assert_repo_untouched();
+}

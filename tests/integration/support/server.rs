@@ -45,6 +45,8 @@ pub struct ServerSpec {
     pub portmap: bool,
     /// NFS, MOUNT and portmapper ports (0: any free port).
     pub ports: (u16, u16, u16),
+    /// `[datastore] block_cache`, e.g. "64MiB".
+    pub block_cache: String,
 }
 
 impl ServerSpec {
@@ -56,6 +58,7 @@ impl ServerSpec {
             publications: Vec::new(),
             portmap: false,
             ports: (0, 0, 0),
+            block_cache: "64MiB".into(),
         }
     }
 
@@ -168,11 +171,12 @@ impl ReviveServer {
         let q = |p: &Path| format!("{:?}", p.to_str().expect("utf8 path"));
         let mut text = format!(
             "[repository]\npath = {}\n\n[datastore]\nstate_dir = {}\ncache_root = {}\n\
-             block_cache = \"64MiB\"\n\n[nfs]\nbind = \"127.0.0.1\"\nnfs_port = {}\n\
+             block_cache = {:?}\n\n[nfs]\nbind = \"127.0.0.1\"\nnfs_port = {}\n\
              mount_port = {}\nportmap_port = {}\nportmap = {}\n",
             q(&self.spec.repo),
             q(&self.state_dir()),
             q(&self.cache_root()),
+            self.spec.block_cache,
             ports.0,
             ports.1,
             ports.2,
