@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-test-deps.sh
+# fio with the nfs engine for the fio tests (built once, then reused).
+FIO_NFS=$(sh scripts/build-fio-nfs.sh)
+export FIO_NFS
 
 export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check

@@ -28,6 +28,11 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyhow::Result<Outcome> {
     let config = load_config(config_path.as_ref())?;
+    // Take SIGTERM/SIGINT before anything else: a signal that arrives after
+    // the ports line but before the server first polls its shutdown future
+    // would otherwise kill the process uncleanly.
+    let shutdown = shutdown_signal().context("install signal handlers")?;
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let repo_dir = repo
         .or_else(|| config.repository.path.clone())
         .context("no repository given: pass --repo DIR or set [repository] path")?;
@@ -91,14 +96,9 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
     out.flush()?;
     // SIGHUP re-reads the config and publishes new [[publication]]s, so a
     // restore point can be published without restarting the datastore.
-    if let Some(path) = config_path.clone() {
+    if let (Some(path), Some(mut hup)) = (config_path.clone(), hangup) {
         let datastore = datastore.clone();
         tokio::spawn(async move {
-            let Ok(mut hup) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                return;
-            };
             while hup.recv().await.is_some() {
                 let result = match Config::load(&path) {
                     Ok(config) => publish_configured(&datastore, &config).await,
@@ -112,10 +112,16 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
         });
     }
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         let _ = stop_tx.send(true);
     });
     server.serve(listeners, stopped()).await?;
+    // UNSTABLE writes not yet committed by a client are made durable on a
+    // clean stop: libnfs clients (QEMU, fio) do not resend them.
+    datastore
+        .flush_all()
+        .await
+        .context("flush the write caches at stop")?;
     info!("revive stopped");
     Ok(Outcome::Ok)
 }
@@ -141,19 +147,16 @@ async fn publish_configured(datastore: &Datastore, config: &Config) -> anyhow::R
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now; the future completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("shutdown requested");
+        info!("shutdown requested");
+    })
 }

@@ -39,6 +39,10 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
         CacheError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
             DatastoreError::NoSpace
         }
+        // The cache file's filesystem has a smaller limit (ext4: 16 TiB).
+        CacheError::Io { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
+            DatastoreError::TooBig
+        }
         CacheError::TooLarge { .. } => DatastoreError::TooBig,
         other => DatastoreError::Io(std::io::Error::other(other.to_string())),
     }

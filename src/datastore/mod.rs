@@ -296,6 +296,23 @@ impl Datastore {
         Ok(())
     }
 
+    /// Makes every write cache durable, for a clean stop: UNSTABLE writes
+    /// that no COMMIT covered yet then survive a restart too (clients such
+    /// as libnfs do not resend writes when the verifier changes).
+    pub async fn flush_all(&self) -> DsResult<()> {
+        for export in self.exports.values() {
+            let caches: Vec<Arc<WriteCache>> = export
+                .files
+                .iter()
+                .filter_map(|f| f.value().cache.get().cloned())
+                .collect();
+            for cache in caches {
+                cache.commit().await.map_err(io::cache_err)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Names and restore points of the publications of an export.
     pub async fn publications(&self, export_path: &str) -> DsResult<Vec<(String, String)>> {
         let id = *self

@@ -171,8 +171,11 @@ impl Datastore {
                 _ => Err(DatastoreError::Exists),
             };
         }
-        // The session is looked up before the namespace is locked for
-        // writing: finding it may need a read of the namespace.
+        // Open the write cache folder before taking the namespace write lock:
+        // opening it reads the namespace, and tokio's RwLock is not reentrant
+        // (a CREATE as first call after a start hung the export). The new file
+        // belongs to its folder's publication, which never changes (renames
+        // across publications are refused).
         let publication = state.ns.read().await.get(dir)?.publication.clone();
         let session = self.session(&state, &publication).await?;
         let node = {

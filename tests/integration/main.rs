@@ -2,6 +2,7 @@
 //! real clients and real peers. One test binary (`autotests = false`) keeps
 //! link times down; each module is one area.
 
+mod datastore;
 mod nfs_proto;
 mod repo_cli;
 mod support;

@@ -2,20 +2,18 @@
 //! `nfs-cat`, `nfs-cp`) and the `nfs3_client` crate, over the in-memory
 //! test backend. Also raw bytes on the wire for malformed input.
 
-use std::time::Duration;
-
 use nfs3_client::nfs3_types::mount::mountstat3;
-use nfs3_client::nfs3_types::nfs3::{
-    self, diropargs3, filename3, nfs_fh3, nfsstat3, stable_how, Nfs3Result,
-};
+use nfs3_client::nfs3_types::nfs3::{self, nfs_fh3, nfsstat3, stable_how, Nfs3Result};
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
-use nfs3_client::tokio::{TokioConnector, TokioIo};
-use nfs3_client::{Nfs3Client, Nfs3Connection, Nfs3ConnectionBuilder};
+use nfs3_client::tokio::TokioIo;
+use nfs3_client::Nfs3Client;
 use revive::nfs::handle::FileHandle;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
+use crate::support::client::{
+    client_at, dirop, lookup, mount_at, pattern, run_tool as run, sha256, Client, Conn,
+};
 use crate::support::memfs::{MemFs, ROOT};
 use crate::support::{skip_without_libnfs, TestServer};
 
@@ -23,80 +21,12 @@ mod fio;
 mod qemu;
 mod wire;
 
-type Conn = Nfs3Connection<TokioIo<TcpStream>>;
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn sha256(data: &[u8]) -> Vec<u8> {
-    Sha256::digest(data).to_vec()
-}
-
-fn root_cred() -> opaque_auth<'static> {
-    opaque_auth::auth_unix(&auth_unix {
-        stamp: 1,
-        machinename: Opaque::borrowed(b"test"),
-        uid: 0,
-        gid: 0,
-        gids: vec![],
-    })
-}
-
 async fn mount(s: &TestServer, path: &str) -> Result<Conn, nfs3_client::ConnectError> {
-    Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", path)
-        .mount_port(s.mount_port)
-        .nfs3_port(s.nfs_port)
-        .connect_from_privileged_port(false)
-        .credential(root_cred())
-        .mount()
-        .await
+    mount_at(s.nfs_port, s.mount_port, path).await
 }
 
-async fn raw_client(s: &TestServer) -> Nfs3Client<TokioIo<TcpStream>> {
-    let stream = TcpStream::connect(s.nfs_addr()).await.expect("connect");
-    Nfs3Client::new_with_auth(TokioIo::new(stream), root_cred(), opaque_auth::default())
-}
-
-fn dirop(dir: &nfs_fh3, name: &str) -> diropargs3<'static> {
-    diropargs3 {
-        dir: dir.clone(),
-        name: filename3(Opaque::owned(name.as_bytes().to_vec())),
-    }
-}
-
-async fn lookup(
-    c: &mut Nfs3Client<TokioIo<TcpStream>>,
-    dir: &nfs_fh3,
-    name: &str,
-) -> Result<nfs_fh3, nfsstat3> {
-    match c
-        .lookup(&nfs3::LOOKUP3args {
-            what: dirop(dir, name),
-        })
-        .await
-        .expect("lookup rpc")
-    {
-        Nfs3Result::Ok(ok) => Ok(ok.object),
-        Nfs3Result::Err((stat, _)) => Err(stat),
-    }
-}
-
-async fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let fut = tokio::process::Command::new(cmd).args(args).output();
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .unwrap_or_else(|_| panic!("{cmd} timed out"))
-        .unwrap_or_else(|e| panic!("{cmd} failed to start: {e}"))
+async fn raw_client(s: &TestServer) -> Client {
+    client_at(s.nfs_port).await
 }
 
 /// A VM folder as the datastore will present it: list, read and compare the

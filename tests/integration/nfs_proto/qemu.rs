@@ -14,21 +14,11 @@ use revive::nfs::{NfsBind, NfsListeners};
 
 use super::{pattern, run, sha256};
 use crate::support::memfs::{MemFs, ROOT};
-use crate::support::{have_tool, TestServer};
+use crate::support::{have_tool, qemu_has_nfs, TestServer};
 
 const INNER: &str = "REVIVE_TEST_NETNS_INNER";
 const DONE: &str = "QEMU-NFS-CHECKS-PASSED";
 const TEST: &str = "nfs_proto::qemu::qemu_img_over_nfs_with_portmapper_on_111";
-
-async fn qemu_has_nfs() -> bool {
-    if !have_tool("qemu-img") {
-        return false;
-    }
-    let out = run("qemu-img", &["--help"]).await;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .any(|w| w == "nfs")
-}
 
 /// `qemu-img convert` out of and into the datastore, and `create -f qcow2`
 /// in it: reads, writes, and the flushes (COMMIT) qcow2 needs.
@@ -37,7 +27,7 @@ async fn qemu_img_over_nfs_with_portmapper_on_111() {
     if std::env::var_os(INNER).is_some() {
         return inner().await;
     }
-    if !qemu_has_nfs().await || !have_tool("unshare") || !have_tool("ip") {
+    if !qemu_has_nfs() || !have_tool("unshare") || !have_tool("ip") {
         eprintln!(
             "\n!!!!!!!!\n!!! SKIPPED: needs qemu-img with the nfs driver (qemu-block-extra), \
              unshare and ip; run scripts/install-test-deps.sh\n!!!!!!!!\n"

@@ -7,7 +7,8 @@ use nfs3_client::nfs3_types::nfs3;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::{mount, pattern, root_cred};
+use super::{mount, pattern};
+use crate::support::client::root_cred;
 use crate::support::memfs::MemFs;
 use crate::support::TestServer;
 use nfs3_client::tokio::TokioConnector;

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod client;
 pub mod memfs;
+pub mod server;
 pub mod vm;
 
 use std::collections::BTreeMap;
@@ -278,4 +280,25 @@ pub fn skip_without_libnfs() -> bool {
          run scripts/install-test-deps.sh\n!!!!!!!!\n"
     );
     true
+}
+
+/// fio binary built with the nfs engine (`scripts/build-fio-nfs.sh`), from
+/// `FIO_NFS`.
+pub fn fio_nfs() -> Option<String> {
+    std::env::var("FIO_NFS")
+        .ok()
+        .filter(|p| std::path::Path::new(p).exists())
+}
+
+/// Whether `qemu-img` is installed with its nfs block driver.
+pub fn qemu_has_nfs() -> bool {
+    if !have_tool("qemu-img") {
+        return false;
+    }
+    let Ok(out) = Command::new("qemu-img").arg("--help").output() else {
+        return false;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .any(|w| w == "nfs")
 }

@@ -1,0 +1,337 @@
+//! `ReviveServer`: the real `revive serve` as a child process, configured by
+//! a test (exports, allow-lists, publications, ports), with its state, write
+//! caches, config and log in a folder of the test.
+//!
+//! The server prints one JSON line with its ports; everything else it says
+//! goes to `serve.log` (stderr of every boot, appended), which tests read to
+//! check what the operator would see.
+
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::revive;
+
+/// Longest wait for the ports line of a starting server.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One `[[publication]]`.
+#[derive(Clone, Debug)]
+pub struct PublicationSpec {
+    /// Folder name in the export.
+    pub name: String,
+    /// Restore point spec (`vm@latest`, an id...).
+    pub point: String,
+    /// Export path; the first export when `None`.
+    pub export: Option<String>,
+    /// Write cache folder; `<cache_root>/<name>` when `None`.
+    pub cache: Option<PathBuf>,
+}
+
+/// What a test asks of the server.
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    /// The repository.
+    pub repo: PathBuf,
+    /// `[[export]]`s: path and allowed client addresses.
+    pub exports: Vec<(String, Vec<String>)>,
+    /// `[[publication]]`s.
+    pub publications: Vec<PublicationSpec>,
+    /// Run the portmapper.
+    pub portmap: bool,
+    /// NFS, MOUNT and portmapper ports (0: any free port).
+    pub ports: (u16, u16, u16),
+    /// `[datastore] block_cache`, e.g. "64MiB".
+    pub block_cache: String,
+}
+
+impl ServerSpec {
+    /// Export `/revive` to 127.0.0.1, no publication, no portmapper, any ports.
+    pub fn new(repo: &Path) -> ServerSpec {
+        ServerSpec {
+            repo: repo.to_path_buf(),
+            exports: vec![("/revive".into(), vec!["127.0.0.1".into()])],
+            publications: Vec::new(),
+            portmap: false,
+            ports: (0, 0, 0),
+            block_cache: "64MiB".into(),
+        }
+    }
+
+    /// Adds an export with its allow-list.
+    pub fn export(mut self, path: &str, allowed: &[&str]) -> Self {
+        self.exports
+            .push((path.into(), allowed.iter().map(|s| s.to_string()).collect()));
+        self
+    }
+
+    /// Publishes `point` as folder `name` of the first export.
+    pub fn publish(self, name: &str, point: &str) -> Self {
+        self.publish_in(name, point, None)
+    }
+
+    /// Publishes `point` as folder `name` of `export`.
+    pub fn publish_in(mut self, name: &str, point: &str, export: Option<&str>) -> Self {
+        self.publications.push(PublicationSpec {
+            name: name.into(),
+            point: point.into(),
+            export: export.map(String::from),
+            cache: None,
+        });
+        self
+    }
+
+    /// Puts the write cache of the last publication in `dir`.
+    pub fn cache_in(mut self, dir: &Path) -> Self {
+        if let Some(p) = self.publications.last_mut() {
+            p.cache = Some(dir.to_path_buf());
+        }
+        self
+    }
+
+    /// Fixed ports and the portmapper (for clients that ask port 111).
+    pub fn fixed_ports(mut self, nfs: u16, mount: u16, portmap: u16) -> Self {
+        self.ports = (nfs, mount, portmap);
+        self.portmap = true;
+        self
+    }
+}
+
+/// A running `revive serve`; killed on drop.
+pub struct ReviveServer {
+    /// Folder holding `revive.toml`, `state/`, `cache/` and `serve.log`.
+    pub dir: PathBuf,
+    spec: ServerSpec,
+    child: Option<Child>,
+    /// Ports of the current boot.
+    pub nfs_port: u16,
+    pub mount_port: u16,
+    pub portmap_port: Option<u16>,
+    /// Spawn to ports line, of the last boot.
+    pub startup: Duration,
+}
+
+impl ReviveServer {
+    /// Starts `revive serve` with its state in `dir` (created).
+    pub fn start(dir: &Path, spec: ServerSpec) -> ReviveServer {
+        Self::try_start(dir, spec).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`ReviveServer::start`], but a server that does not come up is an
+    /// error carrying its log.
+    pub fn try_start(dir: &Path, spec: ServerSpec) -> Result<ReviveServer, String> {
+        fs::create_dir_all(dir).expect("create server folder");
+        let mut s = ReviveServer {
+            dir: dir.to_path_buf(),
+            spec,
+            child: None,
+            nfs_port: 0,
+            mount_port: 0,
+            portmap_port: None,
+            startup: Duration::ZERO,
+        };
+        let ports = s.spec.ports;
+        match s.boot(ports) {
+            Ok(()) => Ok(s),
+            Err(e) => Err(format!(
+                "revive serve did not start: {e}\nlog:\n{}",
+                s.log()
+            )),
+        }
+    }
+
+    /// State folder (persisted identity, namespaces).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Default write cache root: one folder per publication.
+    pub fn cache_root(&self) -> PathBuf {
+        self.dir.join("cache")
+    }
+
+    /// Everything the server wrote to stderr, all boots.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    /// `nfs://127.0.0.1<path>?nfsport=N&mountport=M` for libnfs.
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "nfs://127.0.0.1{path}?nfsport={}&mountport={}",
+            self.nfs_port, self.mount_port
+        )
+    }
+
+    fn write_config(&self, ports: (u16, u16, u16)) -> PathBuf {
+        let q = |p: &Path| format!("{:?}", p.to_str().expect("utf8 path"));
+        let mut text = format!(
+            "[repository]\npath = {}\n\n[datastore]\nstate_dir = {}\ncache_root = {}\n\
+             block_cache = {:?}\n\n[nfs]\nbind = \"127.0.0.1\"\nnfs_port = {}\n\
+             mount_port = {}\nportmap_port = {}\nportmap = {}\n",
+            q(&self.spec.repo),
+            q(&self.state_dir()),
+            q(&self.cache_root()),
+            self.spec.block_cache,
+            ports.0,
+            ports.1,
+            ports.2,
+            self.spec.portmap
+        );
+        for (path, allowed) in &self.spec.exports {
+            text += &format!("\n[[export]]\npath = {path:?}\nallowed_clients = {allowed:?}\n");
+        }
+        for p in &self.spec.publications {
+            text += &format!(
+                "\n[[publication]]\nname = {:?}\npoint = {:?}\n",
+                p.name, p.point
+            );
+            if let Some(e) = &p.export {
+                text += &format!("export = {e:?}\n");
+            }
+            if let Some(dir) = &p.cache {
+                text += &format!("cache = {}\n", q(dir));
+            }
+        }
+        let path = self.dir.join("revive.toml");
+        fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Spawns the server on `ports` and waits for its ports line.
+    fn boot(&mut self, ports: (u16, u16, u16)) -> Result<(), String> {
+        let config = self.write_config(ports);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .expect("open log");
+        let started = Instant::now();
+        let mut cmd = revive();
+        // If the test process dies (timeout, abort), the server goes with it.
+        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| format!("spawn: {e}"))?;
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Some(Ok(line))) => line,
+            other => {
+                let _ = child.kill();
+                let status = child.wait();
+                return Err(format!("no ports line ({other:?}), exit {status:?}"));
+            }
+        };
+        self.startup = started.elapsed();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("ports line {line:?}: {e}"))?;
+        let port = |k: &str| v[k].as_u64().map(|p| p as u16);
+        self.nfs_port = port("nfs_port").ok_or("no nfs_port")?;
+        self.mount_port = port("mount_port").ok_or("no mount_port")?;
+        self.portmap_port = port("portmap_port");
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    assert!(status.success(), "revive serve exited with {status}");
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("revive serve did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts the server again with the same config (stopping it first if it
+    /// runs), on the same ports if they are still free, else on new ones.
+    /// Returns the time from spawn to ports line.
+    pub fn restart(&mut self) -> Duration {
+        self.stop();
+        let same = (
+            self.nfs_port,
+            self.mount_port,
+            self.portmap_port.unwrap_or(0),
+        );
+        if self.boot(same).is_err() {
+            eprintln!("restart: previous ports busy, taking new ones");
+            let ports = self.spec.ports;
+            if let Err(e) = self.boot(ports) {
+                panic!("revive serve did not restart: {e}\nlog:\n{}", self.log());
+            }
+        }
+        self.startup
+    }
+
+    /// Whether the child is still running.
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().expect("wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// Names of the write cache files of publication `name`.
+    pub fn cache_files(&self, name: &str) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.cache_root().join(name))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for ReviveServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
