@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{Fixture, MIB, PUB};
 use crate::support::client::*;
-use crate::support::{fio_nfs, have_tool, qemu_has_nfs, sha256_file};
+use crate::support::{fio_nfs_or_skip, qemu_peers_or_skip, sha256_file};
 
 const INNER: &str = "REVIVE_TEST_DATASTORE_NETNS_INNER";
 const DONE: &str = "DATASTORE-QEMU-CHECKS-PASSED";
@@ -21,11 +21,7 @@ async fn qemu_img_converts_out_of_and_into_the_datastore() {
     if std::env::var_os(INNER).is_some() {
         return inner().await;
     }
-    if !qemu_has_nfs() || !have_tool("unshare") || !have_tool("ip") {
-        eprintln!(
-            "\n!!!!!!!!\n!!! SKIPPED: needs qemu-img with the nfs driver (qemu-block-extra), \
-             unshare and ip; run scripts/install-test-deps.sh\n!!!!!!!!\n"
-        );
+    if !qemu_peers_or_skip() {
         return;
     }
     let exe = std::env::current_exe().expect("test binary");
@@ -118,11 +114,7 @@ async fn inner() {
 /// from the backup, which is itself unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_verify_random_writes_on_a_published_disk() {
-    let Some(fio) = fio_nfs() else {
-        eprintln!(
-            "\n!!!!!!!!\n!!! SKIPPED: fio with the nfs engine not found; \
-             set FIO_NFS=$(scripts/build-fio-nfs.sh)\n!!!!!!!!\n"
-        );
+    let Some(fio) = fio_nfs_or_skip() else {
         return;
     };
     let mut f = Fixture::new("fio01", 32 * MIB, 37);

@@ -22,7 +22,7 @@
 
 use super::{pattern, run};
 use crate::support::memfs::{MemFs, ROOT};
-use crate::support::{fio_nfs, TestServer};
+use crate::support::{fio_nfs, fio_nfs_or_skip, TestServer};
 
 /// Throughput of the protocol layer over the in-memory backend, with fio's
 /// nfs engine. Not a correctness test: run on demand with
@@ -93,11 +93,7 @@ async fn bench_fio_nfs_engine() {
 /// engine cannot issue (`unhandled io 3`); a read job verifies as it reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_verify_random_writes() {
-    let Some(fio) = fio_nfs() else {
-        eprintln!(
-            "\n!!!!!!!!\n!!! SKIPPED: fio with the nfs engine not found; \
-             set FIO_NFS=$(scripts/build-fio-nfs.sh)\n!!!!!!!!\n"
-        );
+    let Some(fio) = fio_nfs_or_skip() else {
         return;
     };
     let fs = MemFs::new();

@@ -14,7 +14,7 @@ use revive::nfs::{NfsBind, NfsListeners};
 
 use super::{pattern, run, sha256};
 use crate::support::memfs::{MemFs, ROOT};
-use crate::support::{have_tool, qemu_has_nfs, TestServer};
+use crate::support::{qemu_peers_or_skip, TestServer};
 
 const INNER: &str = "REVIVE_TEST_NETNS_INNER";
 const DONE: &str = "QEMU-NFS-CHECKS-PASSED";
@@ -27,11 +27,7 @@ async fn qemu_img_over_nfs_with_portmapper_on_111() {
     if std::env::var_os(INNER).is_some() {
         return inner().await;
     }
-    if !qemu_has_nfs() || !have_tool("unshare") || !have_tool("ip") {
-        eprintln!(
-            "\n!!!!!!!!\n!!! SKIPPED: needs qemu-img with the nfs driver (qemu-block-extra), \
-             unshare and ip; run scripts/install-test-deps.sh\n!!!!!!!!\n"
-        );
+    if !qemu_peers_or_skip() {
         return;
     }
     let exe = std::env::current_exe().expect("test binary");

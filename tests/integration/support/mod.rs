@@ -270,16 +270,43 @@ pub fn have_tool(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Reports a missing peer: a loud skip on a developer's machine, a failure
+/// under CI (`CI` set), where scripts/test.sh has installed every peer and a
+/// skip would hide a test that did not run.
+pub fn skip_missing_peer(what: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is missing under CI: scripts/test.sh should have installed it");
+    }
+    eprintln!(
+        "\n!!!!!!!!\n!!! SKIPPED: {what} missing; run scripts/install-test-deps.sh\n!!!!!!!!\n"
+    );
+}
+
 /// Skip (return true) with a loud message when libnfs-utils is missing.
 pub fn skip_without_libnfs() -> bool {
     if have_tool("nfs-ls") && have_tool("nfs-cat") && have_tool("nfs-cp") {
         return false;
     }
-    eprintln!(
-        "\n!!!!!!!!\n!!! SKIPPED: libnfs-utils (nfs-ls, nfs-cat, nfs-cp) not installed; \
-         run scripts/install-test-deps.sh\n!!!!!!!!\n"
-    );
+    skip_missing_peer("libnfs-utils (nfs-ls, nfs-cat, nfs-cp)");
     true
+}
+
+/// The fio binary with the nfs engine, or a skip (see [`skip_missing_peer`]).
+pub fn fio_nfs_or_skip() -> Option<String> {
+    let fio = fio_nfs();
+    if fio.is_none() {
+        skip_missing_peer("fio with the nfs engine (FIO_NFS=$(scripts/build-fio-nfs.sh))");
+    }
+    fio
+}
+
+/// True when qemu-img with the nfs driver, unshare and ip are there; else a skip.
+pub fn qemu_peers_or_skip() -> bool {
+    if qemu_has_nfs() && have_tool("unshare") && have_tool("ip") {
+        return true;
+    }
+    skip_missing_peer("qemu-img with the nfs driver (qemu-block-extra), unshare or ip");
+    false
 }
 
 /// fio binary built with the nfs engine (`scripts/build-fio-nfs.sh`), from
