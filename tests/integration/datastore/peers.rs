@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use super::{Fixture, MIB, PUB};
 use crate::support::client::*;
-use crate::support::{fio_nfs_or_skip, qemu_peers_or_skip, sha256_file};
+use crate::support::{fio_nfs_or_skip, in_netns, qemu_peers_or_skip, rerun_in_netns, sha256_file};
 
-const INNER: &str = "REVIVE_TEST_DATASTORE_NETNS_INNER";
 const DONE: &str = "DATASTORE-QEMU-CHECKS-PASSED";
 const TEST: &str = "datastore::peers::qemu_img_converts_out_of_and_into_the_datastore";
 
@@ -18,41 +17,13 @@ const TEST: &str = "datastore::peers::qemu_img_converts_out_of_and_into_the_data
 /// itself in a private network namespace where the server takes 111/2049.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_converts_out_of_and_into_the_datastore() {
-    if std::env::var_os(INNER).is_some() {
+    if in_netns() {
         return inner().await;
     }
     if !qemu_peers_or_skip() {
         return;
     }
-    let exe = std::env::current_exe().expect("test binary");
-    let exe = exe.to_str().expect("utf8 path");
-    let fut = tokio::process::Command::new("unshare")
-        .args([
-            "--net",
-            "--",
-            exe,
-            "--exact",
-            TEST,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(INNER, "1")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), fut)
-        .await
-        .expect("inner run finishes within 5 minutes")
-        .expect("run unshare");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "inner run failed:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains(DONE) || stderr.contains(DONE),
-        "inner run did not get to the end (unshare refused?):\n{stdout}\n{stderr}"
-    );
+    rerun_in_netns(TEST, DONE).await;
 }
 
 async fn inner() {

@@ -14,9 +14,8 @@ use revive::nfs::{NfsBind, NfsListeners};
 
 use super::{pattern, run, sha256};
 use crate::support::memfs::{MemFs, ROOT};
-use crate::support::{qemu_peers_or_skip, TestServer};
+use crate::support::{in_netns, qemu_peers_or_skip, rerun_in_netns, TestServer};
 
-const INNER: &str = "REVIVE_TEST_NETNS_INNER";
 const DONE: &str = "QEMU-NFS-CHECKS-PASSED";
 const TEST: &str = "nfs_proto::qemu::qemu_img_over_nfs_with_portmapper_on_111";
 
@@ -24,38 +23,13 @@ const TEST: &str = "nfs_proto::qemu::qemu_img_over_nfs_with_portmapper_on_111";
 /// in it: reads, writes, and the flushes (COMMIT) qcow2 needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_over_nfs_with_portmapper_on_111() {
-    if std::env::var_os(INNER).is_some() {
+    if in_netns() {
         return inner().await;
     }
     if !qemu_peers_or_skip() {
         return;
     }
-    let exe = std::env::current_exe().expect("test binary");
-    let exe = exe.to_str().expect("utf8 path");
-    let out = tokio::process::Command::new("unshare")
-        .args([
-            "--net",
-            "--",
-            exe,
-            "--exact",
-            TEST,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(INNER, "1")
-        .output()
-        .await
-        .expect("run unshare");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "inner run failed:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains(DONE) || stderr.contains(DONE),
-        "inner run did not get to the end (unshare refused?):\n{stdout}\n{stderr}"
-    );
+    rerun_in_netns(TEST, DONE).await;
 }
 
 async fn inner() {

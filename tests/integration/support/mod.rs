@@ -329,3 +329,41 @@ pub fn qemu_has_nfs() -> bool {
         .split_whitespace()
         .any(|w| w == "nfs")
 }
+
+/// Environment variable that marks a test binary re-run inside a private
+/// network namespace by [`rerun_in_netns`].
+pub const NETNS_INNER: &str = "REVIVE_TEST_NETNS_INNER";
+
+/// True inside the re-run of [`rerun_in_netns`]: the test does its real work.
+pub fn in_netns() -> bool {
+    std::env::var_os(NETNS_INNER).is_some()
+}
+
+/// Re-runs test `test` (its full path) of this binary inside a private network
+/// namespace (`unshare --net`), where it may bind ports 111 and 2049 without
+/// touching the host, and checks that it passed and printed `done`.
+pub async fn rerun_in_netns(test: &str, done: &str) {
+    let exe = std::env::current_exe().expect("test binary");
+    let run = tokio::process::Command::new("unshare")
+        .arg("--net")
+        .arg("--")
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(NETNS_INNER, "1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(300), run)
+        .await
+        .expect("inner run finishes within 5 minutes")
+        .expect("run unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "inner run failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains(done) || stderr.contains(done),
+        "inner run did not get to the end (unshare refused?):\n{stdout}\n{stderr}"
+    );
+}
