@@ -30,7 +30,7 @@ fn main() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
             }
-            let _ = writeln!(std::io::stderr(), "revive: {err:#}");
+            let _ = writeln!(std::io::stderr(), "revive: {}", one_line(&err));
             ExitCode::from(2)
         }
     }
@@ -45,4 +45,20 @@ fn init_logging(default_level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// The error and its causes on one line. Library errors already end with
+/// their cause ("read '/x' - No such file"), so a cause whose text is already
+/// there is not repeated.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line
 }
