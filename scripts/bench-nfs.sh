@@ -19,7 +19,8 @@
 # are always UNSTABLE. The script builds a copy of fio with a one-line patch
 # that passes O_SYNC when --sync=1 (libnfs then sends FILE_SYNC writes).
 #
-# Environment: BENCH_RUNTIME (seconds per job, default 5), BENCH_DIR (work
+# Environment: BENCH_RUNTIME (seconds per fio run, default 4), BENCH_REPEAT
+# (runs per line, default 3; the table shows median and range), BENCH_DIR (work
 # folder, default /var/tmp/revive-bench), BENCH_MD (report, default
 # docs/bench-nfs.md; empty: do not write), BENCH_SKIP_BUILD=1 (use the
 # existing release binary).
@@ -28,12 +29,13 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RUNTIME=${BENCH_RUNTIME:-5}
+RUNTIME=${BENCH_RUNTIME:-4}
+REPEAT=${BENCH_REPEAT:-3}
 WORK=${BENCH_DIR:-/var/tmp/revive-bench}
 MD=${BENCH_MD-$ROOT/docs/bench-nfs.md}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 REVIVE=$TARGET/release/revive
-CMDLINE="scripts/bench-nfs.sh${BENCH_RUNTIME:+ (BENCH_RUNTIME=$BENCH_RUNTIME)}"
+CMDLINE="${BENCH_RUNTIME:+BENCH_RUNTIME=$BENCH_RUNTIME }${BENCH_REPEAT:+BENCH_REPEAT=$BENCH_REPEAT }scripts/bench-nfs.sh"
 NFS_PORT=2049
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 MOUNT_PORT=20048
@@ -173,17 +175,30 @@ start_ganesha() {
 
 # ------------------------------------------------------------------ fio --
 # run_fio NSPID URL FILE ARGS...: prints "read_iops read_kibs write_iops write_kibs".
+#
+# fio's nfs engine sometimes never returns from its final UMNT against
+# revive after a 1 MiB sequential read (the job's I/O is over by then), so
+# fio prints cumulative terse stats every second and the last line before
+# the run's end is used; a fio that is still there 10 s after its run time
+# is killed.
 run_fio() {
     local ns=$1 url=$2 file=$3 out
     shift 3
-    out=$(timeout -s INT $((RUNTIME + 60)) nsenter -t "$ns" -n "$FIO" --name=bench --ioengine=nfs \
+    # Own process group (setsid), so a hung fio job process is killed too.
+    setsid timeout -s INT -k 3 $((RUNTIME + 10)) nsenter -t "$ns" -n stdbuf -oL "$FIO" --name=bench --ioengine=nfs \
         "--nfs_url=$url" "--filename=$file" --size=256m --time_based "--runtime=$RUNTIME" \
-        --randrepeat=0 --output-format=terse --terse-version=3 "$@" 2>"$WORK/fio.err") || {
+        --randrepeat=0 --output-format=terse --terse-version=3 --status-interval=1 "$@" \
+        >"$WORK/fio.out" 2>"$WORK/fio.err" &
+    local pid=$!
+    wait "$pid" || true
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    out=$(grep '^3;' "$WORK/fio.out" | tail -n1)
+    if [ -z "$out" ]; then
         cat "$WORK/fio.err" >&2
         die "fio failed: $*"
-    }
+    fi
     # terse v3: 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
-    echo "$out" | tail -n1 | awk -F';' '{print $8, $7, $49, $48}'
+    echo "$out" | awk -F';' '{print $8, $7, $49, $48}'
 }
 
 # ---------------------------------------------------------------- setup --
@@ -282,12 +297,15 @@ SYNCWRITE=(--rw=randwrite --bs=4k --iodepth=16 --sync=1)
 SEQWRITE=(--rw=write --bs=1m --iodepth=4)
 
 RESULTS=()
-# measure LABEL UNIT(iops|mibs) DIR(read|write) ARGS...
+# Median and range of numbers on stdin: "median min max".
+stats() { sort -g | awk '{v[NR]=$1} END {printf "%s %s %s", v[int((NR+1)/2)], v[1], v[NR]}'; }
+
+# measure LABEL UNIT(iops|mibs) DIR(read|write) COLD(0|1) ARGS...
+# Runs revive then Ganesha, REPEAT times; the ratio of each repeat compares
+# two runs a few seconds apart, which cancels most of the machine's noise.
 measure() {
-    local label=$1 unit=$2 dir=$3 r g rv gv
-    shift 3
-    r=$(run_fio "$REVIVE_PID" "$REVIVE_URL" "$REVIVE_FILE" "$@")
-    g=$(run_fio "$GANESHA_PID" "$GANESHA_URL" "$GANESHA_FILE" "$@")
+    local label=$1 unit=$2 dir=$3 cold=$4 i r g rv gv rvs="" gvs="" ratios=""
+    shift 4
     pick() {
         # $1: "riops rkib wiops wkib"
         set -- $1
@@ -298,35 +316,53 @@ measure() {
         write/mibs) awk -v k="$4" 'BEGIN{printf "%.0f", k/1024}' ;;
         esac
     }
-    rv=$(pick "$r")
-    gv=$(pick "$g")
-    RESULTS+=("$label|$unit|$rv|$gv")
-    log "$label: revive $rv, ganesha $gv ($unit)"
+    for i in $(seq "$REPEAT"); do
+        if [ "$cold" = 1 ]; then
+            stop_revive
+            start_revive
+        fi
+        r=$(run_fio "$REVIVE_PID" "$REVIVE_URL" "$REVIVE_FILE" "$@")
+        g=$(run_fio "$GANESHA_PID" "$GANESHA_URL" "$GANESHA_FILE" "$@")
+        rv=$(pick "$r")
+        gv=$(pick "$g")
+        log "$label [$i/$REPEAT]: revive $rv, ganesha $gv ($unit)"
+        rvs+="$rv"$'\n'
+        gvs+="$gv"$'\n'
+        ratios+=$(awk -v a="$rv" -v b="$gv" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else print 0 }')$'\n'
+    done
+    RESULTS+=("$label|$unit|$(printf %s "$rvs" | stats)|$(printf %s "$gvs" | stats)|$(printf %s "$ratios" | stats)")
 }
 
 start_revive
-measure "4 KiB random read, qd1, cold block cache" iops read "${RANDREAD1[@]}"
-stop_revive
-start_revive
-measure "4 KiB random read, qd16, cold block cache" iops read "${RANDREAD16[@]}"
-measure "1 MiB sequential read, qd4" mibs read "${SEQREAD[@]}"
-measure "4 KiB random read, qd1, warm block cache" iops read "${RANDREAD1[@]}"
-measure "4 KiB random read, qd16, warm block cache" iops read "${RANDREAD16[@]}"
-measure "4 KiB random write, FILE_SYNC, qd16" iops write "${SYNCWRITE[@]}"
-measure "1 MiB sequential write, qd4" mibs write "${SEQWRITE[@]}"
+measure "4 KiB random read, qd1, cold block cache" iops read 1 "${RANDREAD1[@]}"
+measure "4 KiB random read, qd16, cold block cache" iops read 1 "${RANDREAD16[@]}"
+measure "1 MiB sequential read, qd4" mibs read 0 "${SEQREAD[@]}"
+measure "4 KiB random read, qd1, warm block cache" iops read 0 "${RANDREAD1[@]}"
+measure "4 KiB random read, qd16, warm block cache" iops read 0 "${RANDREAD16[@]}"
+measure "4 KiB random write, FILE_SYNC, qd16" iops write 0 "${SYNCWRITE[@]}"
+measure "1 MiB sequential write, qd4" mibs write 0 "${SEQWRITE[@]}"
 cleanup
 
 # --------------------------------------------------------------- report --
+# Cells: median, and the range over the repeats when there are several.
+cell() {
+    # $1 median $2 min $3 max $4 unit suffix
+    if [ "$REPEAT" -gt 1 ]; then
+        echo "$1$4 ($2-$3)"
+    else
+        echo "$1$4"
+    fi
+}
 table() {
-    echo "| workload (fio nfs engine, 256 MiB file, ${RUNTIME} s each) | revive | NFS-Ganesha 4.3 | revive / Ganesha |"
+    echo "| workload (fio nfs engine, 256 MiB file, ${RUNTIME} s per run, median of $REPEAT) | revive | NFS-Ganesha 4.3 | revive / Ganesha |"
     echo "|---|---:|---:|---:|"
-    local line label unit rv gv ratio u
+    local line label unit r g q u
     for line in "${RESULTS[@]}"; do
-        IFS='|' read -r label unit rv gv <<<"$line"
-        u=IOPS
-        [ "$unit" = mibs ] && u=MiB/s
-        ratio=$(awk -v a="$rv" -v b="$gv" 'BEGIN{ if (b > 0) printf "%.2fx", a/b; else print "-" }')
-        echo "| $label | $rv $u | $gv $u | $ratio |"
+        IFS='|' read -r label unit r g q <<<"$line"
+        u=" IOPS"
+        [ "$unit" = mibs ] && u=" MiB/s"
+        # shellcheck disable=SC2086
+        echo "| $label | $(cell $r "$u") | $(cell $g "$u") | $(cell $q x) |"
     done
 }
 
@@ -346,11 +382,11 @@ fio 3.33 (nfs engine, libnfs $(dpkg-query -W -f '${Version}' libnfs13 2>/dev/nul
 
 $TABLE
 
-- Same machine, one run, jobs interleaved (revive, then Ganesha, per line). fio and the server share the 2 cores, so figures are noisy (see the ranges below when given).
+- Same machine, one run: each line runs revive then Ganesha, $REPEAT times; cells show the median and (range). The ratio column is the median of the per-repeat ratios (two runs seconds apart), less noisy than the absolute figures. fio and the server share the $(nproc) cores with whatever else runs, so absolute figures are noisy.
 - Each server runs in its own private network namespace and fio is entered into it: both are reached over an identical loopback.
 - revive serves restore point \`disk@latest\` of a 256 MiB disk (3/8 random, 2/8 compressible text, 1/8 zeros, 2/8 duplicates) from its deduplicated repository ($((REPO_BYTES >> 20)) MiB on disk), 1 MiB chunks, zstd, BLAKE3-verified when they enter the 256 MiB block cache; writes go to the write cache on the same ext4 filesystem. Ganesha serves the same bytes as a plain file there. Both data sets are in the page cache.
-- "cold" lines start with a freshly started revive (empty block cache); the cache fills while the job runs. The sequential read then loads every chunk, so the "warm" lines read only memory. Ganesha's cold and warm lines are the same workload run twice.
-- FILE_SYNC: fio's nfs engine ignores \`--sync=1\`; the script patches it to open with O_SYNC, so libnfs sends every WRITE as FILE_SYNC (revive: data and bitmap fsynced before the reply, concurrent writes share one fsync).
+- "cold" lines restart revive before every run (empty block cache); the cache fills while the job runs (256 chunk misses of about 1 ms each, decompress and BLAKE3 verify). The sequential read then loads every chunk, so the "warm" lines read only memory. Ganesha's cold and warm lines are the same workload run twice.
+- FILE_SYNC: fio's nfs engine ignores \`--sync=1\`; the script patches it to open with O_SYNC, so libnfs sends every WRITE as FILE_SYNC (revive: data and bitmap fsynced before the reply, concurrent writes share one flush). Repeats after the first rewrite some blocks already in revive's write cache (no bitmap change for those).
 EOF
     log "wrote $MD"
 fi
