@@ -12,8 +12,9 @@
 //! | 1 MiB seqwrite qd4  | 1023 MiB/s       | 1041 MiB/s             |
 //!
 //! A second run while other builds loaded the machine (load average 5) gave
-//! 29.0k / 36.2k IOPS, 997 MiB/s, 747 MiB/s, and 43.5k IOPS for 4 KiB sync
-//! random writes at qd16: the numbers are noisy here.
+//! 29.0k / 36.2k IOPS, 997 MiB/s, 747 MiB/s, and 43.5k IOPS for 4 KiB random
+//! writes at qd16 (UNSTABLE: fio's nfs engine ignores `--sync=1`; see
+//! scripts/bench-nfs.sh for real FILE_SYNC figures): the numbers are noisy here.
 //!
 //! Not a like-for-like comparison: Ganesha served a file through VFS, we
 //! serve memory (which copies each read under one mutex). It shows the
