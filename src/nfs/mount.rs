@@ -37,6 +37,7 @@ const AUTH_FLAVORS: [u32; 2] = [1, 0];
 /// Answer one MOUNT call from `peer`.
 pub(crate) async fn dispatch(state: &ServerState, peer: IpAddr, call: Call) -> Reply {
     state.count_mount();
+    tracing::debug!(xid = call.xid, proc_num = call.proc_num, peer = %peer, "mount call");
     if call.vers != VERSION {
         return Reply::prog_mismatch(call.xid, VERSION, VERSION);
     }
