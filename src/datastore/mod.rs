@@ -31,7 +31,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -211,21 +210,7 @@ impl Datastore {
         if ns.publication(name).is_some() || ns.lookup(ROOT_ID, name).is_ok() {
             return Err(DatastoreError::Exists);
         }
-        let now = SystemTime::now();
-        let template = Node {
-            id: 0,
-            parent: 0,
-            name: String::new(),
-            content: Content::Dir,
-            publication: Some(name.to_string()),
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            verifier: None,
-        };
+        let template = Node::template(Content::Dir, 0o755, Some(name.to_string()));
         let folder = ns.add(ROOT_ID, name, Content::Dir, &template)?;
         for file in &point.files {
             let content = Content::Presented {

@@ -67,6 +67,26 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node to pass to [`Namespace::add`] (which sets id, parent and name),
+    /// owned by root, with all times now.
+    pub fn template(content: Content, mode: u32, publication: Option<String>) -> Node {
+        let now = SystemTime::now();
+        Node {
+            id: 0,
+            parent: 0,
+            name: String::new(),
+            content,
+            publication,
+            mode,
+            uid: 0,
+            gid: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            verifier: None,
+        }
+    }
+
     /// True for folders.
     pub fn is_dir(&self) -> bool {
         self.content == Content::Dir
@@ -138,20 +158,10 @@ impl Namespace {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let now = SystemTime::now();
                 ns.insert_node(Node {
                     id: ROOT_ID,
                     parent: ROOT_ID,
-                    name: String::new(),
-                    content: Content::Dir,
-                    publication: None,
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    atime: now,
-                    mtime: now,
-                    ctime: now,
-                    verifier: None,
+                    ..Node::template(Content::Dir, 0o755, None)
                 });
                 ns.save()?;
             }
@@ -434,21 +444,7 @@ mod tests {
     use super::*;
 
     fn template() -> Node {
-        let now = SystemTime::now();
-        Node {
-            id: 0,
-            parent: 0,
-            name: String::new(),
-            content: Content::New,
-            publication: None,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            verifier: None,
-        }
+        Node::template(Content::New, 0o644, None)
     }
 
     #[test]

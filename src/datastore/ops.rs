@@ -20,20 +20,13 @@ fn resolve_time(t: SetTime, current: SystemTime) -> SystemTime {
 
 /// A node template for something a client creates.
 fn new_node(attrs: &SetAttr, default_mode: u32) -> Node {
-    let now = SystemTime::now();
+    let base = Node::template(Content::New, attrs.mode.unwrap_or(default_mode), None);
     Node {
-        id: 0,
-        parent: 0,
-        name: String::new(),
-        content: Content::New,
-        publication: None,
-        mode: attrs.mode.unwrap_or(default_mode),
         uid: attrs.uid.unwrap_or(0),
         gid: attrs.gid.unwrap_or(0),
-        atime: resolve_time(attrs.atime, now),
-        mtime: resolve_time(attrs.mtime, now),
-        ctime: now,
-        verifier: None,
+        atime: resolve_time(attrs.atime, base.atime),
+        mtime: resolve_time(attrs.mtime, base.mtime),
+        ..base
     }
 }
 
