@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use super::{Fixture, MIB, PUB};
 use crate::support::client::*;
-use crate::support::{fio_nfs_or_skip, in_netns, qemu_peers_or_skip, rerun_in_netns, sha256_file};
+use crate::support::{
+    fio_nfs_or_skip, fio_verify_job, in_netns, qemu_peers_or_skip, rerun_in_netns, sha256_file,
+    FioPhase,
+};
 
 const DONE: &str = "DATASTORE-QEMU-CHECKS-PASSED";
 const TEST: &str = "datastore::peers::qemu_img_converts_out_of_and_into_the_datastore";
@@ -89,42 +92,11 @@ async fn fio_verify_random_writes_on_a_published_disk() {
         return;
     };
     let mut f = Fixture::new("fio01", 32 * MIB, 37);
-    let nfs_url = format!("--nfs_url={}", f.server.url("/revive"));
-    let filename = format!("--filename=/{PUB}/{}", f.disk_name());
-    let job = |rw: &'static str, do_verify: &'static str, depth: &'static str| {
-        let (fio, nfs_url, filename) = (fio.clone(), nfs_url.clone(), filename.clone());
-        async move {
-            let args = [
-                "--name=verify",
-                "--ioengine=nfs",
-                &nfs_url,
-                &filename,
-                "--size=32m",
-                rw,
-                "--bs=4k",
-                depth,
-                "--verify=crc32c",
-                do_verify,
-                "--verify_fatal=1",
-                // No verify state file in the working directory.
-                "--verify_state_save=0",
-            ];
-            let out = run_tool_for(&fio, &args, Duration::from_secs(180)).await;
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            let ok = out.status.success() && stdout.contains("err= 0");
-            (
-                ok,
-                format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
-            )
-        }
-    };
-    // The write job runs at queue depth 1: at job end fio's nfs engine
-    // cancels requests still queued in libnfs ("Failed NFS operation
-    // (code:-14)"), so at depth 16 up to 16 last writes sometimes never
-    // reached the server and the verify job failed on them.
-    let (ok, log) = job("--rw=randwrite", "--do_verify=0", "--iodepth=1").await;
+    let url = f.server.url("/revive");
+    let file = format!("/{PUB}/{}", f.disk_name());
+    let (ok, log) = fio_verify_job(&fio, &url, &file, FioPhase::Write).await;
     assert!(ok, "fio write failed:\n{log}");
-    let (ok, log) = job("--rw=randread", "--do_verify=1", "--iodepth=16").await;
+    let (ok, log) = fio_verify_job(&fio, &url, &file, FioPhase::Verify).await;
     assert!(ok, "fio verify failed:\n{log}");
 
     let (mut c, _, folder) = f.mount().await;

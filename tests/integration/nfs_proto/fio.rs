@@ -23,7 +23,7 @@
 
 use super::{pattern, run};
 use crate::support::memfs::{MemFs, ROOT};
-use crate::support::{fio_nfs, fio_nfs_or_skip, TestServer};
+use crate::support::{fio_nfs, fio_nfs_or_skip, fio_verify_job, FioPhase, TestServer};
 
 /// Throughput of the protocol layer over the in-memory backend, with fio's
 /// nfs engine. Not a correctness test: run on demand with
@@ -100,46 +100,15 @@ async fn fio_verify_random_writes() {
     let fs = MemFs::new();
     fs.add_file(ROOT, "disk", vec![0; 32 * 1024 * 1024]);
     let s = TestServer::start(fs.clone()).await;
-    let nfs_url = format!("--nfs_url={}", s.url("/export"));
-    let fio_job = |rw: &'static str, do_verify: &'static str, depth: &'static str| {
-        let fio = fio.clone();
-        let nfs_url = nfs_url.clone();
-        async move {
-            let args = [
-                "--name=verify",
-                "--ioengine=nfs",
-                &nfs_url,
-                "--filename=/disk",
-                "--size=32m",
-                rw,
-                "--bs=4k",
-                depth,
-                "--verify=crc32c",
-                do_verify,
-                "--verify_fatal=1",
-                // No verify state file in the working directory.
-                "--verify_state_save=0",
-            ];
-            let out = run(&fio, &args).await;
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            let ok = out.status.success() && stdout.contains("err= 0");
-            (
-                ok,
-                format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
-            )
-        }
-    };
-    // Queue depth 1 for writes: at job end fio's nfs engine cancels requests
-    // still queued in libnfs, so at depth 16 the last writes sometimes never
-    // reached the server and the verify job failed (a flaky test).
-    let (ok, log) = fio_job("--rw=randwrite", "--do_verify=0", "--iodepth=1").await;
+    let url = s.url("/export");
+    let (ok, log) = fio_verify_job(&fio, &url, "/disk", FioPhase::Write).await;
     assert!(ok, "fio write failed:\n{log}");
-    let (ok, log) = fio_job("--rw=randread", "--do_verify=1", "--iodepth=16").await;
+    let (ok, log) = fio_verify_job(&fio, &url, "/disk", FioPhase::Verify).await;
     assert!(ok, "fio verify failed:\n{log}");
     // The check has teeth: one flipped byte makes the read job fail.
     let data = fs.file_data(&["disk"]).expect("disk");
     fs.poke("disk", 4096 * 100 + 200, &[!data[4096 * 100 + 200]]);
-    let (ok, _) = fio_job("--rw=randread", "--do_verify=1", "--iodepth=16").await;
+    let (ok, _) = fio_verify_job(&fio, &url, "/disk", FioPhase::Verify).await;
     assert!(!ok, "fio must notice a corrupted block");
     fs.poke("disk", 4096 * 100 + 200, &[data[4096 * 100 + 200]]);
     // The backend really holds fio's blocks, not zeros.

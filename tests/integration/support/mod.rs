@@ -367,3 +367,48 @@ pub async fn rerun_in_netns(test: &str, done: &str) {
         "inner run did not get to the end (unshare refused?):\n{stdout}\n{stderr}"
     );
 }
+
+/// Which phase of a fio verify run.
+#[derive(Clone, Copy, Debug)]
+pub enum FioPhase {
+    /// Random 4 KiB writes with crc32c headers, at queue depth 1: at job end
+    /// fio's nfs engine cancels requests still queued in libnfs, so at a
+    /// higher depth the last writes sometimes never reach the server.
+    Write,
+    /// Random reads at queue depth 16, verifying every block's header.
+    Verify,
+}
+
+/// Runs one fio job (nfs engine) on 32 MiB of `file` under the libnfs `url`;
+/// returns whether it passed and its output. Two jobs instead of one because
+/// fio's verify phase starts with an fsync the nfs engine cannot issue.
+pub async fn fio_verify_job(fio: &str, url: &str, file: &str, phase: FioPhase) -> (bool, String) {
+    let nfs_url = format!("--nfs_url={url}");
+    let filename = format!("--filename={file}");
+    let (rw, do_verify, depth) = match phase {
+        FioPhase::Write => ("--rw=randwrite", "--do_verify=0", "--iodepth=1"),
+        FioPhase::Verify => ("--rw=randread", "--do_verify=1", "--iodepth=16"),
+    };
+    let args = [
+        "--name=verify",
+        "--ioengine=nfs",
+        &nfs_url,
+        &filename,
+        "--size=32m",
+        rw,
+        "--bs=4k",
+        depth,
+        "--verify=crc32c",
+        do_verify,
+        "--verify_fatal=1",
+        // No verify state file in the working directory.
+        "--verify_state_save=0",
+    ];
+    let out = client::run_tool_for(fio, &args, std::time::Duration::from_secs(180)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ok = out.status.success() && stdout.contains("err= 0");
+    (
+        ok,
+        format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
