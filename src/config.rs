@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
+use crate::drivers::HostConfig;
 use crate::nfs::NfsBind;
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
 
@@ -47,6 +48,40 @@ pub struct Config {
     /// Restore points published when `revive serve` starts (`[[publication]]`).
     #[serde(rename = "publication")]
     pub publications: Vec<PublicationSection>,
+    /// Instant-recovery sessions: retries, validations, the datastore name.
+    pub sessions: SessionsSection,
+    /// Hypervisor hosts sessions can run VMs on (`[[host]]`).
+    #[serde(rename = "host")]
+    pub hosts: Vec<HostConfig>,
+}
+
+/// `[sessions]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsSection {
+    /// Automatic retries of a step that failed for a transient cause.
+    pub retries: u32,
+    /// Seconds between automatic retries.
+    pub retry_interval_secs: u64,
+    /// Free space a write cache location needs before a session publishes there, e.g. "1GiB".
+    #[serde(deserialize_with = "size")]
+    pub min_free_cache: u64,
+    /// Export the sessions' VM folders appear in (default: the first export).
+    pub export: Option<String>,
+    /// Datastore name hypervisors show (default: `revive-<this host's name>`).
+    pub datastore_name: Option<String>,
+}
+
+impl Default for SessionsSection {
+    fn default() -> Self {
+        SessionsSection {
+            retries: 10,
+            retry_interval_secs: 300,
+            min_free_cache: 1 << 30,
+            export: None,
+            datastore_name: None,
+        }
+    }
 }
 
 /// `[datastore]`
@@ -248,6 +283,30 @@ mod tests {
         assert_eq!(config.nfs.nfs_port, 2049);
         assert_eq!(config.nfs.portmap_port, 111);
         assert_eq!(config.export_configs()[0].path, "/revive");
+        assert_eq!(config.sessions.retries, 10);
+        assert_eq!(config.hosts[0].name, "local");
+        assert_eq!(
+            config.hosts[0].driver,
+            crate::drivers::DriverConfig::None(Default::default())
+        );
+    }
+
+    #[test]
+    fn hosts_name_their_driver_and_refuse_unknown_keys() {
+        let config =
+            Config::parse("[[host]]\nname = \"kvm1\"\ndriver = \"qemu\"\nrun_dir = \"/tmp/q\"\n")
+                .unwrap();
+        assert!(matches!(
+            config.hosts[0].driver,
+            crate::drivers::DriverConfig::Qemu(_)
+        ));
+        let err = Config::parse("[[host]]\nname = \"x\"\ndriver = \"hyperv\"\n").unwrap_err();
+        assert!(err.contains("hyperv"), "{err}");
+        let err = Config::parse(
+            "[[host]]\nname = \"x\"\ndriver = \"qemu\"\nrun_dir = \"/q\"\nrundir = 1\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("rundir"), "{err}");
     }
 
     #[test]
