@@ -23,8 +23,8 @@
 mod io;
 pub mod namespace;
 mod ops;
-mod view;
 pub mod types;
+mod view;
 
 use std::collections::HashMap;
 use std::fs;

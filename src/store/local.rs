@@ -340,7 +340,10 @@ mod tests {
         fs::rename(&root, &away).unwrap();
         for err in [
             store.get("a/b").await.unwrap_err(),
-            store.put("c/d", Bytes::from_static(b"y")).await.unwrap_err(),
+            store
+                .put("c/d", Bytes::from_static(b"y"))
+                .await
+                .unwrap_err(),
             store.list("a/").await.unwrap_err(),
         ] {
             assert!(err.is_transient(), "{err}");
