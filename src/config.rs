@@ -71,6 +71,9 @@ pub struct SessionsSection {
     pub export: Option<String>,
     /// Datastore name hypervisors show (default: `revive-<this host's name>`).
     pub datastore_name: Option<String>,
+    /// Bytes per second a copy migration may write, e.g. "200MiB"; 0: no limit.
+    #[serde(deserialize_with = "size")]
+    pub migration_bandwidth: u64,
 }
 
 impl Default for SessionsSection {
@@ -81,6 +84,7 @@ impl Default for SessionsSection {
             min_free_cache: 1 << 30,
             export: None,
             datastore_name: None,
+            migration_bandwidth: 0,
         }
     }
 }
@@ -273,6 +277,7 @@ impl Config {
             retries: self.sessions.retries,
             retry_interval: std::time::Duration::from_secs(self.sessions.retry_interval_secs),
             min_free_cache: self.sessions.min_free_cache,
+            migration_bandwidth: self.sessions.migration_bandwidth,
             cache_root: self.datastore.cache_root.clone(),
             hosts: self.hosts.clone(),
         }

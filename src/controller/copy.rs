@@ -69,7 +69,16 @@ async fn copy_range(
     mut progress: impl FnMut(u64, u64) -> Result<(), ControllerError>,
 ) -> Result<(), ControllerError> {
     let mut offset = from;
+    let started = Instant::now();
+    let limit = inner.config.migration_bandwidth;
     while offset < to {
+        if limit > 0 {
+            // Sleep until the bytes copied so far fit the allowed rate.
+            let due = Duration::from_secs_f64((offset - from) as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
         if handle.cancel.load(Ordering::SeqCst) {
             return Err(ControllerError::Cancelled);
         }

@@ -59,6 +59,9 @@ pub struct ControllerConfig {
     pub retry_interval: Duration,
     /// Free space a write cache location needs.
     pub min_free_cache: u64,
+    /// Bytes per second a copy migration may write (0: no limit), so it does
+    /// not starve the production storage it copies to.
+    pub migration_bandwidth: u64,
     /// Default write cache location (`<cache_root>/<session name>`).
     pub cache_root: PathBuf,
     /// Configured hosts.
