@@ -5,4 +5,5 @@
 mod datastore;
 mod nfs_proto;
 mod repo_cli;
+mod s3;
 mod support;
