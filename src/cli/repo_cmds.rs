@@ -99,7 +99,11 @@ pub async fn backup(
     Ok(Outcome::Ok)
 }
 
-pub async fn points(location: &StoreLocation, vm: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+pub async fn points(
+    location: &StoreLocation,
+    vm: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Outcome> {
     let repo = open(location).await?;
     let points: Vec<_> = repo
         .points()
@@ -164,7 +168,11 @@ pub async fn restore(location: &StoreLocation, spec: &str, dest: &Path) -> anyho
     Ok(Outcome::Ok)
 }
 
-pub async fn verify(location: &StoreLocation, spec: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+pub async fn verify(
+    location: &StoreLocation,
+    spec: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Outcome> {
     let repo = open(location).await?;
     let points = match spec {
         Some(spec) => vec![repo.resolve(spec).await?],

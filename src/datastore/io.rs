@@ -142,11 +142,7 @@ impl Datastore {
                         .map(|p| p.point.clone())
                         .ok_or(DatastoreError::Stale)?
                 };
-                let point = self
-                    .repo
-                    .point(&point_id)
-                    .await
-                    .map_err(|e| repo_err(&e))?;
+                let point = self.repo.point(&point_id).await.map_err(|e| repo_err(&e))?;
                 let reader = FileReader::new(&self.repo, &point, file)
                     .map_err(|e| repo_err(&e))?
                     .with_cache(self.block_cache.clone());

@@ -59,7 +59,9 @@ impl Repository {
         let grace = options.grace.unwrap_or_else(|| self.store().gc_grace());
         // Objects modified after this are young. Without a time (a store that
         // does not say), an object counts as old.
-        let cutoff = SystemTime::now().checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let young = |m: &crate::store::ObjectMeta| {
             !grace.is_zero() && m.modified.is_some_and(|t| t > cutoff)
         };

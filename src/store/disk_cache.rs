@@ -30,9 +30,7 @@ use bytes::Bytes;
 use lru::LruCache;
 use tracing::{debug, warn};
 
-use super::{
-    validate_key, LockGuard, LockMode, ObjectMeta, PutOutcome, Store, StoreError,
-};
+use super::{validate_key, LockGuard, LockMode, ObjectMeta, PutOutcome, Store, StoreError};
 
 /// Prefix of temporary files while an object is written into the cache.
 const TEMP_PREFIX: &str = ".tmp-";
@@ -416,7 +414,10 @@ mod tests {
         assert_eq!(store.get("chunks/01").await.unwrap(), vec![1u8; 1000]);
         assert_eq!(store.get("chunks/02").await.unwrap(), vec![2u8; 1000]);
         assert_eq!(store.cache().counters.hits.load(Ordering::Relaxed), 2);
-        assert!(store.get("chunks/00").await.is_ok(), "a miss reads the store");
+        assert!(
+            store.get("chunks/00").await.is_ok(),
+            "a miss reads the store"
+        );
         assert_eq!(store.cache().counters.misses.load(Ordering::Relaxed), 1);
     }
 }

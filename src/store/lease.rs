@@ -146,9 +146,7 @@ pub async fn acquire(
                     format!("garbage collection is running ({})", l.holder),
                 ));
             }
-            store
-                .put(&key, body(&holder, mode, settings.ttl))
-                .await?;
+            store.put(&key, body(&holder, mode, settings.ttl)).await?;
             if let Some(l) = live_exclusive(&*store).await? {
                 store.delete(&key).await?;
                 return Err(busy(
@@ -347,7 +345,10 @@ mod tests {
         let gc = acquire(store.clone(), LockMode::Exclusive, short.clone())
             .await
             .unwrap();
-        assert!(gc.check().is_err(), "a lease not renewed in time is not trusted");
+        assert!(
+            gc.check().is_err(),
+            "a lease not renewed in time is not trusted"
+        );
         std::mem::forget(gc);
         tokio::time::sleep(Duration::from_millis(5)).await;
         let again = acquire(store.clone(), LockMode::Exclusive, LeaseSettings::default())

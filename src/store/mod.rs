@@ -18,7 +18,9 @@ mod s3;
 pub use disk_cache::{CachedStore, DiskCache};
 pub use local::LocalStore;
 pub use location::StoreLocation;
-pub use s3::{S3Options, S3Store, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE};
+pub use s3::{
+    S3Options, S3Store, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
+};
 
 use std::fmt;
 use std::ops::Range;

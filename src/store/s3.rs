@@ -150,9 +150,14 @@ impl S3Store {
             .or_else(|| env("AWS_ENDPOINT"));
         let allow_http = options.allow_http.unwrap_or_else(|| {
             env("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true"))
-                || endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))
+                || endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://"))
         });
-        if options.region.is_none() && env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+        if options.region.is_none()
+            && env("AWS_REGION").is_none()
+            && env("AWS_DEFAULT_REGION").is_none()
+        {
             // Self-hosted stores accept any region; AWS needs the bucket's.
             b = b.with_region("us-east-1");
         }

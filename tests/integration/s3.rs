@@ -126,11 +126,7 @@ fn repository_lifecycle(repo: &TestRepo, tmp: &Path, s3_grace: bool) {
     let (code, stdout, _) = run_fail(&mut repo.cmd("verify"));
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains(&hex), "verify names {hex}: {stdout}");
-    let (code, _, stderr) = run_fail(
-        repo.cmd("restore")
-            .arg("web01@latest")
-            .arg(tmp.join("bad")),
-    );
+    let (code, _, stderr) = run_fail(repo.cmd("restore").arg("web01@latest").arg(tmp.join("bad")));
     assert_eq!(code, 2);
     assert!(stderr.contains(&hex), "restore names {hex}: {stderr}");
 }
@@ -302,7 +298,8 @@ async fn two_servers_publish_from_one_s3_repository() {
     // Both read at once, then each again.
     let url_a = a.url("/revive/vm1/vm1-flat.vmdk");
     let url_b = b.url("/revive/vm1/vm1-flat.vmdk");
-    let (ra, rb) = tokio::join!(run_tool("nfs-cat", &[&url_a]), run_tool("nfs-cat", &[&url_b]));
+    let (args_a, args_b) = ([url_a.as_str()], [url_b.as_str()]);
+    let (ra, rb) = tokio::join!(run_tool("nfs-cat", &args_a), run_tool("nfs-cat", &args_b));
     for (name, out) in [("a", ra), ("b", rb)] {
         assert!(out.status.success(), "nfs-cat via {name}: {out:?}");
         assert_eq!(hex::encode(sha256(&out.stdout)), expected, "server {name}");
@@ -329,23 +326,31 @@ async fn nfs_read_rides_out_a_frozen_store() {
     let expected = sha256_file(&vm.flat());
     // No chunk cache, a small in-memory block cache, and requests that give
     // up after 2 s, so the store's retries are what carry the read.
-    let server = s3_server(
-        &tmp.path().join("srv"),
-        &repo,
-        "",
-        "request_timeout = 2\nretry_window = 60\n",
-    );
+    let mut spec = ServerSpec::s3(&repo.location, repo.env.clone()).publish("vm1", "vm1@latest");
+    spec.s3_section = "request_timeout = 2\nretry_window = 60\n".into();
+    // object_store logs each retry at info: the log proves the store retried.
+    spec.env
+        .push(("RUST_LOG".into(), "revive=warn,object_store=info".into()));
+    let server = ReviveServer::start(&tmp.path().join("srv"), spec);
     moto.pause();
     let url = server.url("/revive/vm1/vm1-flat.vmdk");
     let started = Instant::now();
     let read = tokio::spawn(async move { run_tool("nfs-cat", &[&url]).await });
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(!read.is_finished(), "the read waits while the store is frozen");
+    assert!(
+        !read.is_finished(),
+        "the read waits while the store is frozen"
+    );
     moto.resume();
     let out = read.await.expect("join");
     assert!(out.status.success(), "read retried, not failed: {out:?}");
     assert_eq!(hex::encode(sha256(&out.stdout)), expected);
     assert!(started.elapsed() >= Duration::from_secs(6));
+    let log = server.log();
+    assert!(
+        log.contains("backing off"),
+        "requests to the frozen store were retried:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
