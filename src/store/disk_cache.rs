@@ -125,9 +125,8 @@ impl DiskCache {
 
     /// The cached bytes of `key`, if any (blocking).
     fn read(&self, key: &str) -> Option<Bytes> {
-        if self.lock().lru.get(key).is_none() {
-            return None;
-        }
+        // Not indexed: not ours (or evicted). `get` also marks it recently used.
+        self.lock().lru.get(key)?;
         let path = self.path(key);
         match fs::read(&path) {
             Ok(data) => {

@@ -195,41 +195,40 @@ fn start_header_stripping_proxy(upstream: u16) -> u16 {
     port
 }
 
+/// Forwards one request (without `If-None-Match`) and its response; both
+/// sides then close, as the forwarded request asked moto to.
 fn proxy_one(client: TcpStream, upstream: u16) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
+    let mut head = Vec::new();
+    let mut content_length = 0usize;
     loop {
-        let mut head = Vec::new();
-        let mut content_length = 0usize;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            let lower = line.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                content_length = v.trim().parse().unwrap_or(0);
-            }
-            if lower.starts_with("if-none-match:") || lower.starts_with("connection:") {
-                continue;
-            }
-            if line == "\r\n" {
-                head.extend_from_slice(b"Connection: close\r\n\r\n");
-                break;
-            }
-            head.extend_from_slice(line.as_bytes());
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
         }
-        let mut body = vec![0u8; content_length];
-        reader.read_exact(&mut body)?;
-        let mut up = TcpStream::connect((Ipv4Addr::LOCALHOST, upstream))?;
-        up.write_all(&head)?;
-        up.write_all(&body)?;
-        let mut response = Vec::new();
-        up.read_to_end(&mut response)?;
-        client.write_all(&response)?;
-        // moto answered "Connection: close": the client opens a new one.
-        return Ok(());
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            content_length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("if-none-match:") || lower.starts_with("connection:") {
+            continue;
+        }
+        if line == "\r\n" {
+            head.extend_from_slice(b"Connection: close\r\n\r\n");
+            break;
+        }
+        head.extend_from_slice(line.as_bytes());
     }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let mut up = TcpStream::connect((Ipv4Addr::LOCALHOST, upstream))?;
+    up.write_all(&head)?;
+    up.write_all(&body)?;
+    let mut response = Vec::new();
+    up.read_to_end(&mut response)?;
+    // moto answered "Connection: close": the client opens a new one.
+    client.write_all(&response)
 }
 
 #[test]
