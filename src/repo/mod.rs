@@ -438,7 +438,19 @@ impl Repository {
     }
 
     /// Reads a chunk and checks its hash; holes come back as zeros of `len`.
+    /// A copy that fails the check is evicted from any local cache and read
+    /// once more from the store itself before the chunk is called corrupt.
     pub async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        match self.read_chunk_once(id).await {
+            Err(RepoError::CorruptChunk { .. }) => {
+                self.store.evict_copy(&id.key()).await;
+                self.read_chunk_once(id).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_chunk_once(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
         let raw = match self.store.get(&id.key()).await {
             Ok(raw) => raw,
             Err(StoreError::NotFound { .. }) => return Err(RepoError::MissingChunk { id: *id }),
@@ -525,4 +537,48 @@ pub struct OpenOptions {
 /// The chunk size used when `init` is not told one.
 pub const fn default_chunk_size() -> u32 {
     DEFAULT_CHUNK_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::store::{CachedStore, DiskCache, LocalStore};
+
+    #[tokio::test]
+    async fn a_damaged_cached_chunk_is_refetched_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing: Arc<dyn Store> = Arc::new(LocalStore::open(dir.path().join("s")).unwrap());
+        let plain: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let id = ChunkId::of(&plain);
+        Repository::init(backing.clone(), 1 << 20).await.unwrap();
+        backing
+            .put(&id.key(), chunk::encode(&plain).unwrap())
+            .await
+            .unwrap();
+        let cdir = dir.path().join("cache");
+        let cached = CachedStore::new(
+            backing.clone(),
+            DiskCache::open(&cdir, 1 << 30).unwrap(),
+            &["chunks/"],
+        );
+        let repo = Repository::open(Arc::new(cached.clone())).await.unwrap();
+        assert_eq!(repo.read_chunk(&id).await.unwrap(), plain);
+        // The copy is written behind the read.
+        for _ in 0..200 {
+            if !cached.cache().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Damage the cached copy only.
+        let file = cdir.join(id.key());
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        assert_eq!(repo.read_chunk(&id).await.unwrap(), plain);
+        assert_eq!(cached.cache().counters.misses.load(Ordering::Relaxed), 2);
+    }
 }

@@ -351,6 +351,13 @@ impl Store for CachedStore {
         self.inner.try_lock(mode).await
     }
 
+    async fn evict_copy(&self, key: &str) {
+        if self.cacheable(key) {
+            let k = key.to_string();
+            self.blocking(move |c| c.remove(&k)).await;
+        }
+    }
+
     fn gc_grace(&self) -> Duration {
         self.inner.gc_grace()
     }

@@ -153,6 +153,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Takes the repository-wide lock, failing with [`StoreError::Busy`] instead of waiting.
     async fn try_lock(&self, mode: LockMode) -> Result<Box<dyn LockGuard>, StoreError>;
 
+    /// Drops any local copy of `key` (a cache in front of the store), so the
+    /// next read goes to the store itself; a caller does this when a copy
+    /// failed its content check. Stores without copies do nothing.
+    async fn evict_copy(&self, _key: &str) {}
+
     /// How old an unreferenced object must be before `gc` removes it. Zero
     /// where the lock alone excludes every writer (a local folder, one
     /// machine); a grace period where a writer on another machine could
