@@ -6,6 +6,10 @@
 #   qemu-block-extra  block driver                only in bookworm-backports)
 #   util-linux, iproute2: unshare, ip           (private network namespace for port 111)
 #   python3                                     (scripts/demo.sh makes its sample VM with it)
+#   moto_server       S3 peer on loopback       (tests/integration/s3.rs): pip, in the venv
+#                                                 /opt/revive-venv (Debian 12's Python is
+#                                                 externally managed, PEP 668), linked
+#                                                 into /usr/local/bin
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
@@ -23,14 +27,26 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3; then
+VENV=/opt/revive-venv
+install_moto() {
+    have moto_server && return 0
+    if [ ! -x "$VENV/bin/pip" ]; then
+        python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/pip" install --quiet 'moto[s3,server]'
+    ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
+}
+
+if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
+    && have moto_server; then
     echo "install-test-deps: everything already installed"
     exit 0
 fi
 
 apt-get update
-apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3
+apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3 python3-venv
 if ! qemu_nfs; then
     apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra
 fi
+install_moto
 echo "install-test-deps: done"

@@ -29,8 +29,25 @@ impl BaseRead for Base<'_> {
 /// A repository failure as an I/O error, logged with what failed (the chunk id
 /// of a corrupt chunk): the client gets EIO, never wrong bytes.
 fn repo_io(e: &RepoError) -> std::io::Error {
+    if e.is_transient() {
+        // The store is unreachable (already retried in the store): the
+        // client is told to retry, not that the data is bad.
+        tracing::warn!(cause = %e, "backup store unavailable; client asked to retry");
+        return std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string());
+    }
     error!(cause = %e, "read from backup failed");
     std::io::Error::other(e.to_string())
+}
+
+/// A repository failure as the datastore's error: transient store failures
+/// become JUKEBOX (retry later), everything else EIO.
+fn repo_err(e: &RepoError) -> DatastoreError {
+    let io = repo_io(e);
+    if io.kind() == std::io::ErrorKind::TimedOut {
+        DatastoreError::Jukebox
+    } else {
+        DatastoreError::Io(io)
+    }
 }
 
 pub(super) fn cache_err(e: CacheError) -> DatastoreError {
@@ -44,6 +61,10 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
             DatastoreError::TooBig
         }
         CacheError::TooLarge { .. } => DatastoreError::TooBig,
+        // A backup read under a copy-on-write that found the store unreachable.
+        CacheError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+            DatastoreError::Jukebox
+        }
         other => DatastoreError::Io(std::io::Error::other(other.to_string())),
     }
 }
@@ -121,13 +142,9 @@ impl Datastore {
                         .map(|p| p.point.clone())
                         .ok_or(DatastoreError::Stale)?
                 };
-                let point = self
-                    .repo
-                    .point(&point_id)
-                    .await
-                    .map_err(|e| DatastoreError::Io(repo_io(&e)))?;
+                let point = self.repo.point(&point_id).await.map_err(|e| repo_err(&e))?;
                 let reader = FileReader::new(&self.repo, &point, file)
-                    .map_err(|e| DatastoreError::Io(repo_io(&e)))?
+                    .map_err(|e| repo_err(&e))?
                     .with_cache(self.block_cache.clone());
                 Some(reader)
             }
@@ -218,7 +235,7 @@ impl Datastore {
             (None, Some(base)) => base
                 .read_at(offset, len as usize)
                 .await
-                .map_err(|e| DatastoreError::Io(repo_io(&e)))?,
+                .map_err(|e| repo_err(&e))?,
             (None, None) => Bytes::from(vec![0u8; len as usize]),
         };
         Ok(ReadReply {
