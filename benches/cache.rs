@@ -6,6 +6,10 @@
 //!   its own pwrite + fdatasync, one at a time, from 16 tasks. All blocks are
 //!   prefilled in both cases, so the bitmap never changes and each flush is a
 //!   single fdatasync of the data file: the best case for the serial design.
+//! - `fresh_blocks/qd16`: 16 tasks doing `FileSync` writes to blocks never
+//!   written before, in random order over a 4 GiB sparse file: what fio's
+//!   4 KiB random FILE_SYNC job does to a new write cache (every write sets a
+//!   new bit and allocates a data block).
 //!
 //! Run: `cargo bench --bench cache`. Files go to a temporary folder under
 //! `REVIVE_BENCH_DIR` (default `target/`), so fsync hits the real disk.
@@ -43,6 +47,44 @@ async fn group_commit(cache: &Arc<WriteCache>, qd: u64, total: u64) -> Duration 
             let data = Bytes::from(vec![t as u8 + 1; BS as usize]);
             for i in 0..n {
                 let block = (i * qd + t) % BLOCKS;
+                cache
+                    .write(block * BS, data.clone(), Stability::FileSync, &NoBase)
+                    .await
+                    .expect("write");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer task");
+    }
+    start.elapsed()
+}
+
+/// Blocks of the sparse file used by `fresh_blocks` (4 GiB): far more than a
+/// benchmark run writes, so nearly every write hits a new block.
+const FRESH_BLOCKS: u64 = 1 << 20;
+
+/// Like `group_commit`, but block numbers come from a counter scrambled by
+/// an odd multiplier, so each write lands on a block never written before
+/// (until the counter wraps `FRESH_BLOCKS`), scattered over the file.
+async fn fresh_blocks(
+    cache: &Arc<WriteCache>,
+    next: &Arc<std::sync::atomic::AtomicU64>,
+    qd: u64,
+    total: u64,
+) -> Duration {
+    use std::sync::atomic::Ordering;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..qd {
+        let cache = Arc::clone(cache);
+        let next = Arc::clone(next);
+        let n = total / qd + u64::from(t < total % qd);
+        tasks.push(tokio::spawn(async move {
+            let data = Bytes::from(vec![t as u8 + 1; BS as usize]);
+            for _ in 0..n {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let block = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % FRESH_BLOCKS;
                 cache
                     .write(block * BS, data.clone(), Stability::FileSync, &NoBase)
                     .await
@@ -117,6 +159,26 @@ fn bench(c: &mut Criterion) {
         });
         let flushes = cache.flush_count() - before;
         println!("group_commit/qd{qd}: {flushes} flushes during the benchmark");
+    }
+
+    {
+        let paths = CachePaths::in_dir(dir.path(), "fresh");
+        let cache = Arc::new(
+            rt.block_on(WriteCache::create(
+                &paths,
+                FRESH_BLOCKS * BS,
+                BS as u32,
+                Origin::New,
+            ))
+            .expect("create"),
+        );
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let before = cache.flush_count();
+        group.bench_function("fresh_blocks/qd16", |b| {
+            b.iter_custom(|iters| rt.block_on(fresh_blocks(&cache, &next, 16, iters)))
+        });
+        let flushes = cache.flush_count() - before;
+        println!("fresh_blocks/qd16: {flushes} flushes during the benchmark");
     }
 
     let open = |name: &str| {

@@ -68,6 +68,7 @@ mod bitmap;
 mod commit;
 mod error;
 pub mod format;
+mod journal;
 mod open;
 mod range_lock;
 mod resize;
