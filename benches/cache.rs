@@ -10,6 +10,10 @@
 //!   written before, in random order over a 4 GiB sparse file: what fio's
 //!   4 KiB random FILE_SYNC job does to a new write cache (every write sets a
 //!   new bit and allocates a data block).
+//! - `.../two_syncs` variants: the same with the journal's checkpoint size
+//!   set to 0, so every flush is a checkpoint (data `fdatasync`, then bitmap
+//!   `fdatasync`): the write cache as it was before the journal, measured
+//!   side by side in the same run.
 //!
 //! Run: `cargo bench --bench cache`. Files go to a temporary folder under
 //! `REVIVE_BENCH_DIR` (default `target/`), so fsync hits the real disk.
@@ -134,8 +138,12 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(5));
 
-    for qd in [1u64, 16, 64] {
-        let paths = CachePaths::in_dir(dir.path(), &format!("gc{qd}"));
+    for (qd, two_syncs) in [(1u64, false), (16, false), (16, true), (64, false)] {
+        let name = match two_syncs {
+            false => format!("group_commit/qd{qd}"),
+            true => format!("group_commit/qd{qd}/two_syncs"),
+        };
+        let paths = CachePaths::in_dir(dir.path(), &name.replace('/', "-"));
         let cache = Arc::new(
             rt.block_on(WriteCache::create(
                 &paths,
@@ -153,16 +161,23 @@ fn bench(c: &mut Criterion) {
                 .await
                 .expect("prefill");
         });
+        if two_syncs {
+            cache.set_checkpoint_bytes(0);
+        }
         let before = cache.flush_count();
-        group.bench_function(format!("group_commit/qd{qd}"), |b| {
+        group.bench_function(&name, |b| {
             b.iter_custom(|iters| rt.block_on(group_commit(&cache, qd, iters)))
         });
         let flushes = cache.flush_count() - before;
-        println!("group_commit/qd{qd}: {flushes} flushes during the benchmark");
+        println!("{name}: {flushes} flushes during the benchmark");
     }
 
-    {
-        let paths = CachePaths::in_dir(dir.path(), "fresh");
+    for two_syncs in [false, true] {
+        let name = match two_syncs {
+            false => "fresh_blocks/qd16",
+            true => "fresh_blocks/qd16/two_syncs",
+        };
+        let paths = CachePaths::in_dir(dir.path(), &name.replace('/', "-"));
         let cache = Arc::new(
             rt.block_on(WriteCache::create(
                 &paths,
@@ -172,13 +187,16 @@ fn bench(c: &mut Criterion) {
             ))
             .expect("create"),
         );
+        if two_syncs {
+            cache.set_checkpoint_bytes(0);
+        }
         let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let before = cache.flush_count();
-        group.bench_function("fresh_blocks/qd16", |b| {
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| rt.block_on(fresh_blocks(&cache, &next, 16, iters)))
         });
         let flushes = cache.flush_count() - before;
-        println!("fresh_blocks/qd16: {flushes} flushes during the benchmark");
+        println!("{name}: {flushes} flushes during the benchmark");
     }
 
     let open = |name: &str| {
