@@ -197,6 +197,16 @@ impl Journal {
         Ok(out)
     }
 
+    /// Bytes the journal occupies on disk (`st_blocks`).
+    ///
+    /// # Errors
+    /// I/O errors of `fstat`.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata().map_err(io_err("stat", &self.path))?;
+        Ok(meta.blocks() * 512)
+    }
+
     /// Bytes of records in the live epoch.
     pub fn live_bytes(&self) -> u64 {
         self.tail - JOURNAL_RECORDS_OFFSET

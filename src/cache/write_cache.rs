@@ -190,7 +190,7 @@ impl WriteCache {
         self.shared.lock().bitmap.count() * self.shared.block_size
     }
 
-    /// Bytes the two files really occupy on disk (`st_blocks`).
+    /// Bytes the three files really occupy on disk (`st_blocks`).
     ///
     /// # Errors
     /// I/O errors of `fstat`.
@@ -198,7 +198,8 @@ impl WriteCache {
         let s = &self.shared;
         let d = s.data.metadata().map_err(io_err("stat", &s.paths.data))?;
         let m = s.map.metadata().map_err(io_err("stat", &s.paths.map))?;
-        Ok((d.blocks() + m.blocks()) * 512)
+        let j = s.journal().allocated_bytes()?;
+        Ok((d.blocks() + m.blocks()) * 512 + j)
     }
 
     /// Number of flushes (journal syncs and checkpoints) run so far.
