@@ -45,7 +45,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
@@ -122,6 +122,8 @@ pub(crate) struct Shared {
     pub flushed: watch::Sender<u64>,
     /// Number of flushes that ran: a metric, and proof of group commit.
     pub flushes: AtomicU64,
+    /// A `presync` thread is running.
+    pub presyncing: Arc<AtomicBool>,
     /// I/O events, for the ordering test.
     #[cfg(test)]
     pub trace: Mutex<Vec<Event>>,
@@ -159,6 +161,8 @@ pub(crate) struct Inner {
     pub journal_bytes: u64,
     /// Journal size past which the next flush is a checkpoint.
     pub checkpoint_bytes: u64,
+    /// Journal size at the last `presync` (0 after a checkpoint).
+    pub presync_mark: u64,
 }
 
 impl Inner {
@@ -179,6 +183,7 @@ impl Inner {
             unjournaled: false,
             journal_bytes: 0,
             checkpoint_bytes: JOURNAL_CHECKPOINT_BYTES,
+            presync_mark: 0,
         }
     }
 
@@ -325,11 +330,46 @@ impl Shared {
             Ok(journal_bytes) => {
                 inner.durable_seq = inner.durable_seq.max(batch.seq);
                 inner.journal_bytes = journal_bytes;
+                if batch.checkpoint {
+                    inner.presync_mark = 0;
+                } else if journal_bytes >= inner.presync_mark + inner.checkpoint_bytes / 4 {
+                    inner.presync_mark = journal_bytes;
+                    drop(inner);
+                    self.presync();
+                }
             }
             Err(err) => {
                 tracing::error!(cache = %self.paths.map.display(), cause = %err, "write cache flush failed");
                 inner.poisoned = Some(err.to_string());
             }
+        }
+    }
+
+    /// Starts an `fdatasync` of the data file on its own thread, off the
+    /// flush path: the data behind the journal's records is written back (and
+    /// its blocks allocated) while appends go on, so the next checkpoint's
+    /// own data sync finds little left to do instead of stalling every
+    /// stable write for the whole writeback. Syncing data never publishes
+    /// anything, so it needs no ordering. Works on a duplicate of the file
+    /// descriptor, so it never keeps the cache (its `flock`) open.
+    fn presync(&self) {
+        if self.presyncing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(data) = self.data.try_clone() else {
+            self.presyncing.store(false, Ordering::Release);
+            return;
+        };
+        let running = Arc::clone(&self.presyncing);
+        let spawned = std::thread::Builder::new()
+            .name("cache-presync".into())
+            .spawn(move || {
+                // An error here is found again by the checkpoint's own sync.
+                let _ = data.sync_data();
+                running.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.presyncing.store(false, Ordering::Release);
         }
     }
 

@@ -22,7 +22,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -110,6 +110,7 @@ fn shared(
         locks: Arc::new(RangeLocks::default()),
         flushed: watch::Sender::new(0),
         flushes: AtomicU64::new(0),
+        presyncing: Arc::new(AtomicBool::new(false)),
         #[cfg(test)]
         trace: Mutex::new(Vec::new()),
     }
