@@ -6,6 +6,8 @@
 #   qemu-block-extra  block driver                only in bookworm-backports)
 #   util-linux, iproute2: unshare, ip           (private network namespace for port 111)
 #   python3                                     (scripts/demo.sh makes its sample VM with it)
+#   golang-go + golang-github-vmware-govmomi-dev  vcsim, built by scripts/build-vcsim.sh
+#                                               (tests/integration/vsphere.rs; VCSIM=<binary>)
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
@@ -22,6 +24,9 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
+
+# vcsim first: it installs its own packages, and is a no-op when built.
+"$(dirname "$0")/build-vcsim.sh" >/dev/null
 
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3; then
     echo "install-test-deps: everything already installed"
