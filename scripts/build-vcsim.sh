@@ -4,7 +4,7 @@
 # build our own small main (scripts/vcsim/main.go) against it in GOPATH mode.
 # Idempotent: rebuilds only when main.go changed. Prints the binary's path.
 #   scripts/build-vcsim.sh            -> /var/tmp/revive-vcsim/vcsim
-# The binary: vcsim [-esx] [-l 127.0.0.1:0] [-username U] [-password P] [-ca-out FILE]
+# The binary: vcsim [-esx] [-l 127.0.0.1:0] [-username U] [-password P] [-tls-dir DIR]
 # prints VCSIM_URL=https://127.0.0.1:PORT/sdk when ready.
 set -eu
 export DEBIAN_FRONTEND=noninteractive

@@ -25,10 +25,13 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/types"
 )
 
 func main() {
@@ -36,7 +39,7 @@ func main() {
 	listen := flag.String("l", "127.0.0.1:0", "listen address (port 0 picks a free port)")
 	user := flag.String("username", "user", "login user name")
 	pass := flag.String("password", "pass", "login password")
-	caOut := flag.String("ca-out", "", "write the PEM certificate of the CA that signed the server certificate here")
+	tlsDir := flag.String("tls-dir", "", "folder for ca.pem, server.pem and server.key: reused when present (a restarted vcsim keeps its certificate), made otherwise")
 	flag.Parse()
 
 	model := simulator.VPX()
@@ -48,17 +51,14 @@ func main() {
 	}
 	defer model.Remove()
 
+	simulator.Map.AddHandler(&relocateFix{})
+
 	model.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, *pass)}
-	cert, caPEM, err := certificates()
+	cert, err := serverCertificate(*tlsDir)
 	if err != nil {
 		log.Fatalf("certificates: %v", err)
 	}
 	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
-	if *caOut != "" {
-		if err := ioutil.WriteFile(*caOut, caPEM, 0o644); err != nil {
-			log.Fatalf("write %s: %v", *caOut, err)
-		}
-	}
 
 	server := model.Service.NewServer()
 	defer server.Close()
@@ -70,6 +70,83 @@ func main() {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	<-sig
+}
+
+// relocateFix corrects a vcsim bug (govmomi 0.24) that real ESXi does not
+// have: RelocateVM_Task updates the VM's datastore list but leaves the VM in
+// the source datastore's list of VMs, so the source can never be removed
+// ("ResourceInUse") after a Storage vMotion. It watches VM datastore changes
+// and removes the VM from datastores it no longer uses.
+type relocateFix struct{}
+
+func (*relocateFix) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "ReviveRelocateFix", Value: "revive-relocate-fix"}
+}
+
+func (*relocateFix) PutObject(mo.Reference) {}
+
+func (*relocateFix) RemoveObject(types.ManagedObjectReference) {}
+
+func (*relocateFix) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
+	touched := false
+	for _, c := range changes {
+		if c.Name == "datastore" {
+			touched = true
+		}
+	}
+	ref := obj.Reference()
+	if !touched || ref.Type != "VirtualMachine" {
+		return
+	}
+	vm, ok := simulator.Map.Get(ref).(*simulator.VirtualMachine)
+	if !ok {
+		return
+	}
+	uses := map[types.ManagedObjectReference]bool{}
+	for _, d := range vm.Datastore {
+		uses[d] = true
+	}
+	for _, e := range simulator.Map.All("Datastore") {
+		ds, ok := e.(*simulator.Datastore)
+		if !ok || uses[ds.Self] {
+			continue
+		}
+		for _, v := range ds.Vm {
+			if v == ref {
+				simulator.Map.RemoveReference(ds, &ds.Vm, ref)
+				break
+			}
+		}
+	}
+}
+
+// serverCertificate loads the server certificate from dir, or makes one (and
+// its CA) and saves both there. Without dir the certificates are not saved.
+func serverCertificate(dir string) (tls.Certificate, error) {
+	if dir != "" {
+		if cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "server.pem"), filepath.Join(dir, "server.key")); err == nil {
+			return cert, nil
+		}
+	}
+	cert, caPEM, err := certificates()
+	if err != nil || dir == "" {
+		return cert, err
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		return cert, err
+	}
+	files := map[string][]byte{
+		"ca.pem":     caPEM,
+		"server.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}),
+		"server.key": pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+	}
+	for name, data := range files {
+		if err := ioutil.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return cert, err
+		}
+	}
+	return cert, nil
 }
 
 // certificates makes a CA and a server certificate it signs for 127.0.0.1,

@@ -6,3 +6,4 @@ mod datastore;
 mod nfs_proto;
 mod repo_cli;
 mod support;
+mod vsphere;
