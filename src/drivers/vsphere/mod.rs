@@ -320,6 +320,25 @@ impl VsphereDriver {
     }
 }
 
+impl VsphereDriver {
+    /// Status of a VM whose Storage vMotion succeeded: `Ready` while the
+    /// redirect snapshot still waits for consolidation (done by
+    /// `complete_live_migration`), `Completed` otherwise.
+    async fn after_relocation(&self, vm: &VmRef) -> DriverResult<MigrationStatus> {
+        if self.config.redirect_datastore.is_none() {
+            return Ok(MigrationStatus::Completed);
+        }
+        let info = api::vm_info(&self.client, &Self::vm_moref(vm))
+            .await
+            .map_err(|e| self.vm_error(e, "read VM", vm))?;
+        Ok(if info.has_snapshot {
+            MigrationStatus::Ready
+        } else {
+            MigrationStatus::Completed
+        })
+    }
+}
+
 fn parse_task_ref(task: &TaskRef) -> (MoRef, Option<&str>) {
     match task.0.split_once('|') {
         Some((id, dest)) => (MoRef::new("Task", id), Some(dest)),
@@ -623,7 +642,7 @@ impl Driver for VsphereDriver {
         let (moref, destination) = parse_task_ref(task);
         match self.client.task_info(&moref).await {
             Ok(info) => Ok(match info.state.as_str() {
-                "success" => MigrationStatus::Completed,
+                "success" => self.after_relocation(vm).await?,
                 "error" => MigrationStatus::Failed {
                     reason: info
                         .error
@@ -648,7 +667,7 @@ impl Driver for VsphereDriver {
                     .map_err(|e| self.vm_error(e, "read VM", vm))?;
                 let done = target.is_some_and(|t| info.datastores == [t.moref]);
                 Ok(if done {
-                    MigrationStatus::Completed
+                    self.after_relocation(vm).await?
                 } else {
                     MigrationStatus::Failed {
                         reason: format!(
@@ -662,10 +681,10 @@ impl Driver for VsphereDriver {
         }
     }
 
+    /// Storage vMotion switches over by itself; with redirected writes the
+    /// VM still carries the redirect snapshot, which this consolidates now
+    /// that every disk is on production storage (the status said `Ready`).
     async fn complete_live_migration(&self, vm: &VmRef, _task: &TaskRef) -> DriverResult<()> {
-        // Storage vMotion switches over by itself. With redirected writes the
-        // VM still carries the redirect snapshot: consolidate it now that
-        // every disk is on production storage.
         if self.config.redirect_datastore.is_none() {
             return Ok(());
         }
@@ -728,6 +747,30 @@ mod tests {
             err.to_string().contains("REVIVE_TEST_SURELY_UNSET_VAR"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/revive.toml"))
+                .unwrap();
+        let start = text
+            .find("# [[host]]\n# name = \"esx01\"")
+            .expect("vsphere example in config/revive.toml");
+        let block: Vec<&str> = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| l.trim_start_matches('#').trim_start())
+            .collect();
+        let config = crate::config::Config::parse(&block.join("\n")).unwrap();
+        match &config.hosts[0].driver {
+            crate::drivers::DriverConfig::Vsphere(v) => {
+                assert_eq!(v.esx_host.as_deref(), Some("esx01.example.com"));
+                assert_eq!(v.password_env.as_deref(), Some("REVIVE_ESX01_PASSWORD"));
+                assert!(!v.insecure);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
