@@ -5,5 +5,6 @@
 mod datastore;
 mod nfs_proto;
 mod repo_cli;
+mod sessions;
 mod support;
 mod vsphere;
