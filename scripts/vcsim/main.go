@@ -9,6 +9,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -16,16 +17,21 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"encoding/xml"
 	"flag"
 	"fmt"
 	"io/ioutil"
 	"log"
 	"math/big"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -39,6 +45,7 @@ func main() {
 	listen := flag.String("l", "127.0.0.1:0", "listen address (port 0 picks a free port)")
 	user := flag.String("username", "user", "login user name")
 	pass := flag.String("password", "pass", "login password")
+	nfsQueryFile := flag.String("nfs-query-file", "", "file holding libnfs URL options (nfsport=N&mountport=M) of the NFS server behind NAS datastores: when set, RegisterVM first copies the VM folder's small files over NFS (libnfs nfs-cp) into the datastore's localPath, as ESXi would read them over NFS")
 	tlsDir := flag.String("tls-dir", "", "folder for ca.pem, server.pem and server.key: reused when present (a restarted vcsim keeps its certificate), made otherwise")
 	flag.Parse()
 
@@ -53,23 +60,131 @@ func main() {
 
 	simulator.Map.AddHandler(&relocateFix{})
 
-	model.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, *pass)}
+	// vcsim's own listener runs plain HTTP on a free port and stays unused:
+	// we serve its handlers on our TLS listener, with the NFS fetch in front.
+	model.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(*user, *pass)}
 	cert, err := serverCertificate(*tlsDir)
 	if err != nil {
 		log.Fatalf("certificates: %v", err)
 	}
-	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
-
 	server := model.Service.NewServer()
 	defer server.Close()
-	u := *server.URL
-	u.User = nil
+
+	var handler http.Handler = model.Service.ServeMux
+	if *nfsQueryFile != "" {
+		handler = &nfsFetch{next: handler, queryFile: *nfsQueryFile}
+	}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		log.Fatalf("listen %s: %v", *listen, err)
+	}
+	front := &http.Server{Handler: handler}
+	go func() {
+		_ = front.Serve(tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}}))
+	}()
+	defer front.Close()
+	u := url.URL{Scheme: "https", Host: ln.Addr().String(), Path: "/sdk"}
 	fmt.Printf("VCSIM_URL=%s\n", u.String())
 	os.Stdout.Sync()
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	<-sig
+}
+
+// nfsFetch stands in for ESXi's NFS client: vcsim reads a NAS datastore's
+// files from its localPath folder, so before a RegisterVM_Task reaches vcsim
+// it copies the VM folder's small files (not the disks) from the NFS server
+// into that folder with libnfs' nfs-cp. vcsim also wants the NVRAM named
+// after the VM being registered: a copy under that name too.
+type nfsFetch struct {
+	next      http.Handler
+	queryFile string
+}
+
+func (f *nfsFetch) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodPost {
+		body, err := ioutil.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.Body = ioutil.NopCloser(bytes.NewReader(body))
+		if bytes.Contains(body, []byte("RegisterVM_Task")) {
+			var req struct {
+				Path string `xml:"Body>RegisterVM_Task>path"`
+				Name string `xml:"Body>RegisterVM_Task>name"`
+			}
+			if xml.Unmarshal(body, &req) == nil && req.Path != "" {
+				if err := f.fetch(req.Path, req.Name); err != nil {
+					log.Printf("nfs fetch for %s: %v", req.Path, err)
+				}
+			}
+		}
+	}
+	f.next.ServeHTTP(w, r)
+}
+
+func (f *nfsFetch) fetch(dsPath, vmName string) error {
+	end := strings.Index(dsPath, "]")
+	if !strings.HasPrefix(dsPath, "[") || end < 0 {
+		return fmt.Errorf("not a datastore path")
+	}
+	dsName := dsPath[1:end]
+	folder := path.Dir(strings.TrimSpace(dsPath[end+1:]))
+	var info *types.NasDatastoreInfo
+	for _, e := range simulator.Map.All("Datastore") {
+		if ds, ok := e.(*simulator.Datastore); ok && ds.Name == dsName {
+			info, _ = ds.Info.(*types.NasDatastoreInfo)
+		}
+	}
+	if info == nil || info.Nas == nil {
+		return nil // not a NAS datastore: nothing to fetch
+	}
+	query, err := ioutil.ReadFile(f.queryFile)
+	if err != nil {
+		return err
+	}
+	q := strings.TrimSpace(string(query))
+	local := filepath.Join(info.Url, folder)
+	if err := os.MkdirAll(local, 0o755); err != nil {
+		return err
+	}
+	base := fmt.Sprintf("nfs://%s%s/%s", info.Nas.RemoteHost, strings.TrimRight(info.Nas.RemotePath, "/"), folder)
+	out, err := exec.Command("nfs-ls", base+"?"+q).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("nfs-ls %s: %v: %s", base, err, out)
+	}
+	nvram := ""
+	for _, line := range strings.Split(string(out), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) == 0 || !strings.HasPrefix(fields[0], "-") {
+			continue
+		}
+		name := fields[len(fields)-1]
+		if strings.HasSuffix(name, "-flat.vmdk") || strings.HasSuffix(name, "-delta.vmdk") ||
+			strings.HasSuffix(name, "-sesparse.vmdk") || strings.HasSuffix(name, ".vswp") {
+			continue
+		}
+		dest := filepath.Join(local, name)
+		if cp, err := exec.Command("nfs-cp", base+"/"+name+"?"+q, dest).CombinedOutput(); err != nil {
+			return fmt.Errorf("nfs-cp %s: %v: %s", name, err, cp)
+		}
+		if strings.HasSuffix(name, ".nvram") {
+			nvram = dest
+		}
+	}
+	if nvram != "" && vmName != "" {
+		want := filepath.Join(local, vmName+".nvram")
+		if _, err := os.Stat(want); os.IsNotExist(err) {
+			data, err := ioutil.ReadFile(nvram)
+			if err != nil {
+				return err
+			}
+			return ioutil.WriteFile(want, data, 0o644)
+		}
+	}
+	return nil
 }
 
 // relocateFix corrects a vcsim bug (govmomi 0.24) that real ESXi does not
