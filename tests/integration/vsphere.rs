@@ -13,6 +13,8 @@
 //! reads is what revive serves. The flat disks stay in the export; vcsim
 //! never reads disks.
 
+mod cli;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -99,15 +101,7 @@ impl Fixture {
 
     /// A client of our own, to look at vcsim's inventory.
     fn client(&self) -> VimClient {
-        VimClient::new(ClientConfig {
-            host: "inspector".into(),
-            url: self.vcsim.url.clone(),
-            user: USER.into(),
-            password: PASSWORD.into(),
-            insecure: false,
-            ca_file: Some(self.vcsim.ca_file()),
-        })
-        .expect("client")
+        client_of(&self.vcsim)
     }
 
     fn datastore(&self) -> DatastoreSpec {
@@ -168,6 +162,19 @@ impl Fixture {
     }
 }
 
+/// A client of our own, to look at vcsim's inventory.
+fn client_of(vcsim: &Vcsim) -> VimClient {
+    VimClient::new(ClientConfig {
+        host: "inspector".into(),
+        url: vcsim.url.clone(),
+        user: USER.into(),
+        password: PASSWORD.into(),
+        insecure: false,
+        ca_file: Some(vcsim.ca_file()),
+    })
+    .expect("client")
+}
+
 /// What vcsim's inventory holds, read with our client.
 struct Inventory {
     /// (name, remote host, remote path) of NAS datastores on the test host.
@@ -176,11 +183,11 @@ struct Inventory {
     vms: Vec<(String, String, Vec<String>)>,
 }
 
-async fn inventory(f: &Fixture) -> Inventory {
-    let c = f.client();
+async fn inventory(vcsim: &Vcsim) -> Inventory {
+    let c = client_of(vcsim);
     let root = c.content().await.expect("login").root_folder;
     let hosts = api::list_hosts(&c, &root).await.expect("hosts");
-    let wanted = match f.vcsim.mode {
+    let wanted = match vcsim.mode {
         Mode::Esx => None,
         Mode::Vpx => Some("DC0_H0"),
     };
@@ -275,7 +282,7 @@ async fn session_flow(mode: Mode) {
     std::fs::create_dir_all(f.local_path()).expect("mkdir");
     driver.attach_datastore(&ds).await.expect("attach");
     driver.attach_datastore(&ds).await.expect("attach again");
-    let inv = inventory(&f).await;
+    let inv = inventory(&f.vcsim).await;
     assert_eq!(
         inv.nas,
         vec![(DS.to_string(), "127.0.0.1".to_string(), EXPORT.to_string())]
@@ -312,7 +319,7 @@ async fn session_flow(mode: Mode) {
     driver.power_on(&vm1).await.expect("power on");
     driver.power_on(&vm1).await.expect("power on again");
     driver.power_on(&vm2).await.expect("power on 2");
-    let inv = inventory(&f).await;
+    let inv = inventory(&f.vcsim).await;
     assert_eq!(inv.nas.len(), 1, "two sessions share one datastore");
     assert_eq!(
         inv.vms,
@@ -333,7 +340,7 @@ async fn session_flow(mode: Mode) {
     // VMs run from the datastore: removing it is refused, and it stays.
     let err = driver.detach_datastore(&ds).await.unwrap_err();
     assert!(matches!(err, DriverError::InUse { .. }), "{err}");
-    assert_eq!(inventory(&f).await.nas.len(), 1);
+    assert_eq!(inventory(&f.vcsim).await.nas.len(), 1);
 
     // Storage vMotion of session 1 to production.
     let err = driver
@@ -356,7 +363,7 @@ async fn session_flow(mode: Mode) {
         .complete_live_migration(&vm1, &task)
         .await
         .expect("complete");
-    let inv = inventory(&f).await;
+    let inv = inventory(&f.vcsim).await;
     assert_eq!(
         inv.vms[0],
         (
@@ -371,13 +378,13 @@ async fn session_flow(mode: Mode) {
     driver.power_off(&vm2).await.expect("power off again");
     driver.unregister_vm(&vm2).await.expect("unregister");
     driver.unregister_vm(&vm2).await.expect("unregister again");
-    let inv = inventory(&f).await;
+    let inv = inventory(&f.vcsim).await;
     assert_eq!(inv.vms.len(), 1, "{:?}", inv.vms);
 
     // Nothing runs from the datastore any more: it goes.
     driver.detach_datastore(&ds).await.expect("detach");
     driver.detach_datastore(&ds).await.expect("detach again");
-    let inv = inventory(&f).await;
+    let inv = inventory(&f.vcsim).await;
     assert!(inv.nas.is_empty(), "{:?}", inv.nas);
     // The migrated VM runs on.
     assert_eq!(inv.vms[0].1, "poweredOn");
@@ -465,7 +472,7 @@ async fn vsphere_errors_are_clear_and_leave_nothing() {
         "{err}"
     );
     driver.detach_datastore(&ds).await.expect("detach");
-    let inv = inventory(&f).await;
+    let inv = inventory(&f.vcsim).await;
     assert!(
         inv.nas.is_empty() && inv.vms.is_empty(),
         "left behind: {:?} {:?}",
@@ -489,7 +496,7 @@ async fn vsphere_errors_are_clear_and_leave_nothing() {
     f.mirror("s1", "rec-web01").await;
     let r = driver.register_vm(&ds, &vm).await.expect("register");
     driver.power_on(&r).await.expect("power on");
-    let inv = inventory(&f).await;
+    let inv = inventory(&f.vcsim).await;
     assert_eq!(
         inv.vms,
         vec![("rec-web01".into(), "poweredOn".into(), vec![DS.to_string()])]
@@ -545,14 +552,15 @@ async fn vsphere_redirects_writes_to_production() {
         "no snapshot file in {}: {files:?}",
         folder.display()
     );
-    // After the Storage vMotion the redirect snapshot is consolidated.
+    // After the Storage vMotion the migration is Ready (the redirect
+    // snapshot waits), complete consolidates it, then it is Completed.
     let task = driver
         .start_live_migration(&vm, PROD_DS)
         .await
         .expect("migrate");
     assert_eq!(
         wait_migration(&driver, &vm, &task).await,
-        MigrationStatus::Completed
+        MigrationStatus::Ready
     );
     driver
         .complete_live_migration(&vm, &task)
@@ -560,6 +568,13 @@ async fn vsphere_redirects_writes_to_production() {
         .expect("complete");
     let info = api::vm_info(&c, &moref).await.expect("vm info");
     assert!(!info.has_snapshot, "snapshot consolidated");
+    assert_eq!(
+        driver
+            .live_migration_status(&vm, &task)
+            .await
+            .expect("status"),
+        MigrationStatus::Completed
+    );
 }
 
 /// The local folder behind one of vcsim's datastores (its `summary.url`).

@@ -55,12 +55,27 @@ pub struct Vcsim {
     pub port: u16,
     /// Folder of `ca.pem`, `server.pem`, `server.key` (kept across restarts).
     pub tls_dir: PathBuf,
+    /// Extra command-line arguments (kept across restarts).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Vcsim {
     /// Starts vcsim on a free loopback port; its certificates go to `dir`.
     pub fn start(binary: &Path, mode: Mode, dir: &Path) -> Vcsim {
+        Self::start_with(binary, mode, dir, None)
+    }
+
+    /// As [`Vcsim::start`]; with `nfs_query_file`, vcsim copies a VM
+    /// folder's small files over NFS into the datastore's localPath before
+    /// RegisterVM, reading the libnfs URL options (`nfsport=N&mountport=M`)
+    /// from that file at the time.
+    pub fn start_with(
+        binary: &Path,
+        mode: Mode,
+        dir: &Path,
+        nfs_query_file: Option<&Path>,
+    ) -> Vcsim {
         let tls_dir = dir.join(match mode {
             Mode::Esx => "vcsim-esx-tls",
             Mode::Vpx => "vcsim-vpx-tls",
@@ -72,6 +87,14 @@ impl Vcsim {
             url: String::new(),
             port: 0,
             tls_dir,
+            extra: nfs_query_file
+                .map(|f| {
+                    vec![
+                        "-nfs-query-file".to_string(),
+                        f.to_str().expect("utf8 path").to_string(),
+                    ]
+                })
+                .unwrap_or_default(),
             child: None,
         };
         v.boot();
@@ -93,6 +116,7 @@ impl Vcsim {
             .args(["-username", USER, "-password", PASSWORD])
             .arg("-tls-dir")
             .arg(&self.tls_dir)
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut child = cmd
