@@ -531,7 +531,11 @@ async fn vsphere_redirects_writes_to_production() {
         info.snapshot_directory.as_deref(),
         Some("[LocalDS_0] rec-web01")
     );
-    assert!(info.has_snapshot);
+    assert!(
+        info.snapshot("revive-redirect").is_some(),
+        "{:?}",
+        info.snapshots
+    );
     let snaps = c
         .retrieve_one(&moref, &["snapshot"])
         .await
@@ -567,7 +571,11 @@ async fn vsphere_redirects_writes_to_production() {
         .await
         .expect("complete");
     let info = api::vm_info(&c, &moref).await.expect("vm info");
-    assert!(!info.has_snapshot, "snapshot consolidated");
+    assert!(
+        info.snapshots.is_empty(),
+        "snapshot consolidated: {:?}",
+        info.snapshots
+    );
     assert_eq!(
         driver
             .live_migration_status(&vm, &task)

@@ -59,8 +59,8 @@ pub struct VmInfo {
     pub power_state: String,
     /// `[ds] folder` where snapshots (and the working directory) go.
     pub snapshot_directory: Option<String>,
-    /// Whether the VM has at least one snapshot.
-    pub has_snapshot: bool,
+    /// Every snapshot of the VM (the whole tree), by name.
+    pub snapshots: Vec<(String, MoRef)>,
     /// Datastores the VM's files are on.
     pub datastores: Vec<MoRef>,
     /// Tasks recently run on the VM.
@@ -356,24 +356,55 @@ pub async fn vm_info(c: &VimClient, vm: &MoRef) -> CallResult<VmInfo> {
         name: o.text("name").unwrap_or_default().to_string(),
         power_state: o.text("runtime.powerState").unwrap_or_default().to_string(),
         snapshot_directory: o.text("config.files.snapshotDirectory").map(str::to_string),
-        has_snapshot: o
+        snapshots: o
             .props
             .get("snapshot")
-            .is_some_and(|s| s.child("rootSnapshotList").is_some()),
+            .map(|s| {
+                let mut all = Vec::new();
+                snapshot_tree(s.children_named("rootSnapshotList"), &mut all);
+                all
+            })
+            .unwrap_or_default(),
         datastores: o.morefs("datastore"),
         recent_tasks: o.morefs("recentTask"),
     })
 }
 
-/// Runs a VM task method without arguments to completion.
+/// Flattens a snapshot tree (`VirtualMachineSnapshotTree`) into names and references.
+fn snapshot_tree<'a>(
+    nodes: impl Iterator<Item = &'a super::xml::Element>,
+    out: &mut Vec<(String, MoRef)>,
+) {
+    for node in nodes {
+        if let (Some(name), Some(r)) = (
+            node.text_at(&["name"]),
+            node.child("snapshot").and_then(MoRef::from_element),
+        ) {
+            out.push((name.to_string(), r));
+        }
+        snapshot_tree(node.children_named("childSnapshotList"), out);
+    }
+}
+
+impl VmInfo {
+    /// The snapshot revive took to redirect writes, if present.
+    pub fn snapshot(&self, name: &str) -> Option<&MoRef> {
+        self.snapshots
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| r)
+    }
+}
+
+/// Runs task method `method` on `this` (a VM, a snapshot) to completion.
 pub async fn run_vm_task(
     c: &VimClient,
-    vm: &MoRef,
+    this: &MoRef,
     method: &str,
     args: &str,
     timeout: Duration,
 ) -> CallResult<()> {
-    let resp = c.call(method, vm, args).await?;
+    let resp = c.call(method, this, args).await?;
     let task = returnval_moref(&resp, method)?;
     c.wait_task(&task, method, timeout).await?;
     Ok(())

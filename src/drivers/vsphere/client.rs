@@ -594,7 +594,7 @@ fn object_content(obj: &Element) -> Result<Option<ObjectContent>, VimFault> {
                 return Err(VimFault {
                     kind: kind.to_string(),
                     message: format!("{kind}: {r}"),
-                    detail: Some(fault.clone()),
+                    detail: Some(Box::new(fault.clone())),
                 });
             }
         }

@@ -16,8 +16,9 @@
 //!    Storage vMotion) tracked through the task's `info`.
 //!
 //! # Files
-//! `soap.rs` envelopes and faults, `xml.rs` the element tree, `client.rs`
-//! the session and PropertyCollector, `api.rs` typed calls.
+//! `config.rs` the settings, `soap.rs` envelopes and faults, `xml.rs` the
+//! element tree, `client.rs` the session and PropertyCollector, `api.rs`
+//! typed calls.
 //!
 //! # References
 //! [`VmRef`] is the VM's managed object id (`vm-42`); [`TaskRef`] is
@@ -27,15 +28,15 @@
 
 pub mod api;
 pub mod client;
+mod config;
 pub mod soap;
 pub mod xml;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
 
 use self::api::{datastore_path, fault_error, is_fault, HostContext};
 use self::client::{CallError, ClientConfig, VimClient};
@@ -46,61 +47,10 @@ use super::{
 };
 
 pub use self::client::{CONNECT_TIMEOUT, REQUEST_TIMEOUT};
-
-/// Default longest wait for a vSphere task (register, power on, remove
-/// datastore): generous, since hostd queues tasks on a busy host.
-pub const DEFAULT_TASK_TIMEOUT_SECS: u64 = 600;
+pub use self::config::{VsphereConfig, DEFAULT_TASK_TIMEOUT_SECS};
 
 /// Name of the snapshot that redirects a VM's writes to production storage.
 pub const REDIRECT_SNAPSHOT: &str = "revive-redirect";
-
-fn default_task_timeout() -> u64 {
-    DEFAULT_TASK_TIMEOUT_SECS
-}
-
-/// `[[host]] driver = "vsphere"` settings.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsphereConfig {
-    /// SDK endpoint, e.g. `https://esx01.example.com/sdk`.
-    pub url: String,
-    /// User name, e.g. `root` or `revive@vsphere.local`.
-    pub user: String,
-    /// Password; prefer `password_env`.
-    #[serde(default)]
-    pub password: Option<String>,
-    /// Environment variable holding the password.
-    #[serde(default)]
-    pub password_env: Option<String>,
-    /// Skip certificate checks. Off by default: set `ca_file` for a
-    /// self-signed host instead.
-    #[serde(default)]
-    pub insecure: bool,
-    /// PEM file of the CA that signed the host's (or vCenter's) certificate.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// The ESXi host's name in the inventory; required with vCenter, optional
-    /// on a standalone ESXi (its only host).
-    #[serde(default)]
-    pub esx_host: Option<String>,
-    /// Datacenter to look in (vCenter with several).
-    #[serde(default)]
-    pub datacenter: Option<String>,
-    /// Production datastore that receives the VM's writes during the
-    /// session (redirect virtual disk updates). None: writes go to revive.
-    #[serde(default)]
-    pub redirect_datastore: Option<String>,
-    /// Longest wait for one vSphere task, in seconds.
-    #[serde(default = "default_task_timeout")]
-    pub task_timeout_secs: u64,
-    /// Simulator only (vcsim): the local folder vcsim serves as the NAS
-    /// datastore, sent as `localPath`. Its last component must be the
-    /// datastore name, since vcsim names the datastore after it. Real ESXi
-    /// takes `localPath` as the datastore name, which is what the driver
-    /// sends when this is unset.
-    #[serde(default)]
-    pub nas_local_path: Option<PathBuf>,
-}
 
 /// Builds the driver of a vSphere host. Does not connect: the first call does.
 pub fn build(host: &str, config: &VsphereConfig) -> DriverResult<Arc<dyn Driver>> {
@@ -295,7 +245,9 @@ impl VsphereDriver {
             .await
             .map_err(|e| fault_error(e, &op))?;
         }
-        if !info.has_snapshot {
+        // Only our own snapshot counts: a VM backed up with snapshots of
+        // its own still needs the redirect on top of them.
+        if info.snapshot(REDIRECT_SNAPSHOT).is_none() {
             let args = format!(
                 "{}{}{}{}",
                 soap::field("name", REDIRECT_SNAPSHOT),
@@ -331,7 +283,7 @@ impl VsphereDriver {
         let info = api::vm_info(&self.client, &Self::vm_moref(vm))
             .await
             .map_err(|e| self.vm_error(e, "read VM", vm))?;
-        Ok(if info.has_snapshot {
+        Ok(if info.snapshot(REDIRECT_SNAPSHOT).is_some() {
             MigrationStatus::Ready
         } else {
             MigrationStatus::Completed
@@ -692,14 +644,21 @@ impl Driver for VsphereDriver {
         let info = api::vm_info(&self.client, &moref)
             .await
             .map_err(|e| self.vm_error(e, "read VM", vm))?;
-        if !info.has_snapshot {
+        let Some(snapshot) = info.snapshot(REDIRECT_SNAPSHOT) else {
             return Ok(());
-        }
+        };
+        // Removing the snapshot merges its delta into the disks below it;
+        // the VM's own snapshots (if it had some) stay.
+        let args = format!(
+            "{}{}",
+            soap::field("removeChildren", "false"),
+            soap::field("consolidate", "true")
+        );
         api::run_vm_task(
             &self.client,
-            &moref,
-            "RemoveAllSnapshots_Task",
-            &soap::field("consolidate", "true"),
+            snapshot,
+            "RemoveSnapshot_Task",
+            &args,
             self.task_timeout(),
         )
         .await
@@ -729,14 +688,6 @@ mod tests {
     }
 
     #[test]
-    fn config_defaults_check_certificates_and_refuse_unknown_keys() {
-        let c = config("password = \"x\"").unwrap();
-        assert!(!c.insecure);
-        assert_eq!(c.task_timeout_secs, DEFAULT_TASK_TIMEOUT_SECS);
-        assert!(config("pasword = \"x\"").unwrap_err().contains("pasword"));
-    }
-
-    #[test]
     fn a_driver_needs_a_password() {
         let c = config("").unwrap();
         let err = VsphereDriver::new("esx01", &c).err().unwrap();
@@ -747,30 +698,6 @@ mod tests {
             err.to_string().contains("REVIVE_TEST_SURELY_UNSET_VAR"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn documented_example_parses() {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/revive.toml"))
-                .unwrap();
-        let start = text
-            .find("# [[host]]\n# name = \"esx01\"")
-            .expect("vsphere example in config/revive.toml");
-        let block: Vec<&str> = text[start..]
-            .lines()
-            .take_while(|l| l.starts_with('#'))
-            .map(|l| l.trim_start_matches('#').trim_start())
-            .collect();
-        let config = crate::config::Config::parse(&block.join("\n")).unwrap();
-        match &config.hosts[0].driver {
-            crate::drivers::DriverConfig::Vsphere(v) => {
-                assert_eq!(v.esx_host.as_deref(), Some("esx01.example.com"));
-                assert_eq!(v.password_env.as_deref(), Some("REVIVE_ESX01_PASSWORD"));
-                assert!(!v.insecure);
-            }
-            other => panic!("{other:?}"),
-        }
     }
 
     #[test]

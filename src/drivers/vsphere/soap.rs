@@ -67,8 +67,9 @@ pub struct VimFault {
     pub kind: String,
     /// The server's message (`faultstring` or `localizedMessage`).
     pub message: String,
-    /// The fault's own fields (e.g. `name` of `DuplicateName`), if any.
-    pub detail: Option<Element>,
+    /// The fault's own fields (e.g. `name` of `DuplicateName`), if any;
+    /// boxed to keep results carrying a fault small.
+    pub detail: Option<Box<Element>>,
 }
 
 impl VimFault {
@@ -92,7 +93,7 @@ impl VimFault {
         VimFault {
             kind,
             message,
-            detail: fault.cloned(),
+            detail: fault.cloned().map(Box::new),
         }
     }
 }
@@ -171,7 +172,7 @@ fn fault_from_soap(fault: &Element) -> VimFault {
     VimFault {
         kind,
         message,
-        detail: detail.cloned(),
+        detail: detail.cloned().map(Box::new),
     }
 }
 
