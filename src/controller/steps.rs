@@ -55,7 +55,10 @@ pub(super) async fn run(inner: Arc<Inner>, handle: Arc<SessionHandle>) {
             _ => {}
         }
         let result = run_step(&inner, &handle, &session, step).await;
-        record_outcome(&inner, &handle, step, result);
+        if !record_outcome(&inner, &handle, step, result) {
+            // The state folder is failing; do not spin.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 
@@ -83,13 +86,14 @@ async fn wait_for_retry(inner: &Inner, handle: &SessionHandle, session: &Session
     }
 }
 
-/// Records a step's outcome, unless a command (stop) changed the state meanwhile.
+/// Records a step's outcome, unless a command (stop) changed the state
+/// meanwhile. False when the record could not be written.
 fn record_outcome(
     inner: &Inner,
     handle: &SessionHandle,
     step: SessionState,
     result: Result<SessionState, ControllerError>,
-) {
+) -> bool {
     let interval = inner.config.retry_interval;
     let recorded = update(inner, handle, |s| {
         if s.state != step {
@@ -137,10 +141,7 @@ fn record_outcome(
         ),
         (Err(e), _) => error!(step = %step, cause = %e, "could not record session state"),
     }
-    if recorded.is_err() {
-        // The state folder is failing; do not spin.
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    recorded.is_ok()
 }
 
 fn driver_of(inner: &Inner, session: &Session) -> Result<Arc<dyn Driver>, ControllerError> {
