@@ -275,6 +275,18 @@ async fn vsphere_cli_errors_and_outage() {
         vec![("rec-web02".into(), "poweredOn".into(), vec![DS.to_string()])]
     );
 
+    // A copy migration is refused up front: the VM is not stopped for it.
+    let mut cmd = lab.server.ctl();
+    cmd.args([
+        "migrate", &sid, "--method", "copy", "--to", "/tmp/x", "--wait",
+    ]);
+    let out = run(&mut cmd);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--method live"), "{stderr}");
+    assert_eq!(state(&lab.session(&sid)), "running");
+    assert_eq!(inventory(&lab.vcsim).await.vms[0].1, "poweredOn");
+
     // An unknown destination: the migration fails naming it; the VM runs on.
     let mut cmd = lab.server.ctl();
     cmd.args([
