@@ -10,6 +10,8 @@
 #                                                 /opt/revive-venv (Debian 12's Python is
 #                                                 externally managed, PEP 668), linked
 #                                                 into /usr/local/bin
+#   golang-go + golang-github-vmware-govmomi-dev  vcsim, built by scripts/build-vcsim.sh
+#                                               (tests/integration/vsphere.rs; VCSIM=<binary>)
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
@@ -36,6 +38,9 @@ install_moto() {
     "$VENV/bin/pip" install --quiet 'moto[s3,server]'
     ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
 }
+
+# vcsim first: it installs its own packages, and is a no-op when built.
+"$(dirname "$0")/build-vcsim.sh" >/dev/null
 
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
     && have moto_server; then

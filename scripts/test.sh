@@ -8,6 +8,9 @@ bash scripts/install-test-deps.sh
 # fio with the nfs engine for the fio tests (built once, then reused).
 FIO_NFS=$(sh scripts/build-fio-nfs.sh)
 export FIO_NFS
+# vcsim for the vsphere driver tests (built once, then reused).
+VCSIM=$(sh scripts/build-vcsim.sh)
+export VCSIM
 
 export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check

@@ -532,6 +532,14 @@ impl Controller {
                     "the none driver cannot migrate live; use --method copy".into(),
                 ));
             }
+            // A copy migration stops the VM before it asks the driver to
+            // start the copy; vSphere cannot (ESXi does not see the copy), so
+            // refuse before the VM is stopped.
+            if req.method == MigrationMethod::Copy && s.driver == "vsphere" {
+                return Err(ControllerError::BadRequest(
+                    "the vsphere driver cannot start a VM from a copy; use --method live --to <datastore> (Storage vMotion)".into(),
+                ));
+            }
             s.migration = Some(Migration {
                 method: req.method,
                 destination: req.to.clone(),

@@ -243,6 +243,8 @@ pub struct HostConfig {
 /// Which driver a host uses, with its settings (`driver = "..."`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "driver", rename_all = "lowercase")]
+// Parsed once per configured host: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum DriverConfig {
     /// Publish only.
     None(NoneConfig),

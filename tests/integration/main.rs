@@ -8,3 +8,4 @@ mod repo_cli;
 mod s3;
 mod sessions;
 mod support;
+mod vsphere;

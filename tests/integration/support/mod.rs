@@ -7,6 +7,7 @@ pub mod client;
 pub mod memfs;
 pub mod moto;
 pub mod server;
+pub mod vcsim;
 pub mod vm;
 
 use std::collections::BTreeMap;
