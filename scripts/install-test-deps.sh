@@ -5,15 +5,21 @@
 #   qemu-utils +      qemu-img with the nfs     (tests/integration/nfs_proto/qemu.rs;
 #   qemu-block-extra  block driver                only in bookworm-backports)
 #   util-linux, iproute2: unshare, ip           (private network namespace for port 111)
+#   qemu-system-x86   (bookworm-backports, the   (tests/integration/qemu.rs: a tiny VM boots
+#                     same QEMU as qemu-block-extra)  from the datastore, scripts/bench-boot.sh)
+#   busybox-static, syslinux, mtools, dosfstools, cpio: scripts/build-boot-image.sh,
+#                                                which this script runs to build the tiny VM
 #   python3                                     (scripts/demo.sh makes its sample VM with it)
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
 have() { command -v "$1" >/dev/null 2>&1; }
 qemu_nfs() { have qemu-img && qemu-img --help 2>/dev/null | grep -qw nfs; }
+boot_tools() { have busybox && have syslinux && have mcopy && have mkfs.fat && have cpio \
+    && dpkg -s busybox-static >/dev/null 2>&1; }
 
 BACKPORTS=/etc/apt/sources.list.d/revive-backports.sources
-if ! qemu_nfs && [ ! -e "$BACKPORTS" ]; then
+if { ! qemu_nfs || ! have qemu-system-x86_64; } && [ ! -e "$BACKPORTS" ]; then
     cat >"$BACKPORTS" <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -23,14 +29,20 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3; then
+HERE=$(dirname "$0")
+if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
+    && have qemu-system-x86_64 && boot_tools; then
+    "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
 fi
 
 apt-get update
 apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3
-if ! qemu_nfs; then
-    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra
+apt-get install -y --no-install-recommends busybox-static syslinux syslinux-common mtools dosfstools cpio
+if ! qemu_nfs || ! have qemu-system-x86_64; then
+    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra \
+        qemu-system-x86
 fi
+"$HERE/build-boot-image.sh" >/dev/null
 echo "install-test-deps: done"
