@@ -4,5 +4,6 @@
 
 mod datastore;
 mod nfs_proto;
+mod qemu;
 mod repo_cli;
 mod support;
