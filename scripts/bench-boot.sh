@@ -16,7 +16,8 @@ OUT=$(REVIVE_BENCH_REPEATS=$REPEATS cargo test --release --test integration -- \
     echo "$OUT" >&2
     exit 1
 }
-echo "$OUT" | grep '^BENCH-BOOT' | awk -v repeats="$REPEATS" '
+# The first line may follow the test harness's "test ... " on one line.
+echo "$OUT" | grep -o 'BENCH-BOOT [a-z]* [0-9.]*' | awk -v repeats="$REPEATS" '
     { t[$2] = t[$2] " " $3; print "  " $2 " run: " $3 " s" }
     END {
         for (mode in t) {

@@ -185,7 +185,14 @@ pub async fn rerun_isolated(test: &str, done: &str, timeout: Duration) {
             "--",
         ])
         .arg(&exe)
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        // --include-ignored: the re-run of an ignored test (a benchmark) runs it too.
+        .args([
+            "--exact",
+            test,
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(NETNS_INNER, "1")
         .kill_on_drop(true)
         .output();
@@ -203,4 +210,6 @@ pub async fn rerun_isolated(test: &str, done: &str, timeout: Duration) {
         stdout.contains(done) || stderr.contains(done),
         "inner run did not get to the end (unshare refused?):\n{stdout}\n{stderr}"
     );
+    // Pass the inner run's report lines (benchmark figures) on.
+    print!("{stdout}");
 }
