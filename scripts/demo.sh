@@ -62,7 +62,7 @@ echo "== revive restore web01@latest"
 (cd restored && sha256sum -c --quiet ../expected.sha256)
 echo "== every restored file matches its SHA-256; repository size: $(du -sh repo | cut -f1) for two 256 MiB restore points"
 
-echo "== revive serve: publishing web01@latest as folder web01-restore of export /revive"
+echo "== revive serve: the NFS datastore and the session API (token in the config)"
 cat > revive.toml <<TOML
 [repository]
 path = "$PWD/repo"
@@ -74,19 +74,28 @@ bind = "127.0.0.1"
 nfs_port = 0
 mount_port = 0
 portmap = false
+[api]
+bind = "127.0.0.1:0"
+token = "demo-token"
+[sessions]
+min_free_cache = "64MiB"
 [[export]]
 path = "/revive"
 allowed_clients = ["127.0.0.1"]
-[[publication]]
-name = "web01-restore"
-point = "web01@latest"
 TOML
 "$revive" serve --config revive.toml > serve.json 2> serve.log &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -s serve.json ] && break; sleep 0.1; done
 port=$(python3 -c 'import json; print(json.load(open("serve.json"))["nfs_port"])')
-url() { echo "nfs://127.0.0.1/revive/web01-restore/$1?nfsport=$port&mountport=$port"; }
+api=$(python3 -c 'import json; print(json.load(open("serve.json"))["api_port"])')
+export REVIVE_API="http://127.0.0.1:$api" REVIVE_TOKEN=demo-token
+echo "== revive recover --vm web01 --wait (publish-only host: mount it by hand)"
+"$revive" recover --vm web01 --wait
+"$revive" sessions
+id=$("$revive" sessions --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+name=$("$revive" session "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["name"])')
+url() { echo "nfs://127.0.0.1/revive/$name/$1?nfsport=$port&mountport=$port"; }
 echo "== nfs-ls $(url "")"
 nfs-ls "$(url "")"
 echo "== reading the flat disk over NFS, straight from the chunks"
@@ -98,7 +107,12 @@ echo "== writing a file into the published folder (it lands in the write cache)"
 echo "written over NFS at $(date -u +%FT%TZ)" > note.txt
 nfs-cp note.txt "$(url note.txt)"
 nfs-cat "$(url note.txt)" | cmp - note.txt && echo "note.txt reads back over NFS"
+"$revive" session "$id"
+echo "== revive migrate $id --to $PWD/production --method copy --wait"
+"$revive" migrate "$id" --to "$PWD/production" --method copy --wait
+(cd "production/$name" && sha256sum -c --quiet ../../expected.sha256 && cmp note.txt ../../note.txt)
+echo "== production/$name holds the VM's files and the client's write, hash-checked; the session is done:"
+"$revive" sessions
 kill $server; wait $server 2>/dev/null || true; trap - EXIT
 echo "== the repository is untouched by client writes:"
 "$revive" verify --repo repo
-echo "== write cache: $(du -sh cache | cut -f1) in $PWD/cache"

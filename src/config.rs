@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+use crate::controller::ControllerConfig;
 use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
 use crate::drivers::HostConfig;
 use crate::nfs::NfsBind;
@@ -70,6 +71,9 @@ pub struct SessionsSection {
     pub export: Option<String>,
     /// Datastore name hypervisors show (default: `revive-<this host's name>`).
     pub datastore_name: Option<String>,
+    /// Bytes per second a copy migration may write, e.g. "200MiB"; 0: no limit.
+    #[serde(deserialize_with = "size")]
+    pub migration_bandwidth: u64,
 }
 
 impl Default for SessionsSection {
@@ -80,6 +84,7 @@ impl Default for SessionsSection {
             min_free_cache: 1 << 30,
             export: None,
             datastore_name: None,
+            migration_bandwidth: 0,
         }
     }
 }
@@ -244,6 +249,37 @@ impl Config {
             block_cache_bytes: self.datastore.block_cache as usize,
             readahead_chunks: self.datastore.readahead_chunks,
             exports: self.export_configs(),
+        }
+    }
+
+    /// What the session controller needs.
+    pub fn controller_config(&self) -> ControllerConfig {
+        let export = self
+            .sessions
+            .export
+            .clone()
+            .or_else(|| self.export_configs().first().map(|e| e.path.clone()))
+            .unwrap_or_else(|| "/revive".into());
+        let default_nfs_address = if self.nfs.bind.is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            self.nfs.bind.to_string()
+        };
+        ControllerConfig {
+            state_dir: self.datastore.state_dir.clone(),
+            export,
+            datastore_name: self
+                .sessions
+                .datastore_name
+                .clone()
+                .unwrap_or_else(crate::controller::default_datastore_name),
+            default_nfs_address,
+            retries: self.sessions.retries,
+            retry_interval: std::time::Duration::from_secs(self.sessions.retry_interval_secs),
+            min_free_cache: self.sessions.min_free_cache,
+            migration_bandwidth: self.sessions.migration_bandwidth,
+            cache_root: self.datastore.cache_root.clone(),
+            hosts: self.hosts.clone(),
         }
     }
 

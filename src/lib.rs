@@ -2,6 +2,7 @@
 //!
 //! Layers, each depending only on those below it (see `ARCHITECTURE.md`):
 //! - [`api`]: the HTTP API on localhost: Prometheus metrics, behind a token.
+//! - [`controller`]: instant-recovery sessions: state machine, retries, migration.
 //! - [`drivers`]: what the controller asks of a hypervisor (none, vSphere, QEMU).
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
 //!   portmapper), a thin protocol layer over a backend trait.
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod controller;
 pub mod datastore;
 pub mod drivers;
 pub mod fsutil;

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use crate::controller::Controller;
 use crate::datastore::Datastore;
 use crate::nfs::metrics::LATENCY_BUCKETS_US;
 use crate::nfs::NfsMetrics;
@@ -15,7 +16,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Renders every counter as Prometheus text format 0.0.4.
-pub async fn render(nfs: &NfsMetrics, datastore: &Datastore) -> String {
+pub async fn render(nfs: &NfsMetrics, datastore: &Datastore, controller: &Controller) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
 
@@ -102,6 +103,26 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore) -> String {
             "TCP connections accepted.",
             &nfs.connections_accepted,
         ),
+        (
+            "revive_nfs_read_bytes_total",
+            "Bytes returned to NFS clients by READ.",
+            &nfs.bytes_read,
+        ),
+        (
+            "revive_cache_written_bytes_total",
+            "Bytes NFS clients wrote (into write caches).",
+            &nfs.bytes_written,
+        ),
+        (
+            "revive_migration_bytes_total",
+            "Bytes copied to production storage by copy migrations.",
+            &controller.metrics().migration_bytes,
+        ),
+        (
+            "revive_session_retries_total",
+            "Session steps that failed transiently and were scheduled for a retry.",
+            &controller.metrics().retries,
+        ),
     ] {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", load(value));
@@ -182,6 +203,15 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore) -> String {
             .map(|p| p.len())
             .unwrap_or(0);
         let _ = writeln!(out, "revive_publications{{export=\"{}\"}} {n}", export.path);
+    }
+    family(
+        &mut out,
+        "revive_sessions",
+        "gauge",
+        "Instant-recovery sessions by state.",
+    );
+    for (state, n) in controller.state_counts() {
+        let _ = writeln!(out, "revive_sessions{{state=\"{state}\"}} {n}");
     }
     out
 }

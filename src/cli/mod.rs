@@ -3,6 +3,7 @@
 mod progress;
 mod repo_cmds;
 mod serve;
+mod sessions;
 
 use std::path::PathBuf;
 
@@ -127,6 +128,98 @@ pub enum Command {
         #[arg(long, env = "REVIVE_REPO", value_name = "DIR")]
         repo: Option<PathBuf>,
     },
+    /// Start instant recovery: publish VMs from backup and (with --host) boot them.
+    Recover {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// VM to recover (repeat for several VMs sharing one datastore).
+        #[arg(long = "vm", required = true)]
+        vms: Vec<String>,
+        /// Restore point (id, prefix, VM@latest); single VM only. Default: the latest.
+        #[arg(long)]
+        point: Option<String>,
+        /// Configured [[host]] to run on (default: publish only).
+        #[arg(long)]
+        host: Option<String>,
+        /// Use the only configured host with this driver (none, vsphere, qemu).
+        #[arg(long)]
+        driver: Option<String>,
+        /// Write cache location (each session gets a folder in it).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Session name: the folder and the VM's name on the host (single VM only).
+        #[arg(long)]
+        name: Option<String>,
+        /// Power the VM on once registered.
+        #[arg(long)]
+        power_on: bool,
+        /// Wait until the sessions run (or need attention).
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List instant-recovery sessions.
+    Sessions {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one session: state, progress, cache used, errors, retries.
+    Session {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Session id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a running session's VM to production storage.
+    Migrate {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Session id.
+        id: String,
+        /// Destination: a folder (copy, qemu) or a datastore name (vsphere live).
+        #[arg(long)]
+        to: String,
+        /// live: by the hypervisor; copy: by revive, then a short switchover.
+        #[arg(long, value_enum, default_value = "copy")]
+        method: MethodArg,
+        /// Wait until the migration is done (or needs attention), with progress.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a waiting or failed session's step again now.
+    Retry {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Session id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a session: power off, unregister, unpublish, delete its write cache.
+    Stop {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Session id.
+        id: String,
+        /// Wait until it is cancelled.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove chunks that no restore point uses.
     Gc {
         #[command(flatten)]
@@ -147,6 +240,24 @@ impl Command {
     }
 }
 
+/// `--method` of `revive migrate`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MethodArg {
+    /// The hypervisor moves the running VM (Storage vMotion, QEMU block mirror).
+    Live,
+    /// revive copies the files, then switches over.
+    Copy,
+}
+
+impl From<MethodArg> for revive::controller::MigrationMethod {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::Live => revive::controller::MigrationMethod::Live,
+            MethodArg::Copy => revive::controller::MigrationMethod::Copy,
+        }
+    }
+}
+
 /// How a successful command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -154,6 +265,8 @@ pub enum Outcome {
     Ok,
     /// `verify` found damaged objects.
     Damaged,
+    /// `--wait` ended with a session short of its goal (failed, waiting, cancelled).
+    Unfinished,
 }
 
 impl Outcome {
@@ -162,6 +275,7 @@ impl Outcome {
         match self {
             Outcome::Ok => 0,
             Outcome::Damaged => 1,
+            Outcome::Unfinished => 3,
         }
     }
 }
@@ -192,5 +306,45 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         Command::Forget { repo, point } => repo_cmds::forget(&repo.resolve()?, &point).await,
         Command::Serve { config, repo } => serve::serve(config, repo).await,
         Command::Gc { repo, json } => repo_cmds::gc(&repo.resolve()?, json).await,
+        Command::Recover {
+            api,
+            vms,
+            point,
+            host,
+            driver,
+            cache,
+            name,
+            power_on,
+            wait,
+            json,
+        } => {
+            let req = revive::controller::RecoverRequest {
+                vms,
+                point,
+                host,
+                driver,
+                cache,
+                name,
+                power_on,
+            };
+            sessions::recover(&api, req, wait, json).await
+        }
+        Command::Sessions { api, json } => sessions::list(&api, json).await,
+        Command::Session { api, id, json } => sessions::show(&api, &id, json).await,
+        Command::Migrate {
+            api,
+            id,
+            to,
+            method,
+            wait,
+            json,
+        } => sessions::migrate(&api, &id, to, method.into(), wait, json).await,
+        Command::Retry { api, id, json } => sessions::action(&api, &id, "retry", false, json).await,
+        Command::Stop {
+            api,
+            id,
+            wait,
+            json,
+        } => sessions::action(&api, &id, "stop", wait, json).await,
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use revive::api::ApiState;
 use revive::config::Config;
+use revive::controller::Controller;
 use revive::datastore::Datastore;
 use revive::nfs::{NfsListeners, NfsServer};
 use revive::repo::Repository;
@@ -48,6 +49,9 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
             })?,
     );
     publish_configured(&datastore, &config).await?;
+    let controller = Controller::start(config.controller_config(), datastore.clone())
+        .await
+        .context("start the session controller")?;
     let bind = config.nfs_bind();
     let listeners = NfsListeners::bind(&bind)
         .await
@@ -71,6 +75,7 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyho
                 datastore: datastore.clone(),
                 nfs: server.metrics(),
                 token: Arc::from(token.as_str()),
+                controller: controller.clone(),
             };
             tokio::spawn(revive::api::serve(listener, state, stopped()));
             Some(port)

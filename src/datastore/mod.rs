@@ -24,6 +24,7 @@ mod io;
 pub mod namespace;
 mod ops;
 pub mod types;
+mod view;
 
 use std::collections::HashMap;
 use std::fs;
@@ -42,6 +43,7 @@ use crate::repo::{BlockCache, FileReader, Repository};
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
 pub use types::*;
+pub use view::PublishedFile;
 
 /// Chunks fetched ahead of a sequential reader: 8 × 1 MiB keeps a Storage
 /// vMotion-style reader from ever waiting on a chunk decode.

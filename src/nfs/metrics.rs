@@ -72,6 +72,10 @@ pub struct NfsMetrics {
     pub connections_accepted: AtomicU64,
     /// TCP connections open now.
     pub connections_open: AtomicU64,
+    /// Bytes returned by READ.
+    pub bytes_read: AtomicU64,
+    /// Bytes accepted by WRITE (they land in write caches).
+    pub bytes_written: AtomicU64,
 }
 
 impl NfsMetrics {

@@ -93,6 +93,19 @@ impl LocalStore {
 }
 
 impl Inner {
+    /// After a "not found": distinguishes a missing object from a missing
+    /// repository folder (an unmounted disk or share), which is worth retrying
+    /// and must never be recreated empty by a write.
+    fn check_root(&self) -> Result<(), StoreError> {
+        if self.root.is_dir() {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable {
+            store: self.root.display().to_string(),
+            reason: "the repository folder is missing (unmounted?)".into(),
+        })
+    }
+
     /// Writes `data` to a fresh temporary file beside `target`.
     fn write_temp(&self, target: &Path, data: &[u8]) -> Result<PathBuf, StoreError> {
         let dir = target.parent().unwrap_or(&self.root);
@@ -105,6 +118,7 @@ impl Inner {
         match write(&temp) {
             Ok(()) => Ok(temp),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.check_root()?;
                 fs::create_dir_all(dir).map_err(io_err("create folder", dir))?;
                 write(&temp).map_err(io_err("write object", &temp))?;
                 Ok(temp)
@@ -157,10 +171,13 @@ impl Store for LocalStore {
         let key = key.to_string();
         self.blocking(move |inner| match fs::read(&path) {
             Ok(data) => Ok(Bytes::from(data)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound {
-                store: inner.root.display().to_string(),
-                key,
-            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                inner.check_root()?;
+                Err(StoreError::NotFound {
+                    store: inner.root.display().to_string(),
+                    key,
+                })
+            }
             Err(e) => Err(io_err("read object", &path)(e)),
         })
         .await
@@ -199,9 +216,9 @@ impl Store for LocalStore {
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let path = self.path_of(key)?;
-        self.blocking(move |_| match fs::symlink_metadata(&path) {
+        self.blocking(move |inner| match fs::symlink_metadata(&path) {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => inner.check_root().map(|()| false),
             Err(e) => Err(io_err("stat object", &path)(e)),
         })
         .await
@@ -209,9 +226,9 @@ impl Store for LocalStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
-        self.blocking(move |_| match fs::remove_file(&path) {
+        self.blocking(move |inner| match fs::remove_file(&path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => inner.check_root(),
             Err(e) => Err(io_err("remove object", &path)(e)),
         })
         .await
@@ -220,6 +237,7 @@ impl Store for LocalStore {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         let dir = self.path_of(prefix.trim_end_matches('/'))?;
         self.blocking(move |inner| {
+            inner.check_root()?;
             let mut out = Vec::new();
             list_dir(&inner.root, &dir, &mut out)?;
             out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -310,6 +328,29 @@ mod tests {
         assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
         store.delete("nope").await.unwrap();
         assert!(!store.exists("nope").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_missing_repository_folder_is_unavailable_and_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let store = LocalStore::open(&root).unwrap();
+        store.put("a/b", Bytes::from_static(b"x")).await.unwrap();
+        let away = dir.path().join("unmounted");
+        fs::rename(&root, &away).unwrap();
+        for err in [
+            store.get("a/b").await.unwrap_err(),
+            store
+                .put("c/d", Bytes::from_static(b"y"))
+                .await
+                .unwrap_err(),
+            store.list("a/").await.unwrap_err(),
+        ] {
+            assert!(err.is_transient(), "{err}");
+        }
+        assert!(!root.exists(), "a write must not recreate the folder");
+        fs::rename(&away, &root).unwrap();
+        assert_eq!(store.get("a/b").await.unwrap(), Bytes::from_static(b"x"));
     }
 
     #[tokio::test]

@@ -6,4 +6,5 @@ mod datastore;
 mod nfs_proto;
 mod qemu;
 mod repo_cli;
+mod sessions;
 mod support;

@@ -34,6 +34,10 @@ pub(super) async fn read(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) ->
             let mut data = res.data;
             // A backend returning more than asked must not corrupt the reply.
             data.truncate(count as usize);
+            ctx.state
+                .metrics
+                .bytes_read
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let body = reply.body();
             body.put_u32(nfsstat3::NFS3_OK as u32);
             pack(body, &ctx.post_op(&t, res.attr.as_ref()));
@@ -89,7 +93,13 @@ pub(super) async fn write(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) -
         Ok(res) => ok(
             reply,
             &WRITE3resok {
-                file_wcc: ctx.wcc(&t, res.attr.as_ref()),
+                file_wcc: {
+                    ctx.state
+                        .metrics
+                        .bytes_written
+                        .fetch_add(u64::from(res.count), std::sync::atomic::Ordering::Relaxed);
+                    ctx.wcc(&t, res.attr.as_ref())
+                },
                 count: res.count,
                 committed: stable_how(res.committed),
                 verf: writeverf3(ctx.state.write_verifier),

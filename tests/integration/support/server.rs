@@ -47,7 +47,16 @@ pub struct ServerSpec {
     pub ports: (u16, u16, u16),
     /// `[datastore] block_cache`, e.g. "64MiB".
     pub block_cache: String,
+    /// Serve the HTTP API (sessions, metrics) on a free loopback port with [`API_TOKEN`].
+    pub api: bool,
+    /// More TOML appended to the config (`[sessions]`, `[[host]]`...).
+    pub extra_toml: String,
+    /// `RUST_LOG` of the server when the test run sets none (default: warnings).
+    pub log_level: Option<String>,
 }
+
+/// The API token of test servers.
+pub const API_TOKEN: &str = "test-token";
 
 impl ServerSpec {
     /// Export `/revive` to 127.0.0.1, no publication, no portmapper, any ports.
@@ -59,7 +68,30 @@ impl ServerSpec {
             portmap: false,
             ports: (0, 0, 0),
             block_cache: "64MiB".into(),
+            api: false,
+            extra_toml: String::new(),
+            log_level: None,
         }
+    }
+
+    /// Logs at `level` (e.g. "revive=info") to `serve.log`, for tests that read it.
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = Some(level.into());
+        self
+    }
+
+    /// Serves the HTTP API (sessions and metrics).
+    pub fn with_api(mut self) -> Self {
+        self.api = true;
+        self
+    }
+
+    /// Appends TOML to the config file.
+    pub fn toml(mut self, text: &str) -> Self {
+        self.extra_toml.push('\n');
+        self.extra_toml.push_str(text);
+        self.extra_toml.push('\n');
+        self
     }
 
     /// Adds an export with its allow-list.
@@ -111,6 +143,8 @@ pub struct ReviveServer {
     pub nfs_port: u16,
     pub mount_port: u16,
     pub portmap_port: Option<u16>,
+    /// API port of the current boot, when the spec asks for the API.
+    pub api_port: Option<u16>,
     /// Spawn to ports line, of the last boot.
     pub startup: Duration,
 }
@@ -132,6 +166,7 @@ impl ReviveServer {
             nfs_port: 0,
             mount_port: 0,
             portmap_port: None,
+            api_port: None,
             startup: Duration::ZERO,
         };
         let ports = s.spec.ports;
@@ -182,6 +217,9 @@ impl ReviveServer {
             ports.2,
             self.spec.portmap
         );
+        if self.spec.api {
+            text += &format!("\n[api]\nbind = \"127.0.0.1:0\"\ntoken = {API_TOKEN:?}\n");
+        }
         for (path, allowed) in &self.spec.exports {
             text += &format!("\n[[export]]\npath = {path:?}\nallowed_clients = {allowed:?}\n");
         }
@@ -197,6 +235,7 @@ impl ReviveServer {
                 text += &format!("cache = {}\n", q(dir));
             }
         }
+        text += &self.spec.extra_toml;
         let path = self.dir.join("revive.toml");
         fs::write(&path, text).expect("write config");
         path
@@ -212,6 +251,9 @@ impl ReviveServer {
             .expect("open log");
         let started = Instant::now();
         let mut cmd = revive();
+        if let (Some(level), None) = (&self.spec.log_level, std::env::var_os("RUST_LOG")) {
+            cmd.env("RUST_LOG", level);
+        }
         // If the test process dies (timeout, abort), the server goes with it.
         // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
         unsafe {
@@ -253,8 +295,49 @@ impl ReviveServer {
         self.nfs_port = port("nfs_port").ok_or("no nfs_port")?;
         self.mount_port = port("mount_port").ok_or("no mount_port")?;
         self.portmap_port = port("portmap_port");
+        self.api_port = port("api_port");
         self.child = Some(child);
         Ok(())
+    }
+
+    /// `revive` with `--api` and `--token` of this server, for the session commands.
+    pub fn ctl(&self) -> std::process::Command {
+        let port = self.api_port.expect("server started without the API");
+        let mut cmd = revive();
+        cmd.env("REVIVE_API", format!("http://127.0.0.1:{port}"))
+            .env("REVIVE_TOKEN", API_TOKEN);
+        cmd
+    }
+
+    /// Runs a session command with `--json` and parses its output.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = super::run_ok(self.ctl().args(args).arg("--json"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+
+    /// Polls `revive session ID` until `done` holds for it, or panics with the
+    /// session and the server log after `limit`.
+    pub fn wait_session(
+        &self,
+        id: &str,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.ctl_json(&["session", id]);
+            if done(&s) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "session {id}: not {what} after {limit:?}: {s:#}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `kill -9`: no chance to flush or clean up.
