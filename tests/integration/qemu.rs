@@ -258,6 +258,131 @@ async fn driver_inner() {
     println!("{DONE}");
 }
 
+const CLI_DONE: &str = "QEMU-CLI-ACCEPTANCE-PASSED";
+const CLI_TEST: &str = "qemu::recover_power_on_and_migrate_live_through_the_cli";
+
+/// Issue 6 acceptance, through the daemon and the CLI: `revive backup`,
+/// `revive recover --host kvm1 --power-on` boots the guest under TCG from
+/// the export (marker, expected hash; its write in the write cache, not the
+/// repository); `revive migrate ID --method live --to DIR` mirrors while the
+/// guest runs, pivots, and the session finishes with its folder
+/// unpublished; the guest answers after the pivot, the migrated disk holds
+/// its writes, `revive verify` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_power_on_and_migrate_live_through_the_cli() {
+    if in_netns() {
+        return cli_inner().await;
+    }
+    if !qemu_vm_peers_or_skip() {
+        return;
+    }
+    rerun_isolated(CLI_TEST, CLI_DONE, RUN_TIMEOUT).await;
+}
+
+async fn cli_inner() {
+    let up = run_tool("ip", &["link", "set", "lo", "up"]).await;
+    assert!(up.status.success(), "ip link set lo up: {up:?}");
+    let image = boot_image();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = init_repo(tmp.path(), None);
+    backup_json(&repo, &image.vm_dir, Some("tiny"));
+    let repo_before = repo_objects(&repo);
+    let run_dir = tmp.path().join("run");
+    let mut server = ReviveServer::start(
+        &tmp.path().join("server"),
+        ServerSpec::new(&repo)
+            .fixed_ports(2049, 20048, 111)
+            .with_api()
+            .log_level("revive=info")
+            .toml(&format!(
+                "[sessions]\nmin_free_cache = \"1MiB\"\n\n[[host]]\nname = \"kvm1\"\n\
+                 driver = \"qemu\"\nnfs_address = \"127.0.0.1\"\nrun_dir = {:?}\naccel = \"tcg\"\n",
+                run_dir.to_str().expect("utf8")
+            )),
+    );
+
+    let started = Instant::now();
+    let sessions = server.ctl_json(&[
+        "recover",
+        "--vm",
+        "tiny",
+        "--host",
+        "kvm1",
+        "--name",
+        SESSION,
+        "--power-on",
+        "--wait",
+    ]);
+    let s = &sessions.as_array().expect("sessions")[0];
+    assert_eq!(s["state"], "running", "{s:#}\nlog:\n{}", server.log());
+    assert_eq!(s["driver"], "qemu");
+    let id = s["id"].as_str().expect("id").to_string();
+    let vm_dir = run_dir.join(SESSION);
+    let serial = Serial::in_dir(&vm_dir);
+    serial.wait_line(MARKER, 0, BOOT_TIMEOUT);
+    println!(
+        "recover to marker: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    serial.wait_line("REVIVE-READY", 0, BOOT_TIMEOUT);
+    assert_eq!(
+        serial.wait_line("REVIVE-KNOWN", 0, ANSWER_TIMEOUT),
+        format!("REVIVE-KNOWN {}", image.known_sha256)
+    );
+    let (w1, h1) = wrote(&serial.wait_line("REVIVE-WROTE", 0, ANSWER_TIMEOUT));
+    let shown = server.ctl_json(&["session", &id]);
+    assert!(
+        shown["cache_bytes"].as_u64().unwrap_or(0) >= 1 << 20,
+        "the guest's write is not in the write cache: {shown:#}"
+    );
+    assert_eq!(repo_objects(&repo), repo_before, "the repository changed");
+
+    let prod = tmp.path().join("prod");
+    let done = server.ctl_json(&[
+        "migrate",
+        &id,
+        "--method",
+        "live",
+        "--to",
+        prod.to_str().expect("utf8"),
+        "--wait",
+    ]);
+    assert_eq!(done["state"], "done", "{done:#}\nlog:\n{}", server.log());
+    assert_eq!(done["migration"]["percent"], 100);
+    let migrated = prod.join("tiny-flat.vmdk");
+    assert_eq!(
+        drive_file(&vm_dir.join("qmp.sock")).await,
+        migrated.to_str().expect("utf8")
+    );
+    // The guest runs on from the local file: it answers and writes.
+    serial.send("ping");
+    assert_eq!(serial.wait_line("pong", 0, ANSWER_TIMEOUT), "pong 1");
+    serial.send("sync-write");
+    let (w2, h2) = wrote(&serial.wait_line("REVIVE-WROTE", 1, ANSWER_TIMEOUT));
+    // The session finalized: its export folder is gone.
+    let listed = run_tool("nfs-ls", &["nfs://127.0.0.1/revive"]).await;
+    assert!(listed.status.success(), "nfs-ls: {listed:?}");
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(SESSION),
+        "folder still published: {listed:?}"
+    );
+
+    // The production VM is QEMU's now; power it off with the driver.
+    let d = driver(&run_dir);
+    let vm_ref = VmRef(SESSION.into());
+    d.power_off(&vm_ref).await.expect("power off");
+    assert_eq!(fat_file_sha256(&migrated, &w1), h1);
+    assert_eq!(fat_file_sha256(&migrated, &w2), h2);
+    assert_eq!(fat_file_sha256(&migrated, "known.bin"), image.known_sha256);
+    d.unregister_vm(&vm_ref).await.expect("unregister");
+
+    server.stop();
+    // The session ended: its pin is gone, every file is as before.
+    assert_eq!(snapshot_tree(&repo), repo_before, "the repository changed");
+    run_ok(revive().arg("verify").arg("--repo").arg(&repo));
+    println!("{CLI_DONE}");
+}
+
 const BENCH_DONE: &str = "QEMU-BOOT-BENCH-DONE";
 const BENCH: &str = "qemu::boot_time_from_the_datastore_vs_a_local_file";
 

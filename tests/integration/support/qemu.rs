@@ -31,11 +31,12 @@ pub fn qemu_vm_peers_or_skip() -> bool {
     let ok = qemu_has_nfs()
         && have_tool("qemu-system-x86_64")
         && have_tool("mcopy")
+        && have_tool("nfs-ls")
         && have_tool("unshare")
         && have_tool("ip");
     if !ok {
         skip_missing_peer(
-            "qemu-system-x86_64, qemu-block-extra, mtools, unshare or ip \
+            "qemu-system-x86_64, qemu-block-extra, mtools, libnfs-utils, unshare or ip \
              (scripts/install-test-deps.sh)",
         );
     }
