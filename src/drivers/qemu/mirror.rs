@@ -186,12 +186,11 @@ pub fn overall(states: &[JobState]) -> MigrationStatus {
         // here, so it adds nothing to either side.
         _ => (d, t),
     });
-    let percent = if total == 0 {
-        0
-    } else {
-        // Never 100 while a job still runs: 100 means "ready".
-        ((done.min(total) * 100 / total) as u8).min(99)
-    };
+    // Nothing known yet (total 0) is 0 %; never 100 while a job still runs:
+    // 100 means "ready".
+    let percent = (done.min(total) * 100)
+        .checked_div(total)
+        .map_or(0, |p| (p as u8).min(99));
     MigrationStatus::Running { percent }
 }
 
