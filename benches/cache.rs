@@ -6,6 +6,14 @@
 //!   its own pwrite + fdatasync, one at a time, from 16 tasks. All blocks are
 //!   prefilled in both cases, so the bitmap never changes and each flush is a
 //!   single fdatasync of the data file: the best case for the serial design.
+//! - `fresh_blocks/qd16`: 16 tasks doing `FileSync` writes to blocks never
+//!   written before, in random order over a 4 GiB sparse file: what fio's
+//!   4 KiB random FILE_SYNC job does to a new write cache (every write sets a
+//!   new bit and allocates a data block).
+//! - `.../two_syncs` variants: the same with the journal's checkpoint size
+//!   set to 0, so every flush is a checkpoint (data `fdatasync`, then bitmap
+//!   `fdatasync`): the write cache as it was before the journal, measured
+//!   side by side in the same run.
 //!
 //! Run: `cargo bench --bench cache`. Files go to a temporary folder under
 //! `REVIVE_BENCH_DIR` (default `target/`), so fsync hits the real disk.
@@ -56,6 +64,44 @@ async fn group_commit(cache: &Arc<WriteCache>, qd: u64, total: u64) -> Duration 
     start.elapsed()
 }
 
+/// Blocks of the sparse file used by `fresh_blocks` (4 GiB): far more than a
+/// benchmark run writes, so nearly every write hits a new block.
+const FRESH_BLOCKS: u64 = 1 << 20;
+
+/// Like `group_commit`, but block numbers come from a counter scrambled by
+/// an odd multiplier, so each write lands on a block never written before
+/// (until the counter wraps `FRESH_BLOCKS`), scattered over the file.
+async fn fresh_blocks(
+    cache: &Arc<WriteCache>,
+    next: &Arc<std::sync::atomic::AtomicU64>,
+    qd: u64,
+    total: u64,
+) -> Duration {
+    use std::sync::atomic::Ordering;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..qd {
+        let cache = Arc::clone(cache);
+        let next = Arc::clone(next);
+        let n = total / qd + u64::from(t < total % qd);
+        tasks.push(tokio::spawn(async move {
+            let data = Bytes::from(vec![t as u8 + 1; BS as usize]);
+            for _ in 0..n {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let block = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % FRESH_BLOCKS;
+                cache
+                    .write(block * BS, data.clone(), Stability::FileSync, &NoBase)
+                    .await
+                    .expect("write");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer task");
+    }
+    start.elapsed()
+}
+
 /// The naive baseline: one fsync pair per write, serialized.
 async fn serial_fsync(file: &Arc<Mutex<File>>, qd: u64, total: u64) -> Duration {
     let start = Instant::now();
@@ -92,8 +138,12 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(5));
 
-    for qd in [1u64, 16, 64] {
-        let paths = CachePaths::in_dir(dir.path(), &format!("gc{qd}"));
+    for (qd, two_syncs) in [(1u64, false), (16, false), (16, true), (64, false)] {
+        let name = match two_syncs {
+            false => format!("group_commit/qd{qd}"),
+            true => format!("group_commit/qd{qd}/two_syncs"),
+        };
+        let paths = CachePaths::in_dir(dir.path(), &name.replace('/', "-"));
         let cache = Arc::new(
             rt.block_on(WriteCache::create(
                 &paths,
@@ -111,12 +161,42 @@ fn bench(c: &mut Criterion) {
                 .await
                 .expect("prefill");
         });
+        if two_syncs {
+            cache.set_checkpoint_bytes(0);
+        }
         let before = cache.flush_count();
-        group.bench_function(format!("group_commit/qd{qd}"), |b| {
+        group.bench_function(&name, |b| {
             b.iter_custom(|iters| rt.block_on(group_commit(&cache, qd, iters)))
         });
         let flushes = cache.flush_count() - before;
-        println!("group_commit/qd{qd}: {flushes} flushes during the benchmark");
+        println!("{name}: {flushes} flushes during the benchmark");
+    }
+
+    for two_syncs in [false, true] {
+        let name = match two_syncs {
+            false => "fresh_blocks/qd16",
+            true => "fresh_blocks/qd16/two_syncs",
+        };
+        let paths = CachePaths::in_dir(dir.path(), &name.replace('/', "-"));
+        let cache = Arc::new(
+            rt.block_on(WriteCache::create(
+                &paths,
+                FRESH_BLOCKS * BS,
+                BS as u32,
+                Origin::New,
+            ))
+            .expect("create"),
+        );
+        if two_syncs {
+            cache.set_checkpoint_bytes(0);
+        }
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let before = cache.flush_count();
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| rt.block_on(fresh_blocks(&cache, &next, 16, iters)))
+        });
+        let flushes = cache.flush_count() - before;
+        println!("{name}: {flushes} flushes during the benchmark");
     }
 
     let open = |name: &str| {

@@ -386,7 +386,7 @@ $TABLE
 - Each server runs in its own private network namespace and fio is entered into it: both are reached over an identical loopback.
 - revive serves restore point \`disk@latest\` of a 256 MiB disk (3/8 random, 2/8 compressible text, 1/8 zeros, 2/8 duplicates) from its deduplicated repository ($((REPO_BYTES >> 20)) MiB on disk), 1 MiB chunks, zstd, BLAKE3-verified when they enter the 256 MiB block cache; writes go to the write cache on the same ext4 filesystem. Ganesha serves the same bytes as a plain file there. Both data sets are in the page cache.
 - "cold" lines restart revive before every run (empty block cache); the cache fills while the job runs (256 chunk misses of about 1 ms each, decompress and BLAKE3 verify). The sequential read then loads every chunk, so the "warm" lines read only memory. Ganesha's cold and warm lines are the same workload run twice.
-- FILE_SYNC: fio's nfs engine ignores \`--sync=1\`; the script patches it to open with O_SYNC, so libnfs sends every WRITE as FILE_SYNC (revive: data and bitmap fsynced before the reply, concurrent writes share one flush). Repeats after the first rewrite some blocks already in revive's write cache (no bitmap change for those).
+- FILE_SYNC: fio's nfs engine ignores \`--sync=1\`; the script patches it to open with O_SYNC, so libnfs sends every WRITE as FILE_SYNC (revive: the write's journal record fsynced before the reply, concurrent writes share one journal sync; data file and bitmap catch up in checkpoints). Repeats after the first rewrite some blocks already in revive's write cache.
 EOF
     log "wrote $MD"
 fi

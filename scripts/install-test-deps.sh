@@ -10,6 +10,10 @@
 #   busybox-static, syslinux, mtools, dosfstools, cpio: scripts/build-boot-image.sh,
 #                                                which this script runs to build the tiny VM
 #   python3                                     (scripts/demo.sh makes its sample VM with it)
+#   moto_server       S3 peer on loopback       (tests/integration/s3.rs): pip, in the venv
+#                                                 /opt/revive-venv (Debian 12's Python is
+#                                                 externally managed, PEP 668), linked
+#                                                 into /usr/local/bin
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
@@ -29,20 +33,31 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
+VENV=/opt/revive-venv
+install_moto() {
+    have moto_server && return 0
+    if [ ! -x "$VENV/bin/pip" ]; then
+        python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/pip" install --quiet 'moto[s3,server]'
+    ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
+}
+
 HERE=$(dirname "$0")
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have qemu-system-x86_64 && boot_tools; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools; then
     "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
 fi
 
 apt-get update
-apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3
+apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3 python3-venv
 apt-get install -y --no-install-recommends busybox-static syslinux syslinux-common mtools dosfstools cpio
 if ! qemu_nfs || ! have qemu-system-x86_64; then
     apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra \
         qemu-system-x86
 fi
+install_moto
 "$HERE/build-boot-image.sh" >/dev/null
 echo "install-test-deps: done"

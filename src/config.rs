@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
@@ -12,6 +13,9 @@ use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
 use crate::drivers::HostConfig;
 use crate::nfs::NfsBind;
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
+use crate::store::{
+    StoreError, StoreLocation, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
+};
 
 /// Environment variable naming the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "REVIVE_CONFIG";
@@ -207,8 +211,100 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RepositoryConfig {
-    /// Folder of the repository; `--repo` overrides it.
+    /// Folder of the repository (or an `s3://` URL); `--repo` overrides it.
     pub path: Option<PathBuf>,
+    /// `s3://bucket/prefix` of a repository on object storage; `--repo`
+    /// overrides it, and it wins over `path`.
+    pub url: Option<String>,
+    /// Folder of the on-disk chunk cache of `revive serve` (none: no cache).
+    pub chunk_cache_dir: Option<PathBuf>,
+    /// Budget of the chunk cache, e.g. "20GiB".
+    #[serde(deserialize_with = "size")]
+    pub chunk_cache_bytes: u64,
+    /// How to reach an S3 repository.
+    pub s3: S3Section,
+}
+
+/// Default chunk cache budget: a few booting VMs' working sets.
+pub const DEFAULT_CHUNK_CACHE_BYTES: u64 = 8 << 30;
+
+/// `[repository.s3]`: anything left out comes from the AWS_* environment.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Section {
+    /// Endpoint URL of a self-hosted store (`http://rgw.example:7480`).
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// Allow plain-HTTP endpoints.
+    pub allow_http: Option<bool>,
+    /// Path-style addressing (self-hosted stores); false: virtual-hosted style.
+    pub path_style: bool,
+    /// Seconds one HTTP request may take before it is retried.
+    pub request_timeout: u64,
+    /// Seconds in which failed requests are retried before reads fail
+    /// (transiently: NFS clients are told to retry).
+    pub retry_window: u64,
+    /// Seconds `gc` spares unreferenced objects (see docs/formats.md).
+    pub gc_grace: u64,
+}
+
+impl Default for S3Section {
+    fn default() -> Self {
+        S3Section {
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: None,
+            path_style: true,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT.as_secs(),
+            retry_window: DEFAULT_RETRY_WINDOW.as_secs(),
+            gc_grace: DEFAULT_S3_GC_GRACE.as_secs(),
+        }
+    }
+}
+
+impl RepositoryConfig {
+    /// Where the repository is: `cli` (from `--repo`) if given, else `url`,
+    /// else `path`; `None` when nothing names one. S3 settings come from
+    /// `[repository.s3]`.
+    pub fn location(&self, cli: Option<&str>) -> Result<Option<StoreLocation>, StoreError> {
+        let text = match (cli, &self.url, &self.path) {
+            (Some(c), _, _) => c.to_string(),
+            (None, Some(u), _) => u.clone(),
+            (None, None, Some(p)) => p.display().to_string(),
+            (None, None, None) => return Ok(None),
+        };
+        let mut location = StoreLocation::parse(&text)?;
+        if let StoreLocation::S3(o) = &mut location {
+            let s = &self.s3;
+            o.endpoint = s.endpoint.clone();
+            o.region = s.region.clone();
+            o.access_key_id = s.access_key_id.clone();
+            o.secret_access_key = s.secret_access_key.clone();
+            o.allow_http = s.allow_http;
+            o.path_style = s.path_style;
+            o.request_timeout = Duration::from_secs(s.request_timeout.max(1));
+            o.retry_window = Duration::from_secs(s.retry_window);
+            o.gc_grace = Duration::from_secs(s.gc_grace);
+        }
+        Ok(Some(location))
+    }
+
+    /// The chunk cache folder and budget, when configured.
+    pub fn chunk_cache(&self) -> Option<(PathBuf, u64)> {
+        let bytes = if self.chunk_cache_bytes == 0 {
+            DEFAULT_CHUNK_CACHE_BYTES
+        } else {
+            self.chunk_cache_bytes
+        };
+        self.chunk_cache_dir.clone().map(|d| (d, bytes))
+    }
 }
 
 impl Config {
@@ -350,6 +446,29 @@ mod tests {
         let config = Config::parse("").unwrap();
         assert_eq!(config.datastore_config().exports.len(), 1);
         assert_eq!(config.nfs_bind(), NfsBind::default());
+    }
+
+    #[test]
+    fn s3_repository_settings() {
+        let config = Config::parse(
+            "[repository]\nurl = \"s3://bkp/site-a\"\nchunk_cache_dir = \"/var/cache/revive\"\n\
+             chunk_cache_bytes = \"1GiB\"\n[repository.s3]\nendpoint = \"http://127.0.0.1:9000\"\n\
+             request_timeout = 3\n",
+        )
+        .unwrap();
+        let Some(StoreLocation::S3(o)) = config.repository.location(None).unwrap() else {
+            panic!("not s3");
+        };
+        assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("bkp", "site-a"));
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(o.request_timeout, Duration::from_secs(3));
+        assert!(o.path_style);
+        assert_eq!(
+            config.repository.chunk_cache(),
+            Some((PathBuf::from("/var/cache/revive"), 1 << 30))
+        );
+        let local = config.repository.location(Some("/srv/repo")).unwrap();
+        assert_eq!(local, Some(StoreLocation::Local("/srv/repo".into())));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`datastore`]: the namespace clients see: exports, one folder per
 //!   published restore point, stable file ids, cache over backup.
 //! - [`cache`]: the write cache of a published file: sparse data file,
-//!   persistent bitmap, group commit, crash-safe ordering.
+//!   persistent bitmap, write-ahead journal, group commit, crash-safe
+//!   ordering.
 //! - [`repo`]: backup chains of VM folders: restore points, chunk indexes,
 //!   backup, restore, verify, gc, block cache.
 //! - [`store`]: where the repository's bytes live (local folder; S3 later).

@@ -17,7 +17,12 @@
 //! so partial writes copy base bytes into the cache.
 //!
 //! Several rounds run on the same cache, so each also tests reopening a cache
-//! left by a crash. Runs as `harness = false`: `cargo test --test cache_crash`.
+//! left by a crash, which replays its journal. Stable writes are made durable
+//! by journal appends; some rounds shrink the journal's checkpoint size so
+//! that checkpoints (and journal resets) run all the time and kills land in
+//! them; some rounds kill the child within milliseconds of its start, while
+//! it opens the cache, which is when it replays the previous round's journal.
+//! Runs as `harness = false`: `cargo test --test cache_crash`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -41,7 +46,7 @@ const WRITERS: u64 = 8;
 const REGION: u64 = 64;
 const UNITS: u64 = WRITERS * REGION;
 const BLOCKS: u64 = UNITS / UNITS_PER_BLOCK;
-const ROUNDS: u64 = 6;
+const ROUNDS: u64 = 10;
 /// Unstable writers commit after this many writes.
 const COMMIT_EVERY: u64 = 4;
 
@@ -99,6 +104,17 @@ fn decode(unit: u64, bytes: &[u8]) -> Result<u64, String> {
     Ok(gen)
 }
 
+/// How round `round` runs: the child's journal checkpoint size (`None`: the
+/// default) and whether it is killed early, while opening (replaying).
+fn round_plan(round: u64) -> (Option<u64>, bool) {
+    let checkpoint = match round % 3 {
+        0 => None,
+        1 => Some(16 << 10),
+        _ => Some(256 << 10),
+    };
+    (checkpoint, round % 4 == 3)
+}
+
 fn main() {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
         let round: u64 = std::env::var("REVIVE_CRASH_ROUND")
@@ -120,7 +136,12 @@ fn main() {
     let mut acked: HashMap<u64, u64> = HashMap::new();
     let mut total_acks = 0;
     for round in 1..=ROUNDS {
-        let acks = run_child(dir.path(), round);
+        let acks = if round_plan(round).1 {
+            run_child_killed_early(dir.path(), round);
+            Vec::new()
+        } else {
+            run_child(dir.path(), round)
+        };
         total_acks += acks.len();
         for (unit, n, gen) in acks {
             for u in unit..unit + n {
@@ -186,12 +207,40 @@ fn run_child(dir: &Path, round: u64) -> Vec<(u64, u64, u64)> {
     acks
 }
 
-/// Reopens the cache and checks every block; returns (cached blocks, units
-/// holding a newer unacknowledged write).
+/// Runs one child and kills it within its first milliseconds: it is then
+/// opening the cache, replaying the journal the last round left.
+fn run_child_killed_early(dir: &Path, round: u64) {
+    let exe = std::env::current_exe().expect("own path");
+    let mut child = Command::new(exe)
+        .env(CHILD_ENV, dir)
+        .env("REVIVE_CRASH_ROUND", round.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let delay = rand::rng().random_range(0..15);
+    std::thread::sleep(Duration::from_millis(delay));
+    child.kill().expect("SIGKILL the child");
+    let status = child.wait().expect("reap child");
+    println!("round {round}: killed while opening after {delay} ms ({status})");
+}
+
+/// Reopens a copy of the cache (so the journal the child left stays for the
+/// next child to replay) and checks every block; returns (cached blocks,
+/// units holding a newer unacknowledged write).
 async fn verify(dir: &Path, acked: &HashMap<u64, u64>) -> (u64, u64) {
-    let cache = WriteCache::open(&paths(dir))
-        .await
-        .expect("reopen after kill");
+    let copy_dir = dir.join("verify");
+    let _ = std::fs::remove_dir_all(&copy_dir);
+    std::fs::create_dir(&copy_dir).expect("verify folder");
+    let (from, to) = (paths(dir), paths(&copy_dir));
+    for (f, t) in [
+        (from.data, &to.data),
+        (from.map, &to.map),
+        (from.journal, &to.journal),
+    ] {
+        std::fs::copy(&f, t).expect("copy cache file");
+    }
+    let cache = WriteCache::open(&to).await.expect("reopen after kill");
     assert_eq!(cache.len(), UNITS * UNIT, "logical size changed");
     let (mut cached, mut newer) = (0, 0);
     for block in 0..BLOCKS {
@@ -230,6 +279,9 @@ fn child(dir: PathBuf, round: u64) {
         .expect("child runtime");
     rt.block_on(async move {
         let cache = Arc::new(WriteCache::open(&paths(&dir)).await.expect("child open"));
+        if let Some(bytes) = round_plan(round).0 {
+            cache.set_checkpoint_bytes(bytes);
+        }
         let mut tasks = Vec::new();
         for w in 0..WRITERS {
             let cache = Arc::clone(&cache);

@@ -1,10 +1,17 @@
 //! The shared state of one write cache and its group commit: which blocks are
-//! present in memory, which bitmap pages and header are not yet on disk, and
-//! the single flush that makes them durable for every waiter at once.
+//! present in memory, which bitmap pages, header and journal records are not
+//! yet on disk, and the single flush that makes them durable for every waiter
+//! at once.
 //!
-//! # Durability ordering
+//! # Two kinds of flush
 //!
-//! A flush runs in three steps, never reordered:
+//! A *journal flush* appends the pending records (the bytes of recent
+//! writes, see `journal.rs`) to the journal with one `fdatasync`. It is
+//! enough when every change since the last checkpoint is a journaled write:
+//! replay at `open` redoes them. This is the fast path of stable writes.
+//!
+//! A *checkpoint* makes the data file and bitmap themselves durable, in three
+//! steps, never reordered:
 //!
 //! 1. Under the state lock, snapshot the dirty bitmap pages and the header.
 //!    Every bit in the snapshot was set *after* the `pwrite` of its data
@@ -13,7 +20,14 @@
 //! 3. Write the snapshot pages and header to the `.map` file, `fdatasync` it.
 //!
 //! So the on-disk bitmap never has a bit set whose data is not durable. Bits
-//! set after step 1 stay dirty for the next flush.
+//! set after step 1 stay dirty for the next flush. Then, if the journal holds
+//! records, it starts a new epoch (4.), which kills them: the data file and
+//! bitmap now cover every one of them (they were all written before step 1).
+//!
+//! A flush is a checkpoint when some change is not journaled (an unstable
+//! write beyond the pending budget, a write too large for a record, a
+//! punch, a resize, a repair) or when the journal has grown past its
+//! checkpoint size; otherwise it is a journal flush.
 //!
 //! # Group commit
 //!
@@ -23,7 +37,7 @@
 //! waits for the running flush to end and checks again. A flush covers
 //! everything up to the `write_seq` of its snapshot, so all callers that
 //! arrived while one flush ran are served by the next single flush: N
-//! concurrent stable writes cost about two fsync pairs, not N.
+//! concurrent stable writes cost about one journal sync, not N.
 //!
 //! The flush runs in `spawn_blocking`, detached from the caller that started
 //! it, so a cancelled caller never leaves the cache "flushing" forever.
@@ -31,14 +45,17 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
 use super::bitmap::Bitmap;
 use super::error::{io_err, CacheError, Result};
-use super::format::{Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES};
+use super::format::{
+    Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES, JOURNAL_CHECKPOINT_BYTES, MAX_RECORD_LEN,
+};
+use super::journal::{Journal, Record};
 use super::range_lock::RangeLocks;
 use super::write_cache::CachePaths;
 
@@ -57,6 +74,16 @@ pub(crate) enum Event {
     MapPage(u64, Vec<u8>),
     /// The data file was truncated: blocks from this one on are gone.
     DataTruncated(u64),
+    /// The `.map` file's `fdatasync` returned: the pages written are durable.
+    MapSyncEnd,
+    /// Journal records covering these block ranges were written...
+    JournalAppend(Vec<(u64, u64)>),
+    /// ...and the journal's `fdatasync` returned.
+    JournalSyncEnd,
+    /// The journal started a new epoch: its records are dead.
+    JournalReset,
+    /// A stable write of blocks `start..end` was acknowledged to its caller.
+    Acked(u64, u64),
 }
 
 /// Records an `Event` in test builds; compiles to nothing otherwise.
@@ -83,6 +110,8 @@ pub(crate) struct Shared {
     pub data: File,
     /// The header slots and the bitmap; holds an exclusive `flock`.
     pub map: File,
+    /// The write-ahead journal; only the (serialized) flush touches it.
+    pub journal: Mutex<Journal>,
     /// Block size in bytes (a power of two).
     pub block_size: u64,
     /// Everything that changes, behind one short-held lock.
@@ -93,6 +122,8 @@ pub(crate) struct Shared {
     pub flushed: watch::Sender<u64>,
     /// Number of flushes that ran: a metric, and proof of group commit.
     pub flushes: AtomicU64,
+    /// A `presync` thread is running.
+    pub presyncing: Arc<AtomicBool>,
     /// I/O events, for the ordering test.
     #[cfg(test)]
     pub trace: Mutex<Vec<Event>>,
@@ -119,6 +150,19 @@ pub(crate) struct Inner {
     pub flushing: bool,
     /// Set when a flush failed; the cache then refuses writes.
     pub poisoned: Option<String>,
+    /// Journal records of writes not yet appended, in sequence order.
+    pub records: Vec<Record>,
+    /// Encoded bytes of `records`.
+    pub record_bytes: u64,
+    /// Some change since the last checkpoint snapshot is not in a journal
+    /// record: the next flush must be a checkpoint.
+    pub unjournaled: bool,
+    /// Bytes of live records in the journal (as of the last flush).
+    pub journal_bytes: u64,
+    /// Journal size past which the next flush is a checkpoint.
+    pub checkpoint_bytes: u64,
+    /// Journal size at the last `presync` (0 after a checkpoint).
+    pub presync_mark: u64,
 }
 
 impl Inner {
@@ -134,7 +178,38 @@ impl Inner {
             durable_seq: 0,
             flushing: false,
             poisoned: None,
+            records: Vec::new(),
+            record_bytes: 0,
+            unjournaled: false,
+            journal_bytes: 0,
+            checkpoint_bytes: JOURNAL_CHECKPOINT_BYTES,
+            presync_mark: 0,
         }
+    }
+
+    /// Records a change that no journal record covers: the next flush will
+    /// be a checkpoint, which also covers the pending records, so they are
+    /// dropped now rather than held in memory.
+    pub fn mark_unjournaled(&mut self) {
+        self.unjournaled = true;
+        self.records.clear();
+        self.record_bytes = 0;
+    }
+
+    /// Queues the journal record of a write whose bytes are in the data file
+    /// and whose bits are set; falls back to `mark_unjournaled` when the
+    /// record is too large or too much is pending already.
+    pub fn push_record(&mut self, record: Record) {
+        let len = record.encoded_len();
+        if self.unjournaled
+            || record.len() > u64::from(MAX_RECORD_LEN)
+            || self.record_bytes + len > MAX_PENDING_RECORD_BYTES
+        {
+            self.mark_unjournaled();
+            return;
+        }
+        self.record_bytes += len;
+        self.records.push(record);
     }
 
     /// Records a change and returns its sequence number.
@@ -160,9 +235,19 @@ impl Inner {
     }
 }
 
+/// Most bytes of journal records held in memory between flushes. Unstable
+/// writes are journaled too (so a COMMIT is one journal sync), but a client
+/// that streams unstable writes without committing would pile up records:
+/// past this budget they are dropped and the next flush is a checkpoint.
+const MAX_PENDING_RECORD_BYTES: u64 = 8 << 20;
+
 /// What one flush writes, taken under the lock in step 1.
 struct Batch {
     seq: u64,
+    /// Whether this is a checkpoint (else a journal flush of `records`).
+    checkpoint: bool,
+    /// Journal flush: the records to append.
+    records: Vec<Record>,
     data_dirty: bool,
     pages: Vec<(u64, Vec<u8>)>,
     header: Option<Header>,
@@ -242,7 +327,17 @@ impl Shared {
         let mut inner = self.lock();
         inner.flushing = false;
         match result {
-            Ok(()) => inner.durable_seq = inner.durable_seq.max(batch.seq),
+            Ok(journal_bytes) => {
+                inner.durable_seq = inner.durable_seq.max(batch.seq);
+                inner.journal_bytes = journal_bytes;
+                if batch.checkpoint {
+                    inner.presync_mark = 0;
+                } else if journal_bytes >= inner.presync_mark + inner.checkpoint_bytes / 4 {
+                    inner.presync_mark = journal_bytes;
+                    drop(inner);
+                    self.presync();
+                }
+            }
             Err(err) => {
                 tracing::error!(cache = %self.paths.map.display(), cause = %err, "write cache flush failed");
                 inner.poisoned = Some(err.to_string());
@@ -250,9 +345,54 @@ impl Shared {
         }
     }
 
-    /// Step 1: snapshot what is dirty.
+    /// Starts an `fdatasync` of the data file on its own thread, off the
+    /// flush path: the data behind the journal's records is written back (and
+    /// its blocks allocated) while appends go on, so the next checkpoint's
+    /// own data sync finds little left to do instead of stalling every
+    /// stable write for the whole writeback. Syncing data never publishes
+    /// anything, so it needs no ordering. Works on a duplicate of the file
+    /// descriptor, so it never keeps the cache (its `flock`) open.
+    fn presync(&self) {
+        if self.presyncing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(data) = self.data.try_clone() else {
+            self.presyncing.store(false, Ordering::Release);
+            return;
+        };
+        let running = Arc::clone(&self.presyncing);
+        let spawned = std::thread::Builder::new()
+            .name("cache-presync".into())
+            .spawn(move || {
+                // An error here is found again by the checkpoint's own sync.
+                let _ = data.sync_data();
+                running.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.presyncing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Step 1: snapshot what is dirty, and choose the kind of flush.
     fn take_batch(&self) -> Batch {
         let mut inner = self.lock();
+        let records = std::mem::take(&mut inner.records);
+        let record_bytes = std::mem::take(&mut inner.record_bytes);
+        let checkpoint =
+            inner.unjournaled || inner.journal_bytes + record_bytes > inner.checkpoint_bytes;
+        if !checkpoint {
+            return Batch {
+                seq: inner.write_seq,
+                checkpoint,
+                records,
+                data_dirty: false,
+                pages: Vec::new(),
+                header: None,
+            };
+        }
+        // The checkpoint covers the records (their data and bits are in
+        // the snapshot below): they are never appended.
+        inner.unjournaled = false;
         let pages = std::mem::take(&mut inner.dirty_pages)
             .into_iter()
             .map(|p| (p, inner.bitmap.page_bytes(p)))
@@ -266,21 +406,52 @@ impl Shared {
         };
         Batch {
             seq: inner.write_seq,
+            checkpoint,
+            records: Vec::new(),
             data_dirty: std::mem::take(&mut inner.data_dirty),
             pages,
             header,
         }
     }
 
-    /// Steps 2 and 3: data durable first, then the map that publishes it.
-    fn write_batch(&self, batch: &Batch) -> Result<()> {
+    /// The journal, locked. Only the serialized flush and `open` use it, so
+    /// the lock is never contended.
+    pub fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes a batch; returns the live bytes of the journal after it.
+    fn write_batch(&self, batch: &Batch) -> Result<u64> {
         tracing::debug!(
             cache = %self.paths.map.display(),
             seq = batch.seq,
+            checkpoint = batch.checkpoint,
+            records = batch.records.len(),
             pages = batch.pages.len(),
             header = batch.header.is_some(),
             "flush"
         );
+        let mut journal = self.journal();
+        if !batch.checkpoint {
+            trace_io!(
+                self,
+                Event::JournalAppend(block_ranges(self.block_size, &batch.records))
+            );
+            journal.append(&batch.records)?;
+            trace_io!(self, Event::JournalSyncEnd);
+            return Ok(journal.live_bytes());
+        }
+        self.checkpoint(batch)?;
+        if journal.live_bytes() > 0 {
+            // 4. Every live record is now covered by the data file and map.
+            journal.reset()?;
+            trace_io!(self, Event::JournalReset);
+        }
+        Ok(journal.live_bytes())
+    }
+
+    /// Steps 2 and 3: data durable first, then the map that publishes it.
+    fn checkpoint(&self, batch: &Batch) -> Result<()> {
         if batch.data_dirty {
             trace_io!(self, Event::DataSyncStart);
             self.data
@@ -304,6 +475,23 @@ impl Shared {
         }
         self.map
             .sync_data()
-            .map_err(io_err("sync", &self.paths.map))
+            .map_err(io_err("sync", &self.paths.map))?;
+        trace_io!(self, Event::MapSyncEnd);
+        Ok(())
     }
+}
+
+/// The blocks each record covers (for the ordering test's trace).
+#[cfg(test)]
+fn block_ranges(block_size: u64, records: &[Record]) -> Vec<(u64, u64)> {
+    records
+        .iter()
+        .filter(|r| r.len() > 0)
+        .map(|r| {
+            (
+                r.offset / block_size,
+                (r.offset + r.len() - 1) / block_size + 1,
+            )
+        })
+        .collect()
 }

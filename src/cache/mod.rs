@@ -2,8 +2,9 @@
 //! instead of the backup repository.
 //!
 //! One `WriteCache` per file: a sparse data file with the same offsets as the
-//! logical file, plus a `.map` file holding a header (block size, sizes) and a
-//! persistent bitmap of the blocks present. Reads overlay the cache on the
+//! logical file, a `.map` file holding a header (block size, sizes) and a
+//! persistent bitmap of the blocks present, and a `.journal` of recent
+//! writes. Reads overlay the cache on the
 //! base (the backup) through `Segment`s; writes are block-granular, with
 //! copy-on-write of partial blocks from a `BaseRead`. `SessionCache` keeps the
 //! caches of one session in one folder.
@@ -15,10 +16,13 @@
 //!
 //! A write acknowledged stable (`Stability::FileSync`/`DataSync`, or
 //! `Unstable` followed by `commit`) survives `kill -9` and is ordered for
-//! power loss: its data is `fdatasync`ed in the data file before the bitmap
-//! bits that publish it are written and `fdatasync`ed in the `.map` file.
-//! Concurrent stable writes share one such flush (group commit). Details in
-//! `commit.rs`; the on-disk layout in `format.rs` and `docs/formats.md`.
+//! power loss: either its bytes are in a journal record made durable by one
+//! `fdatasync` of the journal (replayed at `open`), or, at a checkpoint, its
+//! data is `fdatasync`ed in the data file before the bitmap bits that
+//! publish it are written and `fdatasync`ed in the `.map` file, and only then
+//! are journal records dropped. Concurrent stable writes share one flush
+//! (group commit). Details in `commit.rs` and `journal.rs`; the on-disk
+//! layout in `format.rs` and `docs/formats.md`.
 //!
 //! # Concurrency
 //!
@@ -68,6 +72,7 @@ mod bitmap;
 mod commit;
 mod error;
 pub mod format;
+mod journal;
 mod open;
 mod range_lock;
 mod resize;

@@ -10,13 +10,19 @@
 //! page without the header that grew the file: bits beyond the logical size,
 //! or bytes past the end in the last block. Both are undone before use, which
 //! keeps the rule "bytes of a cached block beyond the logical size are zero".
+//!
+//! Before that, `open` replays the live records of the journal into the data
+//! file and the bitmap, in order, and checkpoints them (data, then map, then
+//! a new journal epoch) before the cache serves anything. A crash during
+//! replay leaves the journal as it was, so the next `open` replays again:
+//! replay writes the same bytes to the same places.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -28,6 +34,7 @@ use super::format::{
     valid_block_size, Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES, HEADER_SIZE, HEADER_SLOTS,
     MAX_LOGICAL_SIZE,
 };
+use super::journal::{Journal, Replayed};
 use super::range_lock::RangeLocks;
 use super::write_cache::CachePaths;
 
@@ -85,16 +92,25 @@ fn open_rw(path: &Path) -> Result<File> {
         .map_err(io_err("open", path))
 }
 
-fn shared(paths: &CachePaths, data: File, map: File, bitmap: Bitmap, header: Header) -> Shared {
+fn shared(
+    paths: &CachePaths,
+    data: File,
+    map: File,
+    journal: Journal,
+    bitmap: Bitmap,
+    header: Header,
+) -> Shared {
     Shared {
         paths: paths.clone(),
         data,
         map,
+        journal: Mutex::new(journal),
         block_size: u64::from(header.block_size),
         inner: Mutex::new(Inner::new(bitmap, header)),
         locks: Arc::new(RangeLocks::default()),
         flushed: watch::Sender::new(0),
         flushes: AtomicU64::new(0),
+        presyncing: Arc::new(AtomicBool::new(false)),
         #[cfg(test)]
         trace: Mutex::new(Vec::new()),
     }
@@ -129,6 +145,9 @@ pub(crate) fn create(
         .open(&paths.data)
         .map_err(io_err("create", &paths.data))?;
     data.sync_all().map_err(io_err("sync", &paths.data))?;
+    // A leftover journal (of a deleted cache) is emptied before the map
+    // makes the cache exist, so its records are never replayed here.
+    let journal = Journal::create(&paths.journal)?;
 
     let header = Header {
         block_size,
@@ -161,7 +180,7 @@ pub(crate) fn create(
 
     let map = open_rw(&paths.map)?;
     lock_exclusive(&map, &paths.map)?;
-    Ok(shared(paths, data, map, Bitmap::new(), header))
+    Ok(shared(paths, data, map, journal, Bitmap::new(), header))
 }
 
 /// Reads the newer valid header slot.
@@ -241,9 +260,49 @@ pub(crate) fn open(paths: &CachePaths) -> Result<Shared> {
     let header = read_header(&map, &paths.map)?;
     let data = open_rw(&paths.data)?;
     let bitmap = read_bitmap(&map, &paths.map)?;
-    let shared = shared(paths, data, map, bitmap, header);
+    let (journal, records) = Journal::open(&paths.journal)?;
+    let shared = shared(paths, data, map, journal, bitmap, header);
+    replay(&shared, records)?;
     repair(&shared)?;
+    // Records of the old epoch are covered now (repair checkpointed any
+    // replayed ones); a new epoch keeps them from ever being replayed again
+    // over newer data, and makes the journal's file entry durable.
+    shared.journal().reset()?;
+    sync_dir(parent_of(&paths.journal))?;
     Ok(shared)
+}
+
+/// Applies the journal's live records to the data file and the in-memory
+/// bitmap and size, in order. `repair` then checkpoints them.
+fn replay(shared: &Shared, records: Vec<Replayed>) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let bs = shared.block_size;
+    let mut inner = shared.lock();
+    for r in &records {
+        if r.payload.is_empty() {
+            continue;
+        }
+        shared
+            .data
+            .write_all_at(&r.payload, r.offset)
+            .map_err(io_err("write", &shared.paths.data))?;
+        let end = r.offset + r.payload.len() as u64;
+        inner.set_blocks(r.offset / bs, end.div_ceil(bs));
+        if r.logical_end > inner.header.logical_size {
+            inner.header.logical_size = r.logical_end;
+            inner.header_dirty = true;
+        }
+    }
+    inner.data_dirty = true;
+    inner.mark_unjournaled();
+    tracing::info!(
+        cache = %shared.paths.map.display(),
+        records = records.len(),
+        "replayed write cache journal"
+    );
+    Ok(())
 }
 
 /// Undoes what a crash between a bitmap page and its header can leave (see
@@ -267,6 +326,7 @@ fn repair(shared: &Shared) -> Result<()> {
         return Ok(());
     }
     tracing::info!(cache = %shared.paths.map.display(), "repaired write cache after a crash");
+    inner.mark_unjournaled();
     inner.flushing = true;
     drop(inner);
     shared.flush();
@@ -274,10 +334,10 @@ fn repair(shared: &Shared) -> Result<()> {
     Shared::check_poisoned(&inner, &shared.paths)
 }
 
-/// Removes both files of a cache and syncs the folder. The map goes first:
-/// a data file without a map is ignored and reused by `create`.
+/// Removes the files of a cache and syncs the folder. The map goes first:
+/// a data file or journal without a map is ignored and reused by `create`.
 pub(crate) fn delete(paths: &CachePaths) -> Result<()> {
-    for path in [&paths.map, &paths.data] {
+    for path in [&paths.map, &paths.data, &paths.journal] {
         match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -73,6 +73,7 @@ impl WriteCache {
                 inner.header.logical_size = new_len;
                 inner.header.base_len = inner.header.base_len.min(new_len);
                 inner.header_dirty = true;
+                inner.mark_unjournaled();
                 (inner.bump(), shrink)
             };
             shared.commit_upto(seq).await?;
@@ -82,6 +83,7 @@ impl WriteCache {
             let (seq, zero_tail) = {
                 let mut inner = shared.lock();
                 inner.clear_blocks(new_len.div_ceil(bs), u64::MAX);
+                inner.mark_unjournaled();
                 let zero_tail = !new_len.is_multiple_of(bs) && inner.bitmap.get(new_len / bs);
                 (inner.bump(), zero_tail)
             };
@@ -94,7 +96,9 @@ impl WriteCache {
                     let zeros = vec![0u8; (bs - new_len % bs) as usize];
                     s.data.write_all_at(&zeros, new_len).map_err(data_err())?;
                     // Synced by the next flush; `open` redoes it after a crash.
-                    s.lock().data_dirty = true;
+                    let mut inner = s.lock();
+                    inner.data_dirty = true;
+                    inner.mark_unjournaled();
                 }
                 s.data
                     .set_len(new_len.div_ceil(bs) * bs)
@@ -143,6 +147,8 @@ impl WriteCache {
             let mut inner = shared.lock();
             inner.data_dirty = true;
             inner.set_blocks(first, last);
+            // A hole is not a record: the punch is made durable by a checkpoint.
+            inner.mark_unjournaled();
             inner.bump();
             drop(inner);
             drop(guard);

@@ -7,7 +7,9 @@
 //! - bytes of a cached block beyond the logical size are zero in the data
 //!   file (so extending a file never reveals old bytes);
 //! - `base_len <= logical_size` (a truncate hides the base beyond it for good);
-//! - a bit is set in memory only after its block's data is in the data file.
+//! - a bit is set in memory only after its block's data is in the data file;
+//! - a write's journal record is queued under the same lock that sets its
+//!   bits, so records reach the journal in the order the data file got them.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use super::commit::Event;
 use super::commit::{trace_io, Shared};
 use super::error::{io_err, join_err, CacheError, Result};
 use super::format::MAX_LOGICAL_SIZE;
+use super::journal::Record;
 use super::open::{self, read_full_at};
 use super::segment::{assemble, BaseRead, Segment};
 
@@ -44,21 +47,24 @@ pub enum Origin {
     New,
 }
 
-/// The two files of one write cache.
+/// The three files of one write cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachePaths {
     /// Sparse data file, same offsets as the logical file.
     pub data: PathBuf,
     /// Header slots and bitmap.
     pub map: PathBuf,
+    /// Write-ahead journal of recent writes (see `journal.rs`).
+    pub journal: PathBuf,
 }
 
 impl CachePaths {
-    /// `DIR/NAME.data` and `DIR/NAME.map`.
+    /// `DIR/NAME.data`, `DIR/NAME.map` and `DIR/NAME.journal`.
     pub fn in_dir(dir: &Path, name: &str) -> CachePaths {
         CachePaths {
             data: dir.join(format!("{name}.data")),
             map: dir.join(format!("{name}.map")),
+            journal: dir.join(format!("{name}.journal")),
         }
     }
 }
@@ -134,6 +140,14 @@ impl WriteCache {
         })
     }
 
+    /// Sets the journal size past which a flush checkpoints (default
+    /// `format::JOURNAL_CHECKPOINT_BYTES`). Small values make checkpoints
+    /// frequent: for crash tests, which want kills to land in them.
+    #[doc(hidden)]
+    pub fn set_checkpoint_bytes(&self, bytes: u64) {
+        self.shared.lock().checkpoint_bytes = bytes;
+    }
+
     /// Removes the cache's files. Unflushed writes are dropped with it.
     ///
     /// # Errors
@@ -176,7 +190,7 @@ impl WriteCache {
         self.shared.lock().bitmap.count() * self.shared.block_size
     }
 
-    /// Bytes the two files really occupy on disk (`st_blocks`).
+    /// Bytes the three files really occupy on disk (`st_blocks`).
     ///
     /// # Errors
     /// I/O errors of `fstat`.
@@ -184,10 +198,11 @@ impl WriteCache {
         let s = &self.shared;
         let d = s.data.metadata().map_err(io_err("stat", &s.paths.data))?;
         let m = s.map.metadata().map_err(io_err("stat", &s.paths.map))?;
-        Ok((d.blocks() + m.blocks()) * 512)
+        let j = s.journal().allocated_bytes()?;
+        Ok((d.blocks() + m.blocks()) * 512 + j)
     }
 
-    /// Number of flushes (fsync pairs) run so far.
+    /// Number of flushes (journal syncs and checkpoints) run so far.
     pub fn flush_count(&self) -> u64 {
         self.shared.flushes.load(Ordering::Relaxed)
     }
@@ -352,6 +367,9 @@ impl WriteCache {
                 data.slice((lo - offset) as usize..(hi - offset) as usize),
             ));
         }
+        // Pieces are contiguous (head block, middle, tail block): in offset
+        // order they form one journal record.
+        pieces.sort_by_key(|p| p.0);
         let shared = Arc::clone(&self.shared);
         let seq = blocking(&self.shared.paths.data, move || {
             for (off, bytes) in &pieces {
@@ -369,13 +387,24 @@ impl WriteCache {
                 inner.header.logical_size = end;
                 inner.header_dirty = true;
             }
+            let logical_end = inner.header.logical_size;
+            inner.push_record(Record {
+                offset: pieces[0].0,
+                pieces: pieces.into_iter().map(|p| p.1).collect(),
+                logical_end,
+            });
             let seq = inner.bump();
             drop(inner);
             drop(guard);
             Ok(seq)
         })
         .await?;
-        self.finish(stability, Some(seq)).await
+        self.finish(stability, Some(seq)).await?;
+        #[cfg(test)]
+        if stability != Stability::Unstable {
+            self.trace_ack(offset, end);
+        }
+        Ok(())
     }
 
     /// Builds block `block` for a copy-on-write: base bytes (zeros beyond
@@ -427,6 +456,14 @@ impl WriteCache {
             Some(seq) => self.shared.commit_upto(seq).await,
             None => self.commit().await,
         }
+    }
+
+    /// Records, in test builds, that a stable write of `offset..end` was
+    /// acknowledged, so the ordering test can check it was durable.
+    #[cfg(test)]
+    fn trace_ack(&self, offset: u64, end: u64) {
+        let bs = self.shared.block_size;
+        trace_io!(self.shared, Event::Acked(offset / bs, end.div_ceil(bs)));
     }
 
     /// Makes every write done so far durable (NFSv3 COMMIT). Concurrent

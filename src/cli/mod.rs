@@ -8,6 +8,7 @@ mod sessions;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use revive::store::StoreLocation;
 
 /// Command-line arguments of `revive`.
 #[derive(Debug, Parser)]
@@ -24,36 +25,37 @@ pub struct Args {
 /// Where the repository is: `--repo`, else `$REVIVE_REPO`, else the config file.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RepoArg {
-    /// Repository folder.
-    #[arg(long, env = "REVIVE_REPO", value_name = "DIR")]
-    pub repo: Option<PathBuf>,
+    /// Repository folder, or s3://BUCKET/PREFIX (endpoint and credentials from
+    /// [repository.s3] of the config file or the AWS_* environment).
+    #[arg(long, env = "REVIVE_REPO", value_name = "DIR|URL")]
+    pub repo: Option<String>,
     /// Configuration file (default: $REVIVE_CONFIG).
     #[arg(long, env = revive::config::CONFIG_ENV, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
 impl RepoArg {
-    /// Resolves the repository folder.
-    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
-        if let Some(repo) = &self.repo {
-            return Ok(repo.clone());
-        }
-        match &self.config {
-            Some(path) => revive::config::Config::load(path)?
-                .repository
-                .path
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "config file '{}' names no [repository] path; pass --repo",
-                        path.display()
+    /// Resolves the repository location.
+    pub fn resolve(&self) -> anyhow::Result<StoreLocation> {
+        let config = match &self.config {
+            Some(path) => revive::config::Config::load(path)?,
+            None => revive::config::Config::default(),
+        };
+        match config.repository.location(self.repo.as_deref())? {
+            Some(location) => Ok(location),
+            None => match &self.config {
+                Some(path) => anyhow::bail!(
+                    "config file '{}' names no [repository] path or url; pass --repo",
+                    path.display()
+                ),
+                None => {
+                    tracing::debug!("no --repo, $REVIVE_REPO or config file");
+                    anyhow::bail!(
+                        "no repository given: pass --repo DIR or --repo s3://BUCKET/PREFIX \
+                         (or set REVIVE_REPO, or --config FILE)"
                     )
-                }),
-            None => {
-                tracing::debug!("no --repo, $REVIVE_REPO or config file");
-                anyhow::bail!(
-                    "no repository given: pass --repo DIR (or set REVIVE_REPO, or --config FILE)"
-                )
-            }
+                }
+            },
         }
     }
 }
@@ -124,9 +126,9 @@ pub enum Command {
         /// Configuration file (default: $REVIVE_CONFIG, else built-in defaults).
         #[arg(long, env = revive::config::CONFIG_ENV, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Repository folder (default: [repository] path of the config).
-        #[arg(long, env = "REVIVE_REPO", value_name = "DIR")]
-        repo: Option<PathBuf>,
+        /// Repository folder or s3://BUCKET/PREFIX (default: [repository] of the config).
+        #[arg(long, env = "REVIVE_REPO", value_name = "DIR|URL")]
+        repo: Option<String>,
     },
     /// Start instant recovery: publish VMs from backup and (with --host) boot them.
     Recover {
@@ -227,6 +229,10 @@ pub enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Keep unreferenced chunks younger than this, e.g. 15m or 0s
+        /// (default: 0 for a folder, [repository.s3] gc_grace for S3).
+        #[arg(long, value_parser = parse_duration_arg)]
+        grace: Option<std::time::Duration>,
     },
 }
 
@@ -284,6 +290,20 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s).map_err(|e| format!("'{s}' is not a size like 1MiB: {e}"))
 }
 
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 30s, 15m or 2h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("'{s}' is not a duration like 30s, 15m or 2h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 /// Runs one command.
 pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     match args.command {
@@ -305,7 +325,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         }
         Command::Forget { repo, point } => repo_cmds::forget(&repo.resolve()?, &point).await,
         Command::Serve { config, repo } => serve::serve(config, repo).await,
-        Command::Gc { repo, json } => repo_cmds::gc(&repo.resolve()?, json).await,
+        Command::Gc { repo, json, grace } => repo_cmds::gc(&repo.resolve()?, json, grace).await,
         Command::Recover {
             api,
             vms,

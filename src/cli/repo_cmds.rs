@@ -1,18 +1,20 @@
 //! The repository commands: init, backup, points, restore, verify, forget, gc.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use revive::repo::{self, BackupOptions, ProblemKind, Repository};
-use revive::store::LocalStore;
+use revive::repo::{self, BackupOptions, GcOptions, OpenOptions, ProblemKind, Repository};
+use revive::store::StoreLocation;
 use serde_json::json;
 
 use super::progress::Bar;
 use super::Outcome;
 
-async fn open(dir: &Path) -> anyhow::Result<Repository> {
-    Ok(Repository::open_local(dir).await?)
+/// Opens the repository without the chunk cache: one-shot commands (verify
+/// above all) must see what the store holds.
+async fn open(location: &StoreLocation) -> anyhow::Result<Repository> {
+    Ok(Repository::open_at(location, &OpenOptions::default()).await?)
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -36,37 +38,39 @@ fn human(bytes: u64) -> String {
     }
 }
 
-pub async fn init(dir: &Path, chunk_size: u64) -> anyhow::Result<Outcome> {
+pub async fn init(location: &StoreLocation, chunk_size: u64) -> anyhow::Result<Outcome> {
     let chunk_size = repo::check_chunk_size(chunk_size)?;
-    if dir.join("config.json").exists() {
-        bail!("a revive repository already exists at '{}'", dir.display());
-    }
-    if let Ok(mut entries) = std::fs::read_dir(dir) {
-        if entries.next().is_some() {
-            bail!(
-                "folder '{}' is not empty; a repository needs a folder of its own",
-                dir.display()
-            );
+    if let StoreLocation::Local(dir) = location {
+        if dir.join("config.json").exists() {
+            bail!("a revive repository already exists at '{}'", dir.display());
+        }
+        if let Ok(mut entries) = std::fs::read_dir(dir) {
+            if entries.next().is_some() {
+                bail!(
+                    "folder '{}' is not empty; a repository needs a folder of its own",
+                    dir.display()
+                );
+            }
         }
     }
-    let store = LocalStore::open(dir)?;
-    let repo = Repository::init(Arc::new(store), chunk_size).await?;
+    let store = location.open()?;
+    let repo = Repository::init(store, chunk_size).await?;
     println!(
         "initialized repository {} at '{}' (chunk size {})",
         repo.config().id,
-        dir.display(),
+        location.describe(),
         human(chunk_size as u64)
     );
     Ok(Outcome::Ok)
 }
 
 pub async fn backup(
-    dir: &Path,
+    location: &StoreLocation,
     name: Option<String>,
     json: bool,
     path: &Path,
 ) -> anyhow::Result<Outcome> {
-    let repo = open(dir).await?;
+    let repo = open(location).await?;
     let bar = Bar::bytes("backup");
     let point = repo::backup(&repo, path, &BackupOptions { vm: name }, &bar)
         .await
@@ -95,8 +99,12 @@ pub async fn backup(
     Ok(Outcome::Ok)
 }
 
-pub async fn points(dir: &Path, vm: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
-    let repo = open(dir).await?;
+pub async fn points(
+    location: &StoreLocation,
+    vm: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    let repo = open(location).await?;
     let points: Vec<_> = repo
         .points()
         .await?
@@ -142,8 +150,8 @@ pub async fn points(dir: &Path, vm: Option<&str>, json: bool) -> anyhow::Result<
     Ok(Outcome::Ok)
 }
 
-pub async fn restore(dir: &Path, spec: &str, dest: &Path) -> anyhow::Result<Outcome> {
-    let repo = open(dir).await?;
+pub async fn restore(location: &StoreLocation, spec: &str, dest: &Path) -> anyhow::Result<Outcome> {
+    let repo = open(location).await?;
     let point = repo.resolve(spec).await?;
     let bar = Bar::bytes("restore");
     repo.restore(&point, dest, &bar)
@@ -160,8 +168,12 @@ pub async fn restore(dir: &Path, spec: &str, dest: &Path) -> anyhow::Result<Outc
     Ok(Outcome::Ok)
 }
 
-pub async fn verify(dir: &Path, spec: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
-    let repo = open(dir).await?;
+pub async fn verify(
+    location: &StoreLocation,
+    spec: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    let repo = open(location).await?;
     let points = match spec {
         Some(spec) => vec![repo.resolve(spec).await?],
         None => repo.points().await?,
@@ -202,8 +214,8 @@ pub async fn verify(dir: &Path, spec: Option<&str>, json: bool) -> anyhow::Resul
     })
 }
 
-pub async fn forget(dir: &Path, spec: &str) -> anyhow::Result<Outcome> {
-    let repo = open(dir).await?;
+pub async fn forget(location: &StoreLocation, spec: &str) -> anyhow::Result<Outcome> {
+    let repo = open(location).await?;
     let point = repo.resolve(spec).await?;
     repo.forget(&point.id).await?;
     println!(
@@ -213,9 +225,13 @@ pub async fn forget(dir: &Path, spec: &str) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-pub async fn gc(dir: &Path, json: bool) -> anyhow::Result<Outcome> {
-    let repo = open(dir).await?;
-    let report = repo.gc().await?;
+pub async fn gc(
+    location: &StoreLocation,
+    json: bool,
+    grace: Option<Duration>,
+) -> anyhow::Result<Outcome> {
+    let repo = open(location).await?;
+    let report = repo.gc_with(&GcOptions { grace }).await?;
     if json {
         print_json(&report)?;
     } else {
@@ -226,6 +242,18 @@ pub async fn gc(dir: &Path, json: bool) -> anyhow::Result<Outcome> {
             report.pages_removed,
             human(report.bytes_freed)
         );
+        if report.young_kept > 0 {
+            println!(
+                "gc: kept {} unreferenced objects younger than the grace period ({} s)",
+                report.young_kept, report.grace_seconds
+            );
+        }
+        if report.young_kept > 0 {
+            println!(
+                "gc: kept {} unreferenced objects younger than the grace period ({} s)",
+                report.young_kept, report.grace_seconds
+            );
+        }
     }
     Ok(Outcome::Ok)
 }

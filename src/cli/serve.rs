@@ -10,7 +10,7 @@ use revive::config::Config;
 use revive::controller::Controller;
 use revive::datastore::Datastore;
 use revive::nfs::{NfsListeners, NfsServer};
-use revive::repo::Repository;
+use revive::repo::{OpenOptions, Repository};
 use serde_json::json;
 use tracing::info;
 
@@ -27,17 +27,20 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
-pub async fn serve(config_path: Option<PathBuf>, repo: Option<PathBuf>) -> anyhow::Result<Outcome> {
+pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow::Result<Outcome> {
     let config = load_config(config_path.as_ref())?;
     // Take SIGTERM/SIGINT before anything else: a signal that arrives after
     // the ports line but before the server first polls its shutdown future
     // would otherwise kill the process uncleanly.
     let shutdown = shutdown_signal().context("install signal handlers")?;
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let repo_dir = repo
-        .or_else(|| config.repository.path.clone())
-        .context("no repository given: pass --repo DIR or set [repository] path")?;
-    let repo = Repository::open_local(&repo_dir).await?;
+    let location = config.repository.location(repo.as_deref())?.context(
+        "no repository given: pass --repo DIR|s3://BUCKET/PREFIX or set [repository] path or url",
+    )?;
+    let options = OpenOptions {
+        chunk_cache: config.repository.chunk_cache(),
+    };
+    let repo = Repository::open_at(&location, &options).await?;
     let datastore = Arc::new(
         Datastore::open(repo, config.datastore_config())
             .await

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tracing::error;
@@ -16,6 +16,19 @@ use crate::cache::{
     BaseRead, CacheError, NoBase, Origin, SessionCache, WriteCache, DEFAULT_BLOCK_SIZE,
 };
 use crate::repo::{FileReader, RepoError};
+
+/// A WRITE updates the file's mtime and ctime only when the last update by
+/// a WRITE is at least this old. Taking the namespace write lock on every
+/// WRITE serialized all writes of all files on it; Linux file systems stamp
+/// times from a clock of similar (jiffy, 1-10 ms) granularity, so clients
+/// see nothing they would not see on a local disk.
+const MTIME_GRANULARITY: Duration = Duration::from_millis(1);
+
+/// Nanoseconds since the Unix epoch (0 for earlier times).
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
 
 /// The backup under a presented file, as the write cache reads it.
 struct Base<'a>(&'a FileReader);
@@ -29,8 +42,25 @@ impl BaseRead for Base<'_> {
 /// A repository failure as an I/O error, logged with what failed (the chunk id
 /// of a corrupt chunk): the client gets EIO, never wrong bytes.
 fn repo_io(e: &RepoError) -> std::io::Error {
+    if e.is_transient() {
+        // The store is unreachable (already retried in the store): the
+        // client is told to retry, not that the data is bad.
+        tracing::warn!(cause = %e, "backup store unavailable; client asked to retry");
+        return std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string());
+    }
     error!(cause = %e, "read from backup failed");
     std::io::Error::other(e.to_string())
+}
+
+/// A repository failure as the datastore's error: transient store failures
+/// become JUKEBOX (retry later), everything else EIO.
+fn repo_err(e: &RepoError) -> DatastoreError {
+    let io = repo_io(e);
+    if io.kind() == std::io::ErrorKind::TimedOut {
+        DatastoreError::Jukebox
+    } else {
+        DatastoreError::Io(io)
+    }
 }
 
 pub(super) fn cache_err(e: CacheError) -> DatastoreError {
@@ -44,6 +74,10 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
             DatastoreError::TooBig
         }
         CacheError::TooLarge { .. } => DatastoreError::TooBig,
+        // A backup read under a copy-on-write that found the store unreachable.
+        CacheError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+            DatastoreError::Jukebox
+        }
         other => DatastoreError::Io(std::io::Error::other(other.to_string())),
     }
 }
@@ -121,13 +155,9 @@ impl Datastore {
                         .map(|p| p.point.clone())
                         .ok_or(DatastoreError::Stale)?
                 };
-                let point = self
-                    .repo
-                    .point(&point_id)
-                    .await
-                    .map_err(|e| DatastoreError::Io(repo_io(&e)))?;
+                let point = self.repo.point(&point_id).await.map_err(|e| repo_err(&e))?;
                 let reader = FileReader::new(&self.repo, &point, file)
-                    .map_err(|e| DatastoreError::Io(repo_io(&e)))?
+                    .map_err(|e| repo_err(&e))?
                     .with_cache(self.block_cache.clone());
                 Some(reader)
             }
@@ -142,6 +172,7 @@ impl Datastore {
             base,
             cache,
             next_offset: Default::default(),
+            mtime_ns: Default::default(),
         });
         Ok(export.files.entry(node.id).or_insert(st).clone())
     }
@@ -185,6 +216,27 @@ impl Datastore {
         Ok((state, node, st))
     }
 
+    /// The runtime state and size of a file for READ. Once the file has its
+    /// state, this only looks the node up under the namespace read lock:
+    /// no clone of the node (name, publication) per READ.
+    async fn read_state(&self, export: ExportId, id: FileId) -> DsResult<(Arc<FileState>, u64)> {
+        let state = self.state(export)?;
+        {
+            let ns = state.ns.read().await;
+            let node = ns.get(id)?;
+            if node.is_dir() {
+                return Err(DatastoreError::IsDir);
+            }
+            if let Some(st) = state.files.get(&id).map(|e| Arc::clone(e.value())) {
+                let size = st.size(node);
+                return Ok((st, size));
+            }
+        }
+        let (_, node, st) = self.regular(export, id).await?;
+        let size = st.size(&node);
+        Ok((st, size))
+    }
+
     /// READ: at most `count` bytes at `offset`.
     pub async fn read(
         &self,
@@ -193,8 +245,7 @@ impl Datastore {
         offset: u64,
         count: u32,
     ) -> DsResult<ReadReply> {
-        let (_, node, st) = self.regular(export, id).await?;
-        let size = st.size(&node);
+        let (st, size) = self.read_state(export, id).await?;
         if offset >= size {
             return Ok(ReadReply {
                 data: Bytes::new(),
@@ -218,7 +269,7 @@ impl Datastore {
             (None, Some(base)) => base
                 .read_at(offset, len as usize)
                 .await
-                .map_err(|e| DatastoreError::Io(repo_io(&e)))?,
+                .map_err(|e| repo_err(&e))?,
             (None, None) => Bytes::from(vec![0u8; len as usize]),
         };
         Ok(ReadReply {
@@ -260,10 +311,14 @@ impl Datastore {
             None => cache.write(offset, data, stability, &NoBase).await,
         }
         .map_err(cache_err)?;
-        if let Ok(n) = state.ns.write().await.get_mut(id) {
-            let now = SystemTime::now();
-            n.mtime = now;
-            n.ctime = now;
+        let now = SystemTime::now();
+        let (now_ns, last) = (unix_nanos(now), st.mtime_ns.load(Ordering::Relaxed));
+        if now_ns.saturating_sub(last) >= MTIME_GRANULARITY.as_nanos() as u64 {
+            st.mtime_ns.store(now_ns, Ordering::Relaxed);
+            if let Ok(n) = state.ns.write().await.get_mut(id) {
+                n.mtime = now;
+                n.ctime = now;
+            }
         }
         Ok(WriteReply {
             count,

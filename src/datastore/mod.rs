@@ -88,6 +88,10 @@ pub(crate) struct FileState {
     cache: OnceCell<Arc<WriteCache>>,
     /// Where the next sequential read would start (readahead detection).
     next_offset: AtomicU64,
+    /// When a WRITE last set the node's mtime (nanoseconds since the Unix
+    /// epoch; 0: never, or reset by SETATTR). Lets most WRITEs skip the
+    /// namespace write lock (see `MTIME_GRANULARITY`).
+    mtime_ns: AtomicU64,
 }
 
 /// One export at run time.

@@ -119,6 +119,10 @@ impl Datastore {
             }
             n.atime = resolve_time(set.atime, n.atime);
             n.mtime = resolve_time(set.mtime, if set.size.is_some() { now } else { n.mtime });
+            // The next WRITE must stamp its own time over this one.
+            if let Some(st) = state.files.get(&id) {
+                st.mtime_ns.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
             n.ctime = now;
             let n = n.clone();
             ns.save()?;

@@ -68,7 +68,7 @@ pub async fn backup(
             reason: e.to_string(),
         })??;
     let vm = options.vm.clone().unwrap_or(source.vm.clone());
-    let _lock = repo.lock(LockMode::Shared).await?;
+    let lock = repo.lock(LockMode::Shared).await?;
     let parent = match repo.resolve(&format!("{vm}@latest")).await {
         Ok(p) => Some(p),
         Err(RepoError::PointNotFound { .. }) => None,
@@ -108,6 +108,9 @@ pub async fn backup(
         reason: e.to_string(),
     })?;
     let key = RestorePoint::key_of(&id);
+    // A lease not renewed in time may have let gc run on another server: the
+    // chunks this backup reused could be gone, so it must not publish.
+    lock.check()?;
     if repo.store().put_if_absent(&key, json.into()).await? == PutOutcome::AlreadyExists {
         return Err(RepoError::CorruptObject {
             key,
@@ -115,6 +118,7 @@ pub async fn backup(
         });
     }
     repo.store().sync().await?;
+    lock.release().await?;
     info!(point = %point.id, bytes_new = point.stats.bytes_new, seconds = point.stats.seconds, "backup finished");
     Ok(point)
 }

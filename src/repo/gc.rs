@@ -3,8 +3,13 @@
 //! Runs under the exclusive repository lock, so no backup is between deciding
 //! to reuse a chunk and publishing the manifest that names it. If any index
 //! page cannot be read, gc stops: it cannot know what that page keeps alive.
+//!
+//! On stores where the lock is a lease (S3, several servers), unreferenced
+//! objects younger than the grace period stay too: a backup that lost its
+//! lease (a paused process) may still be writing them.
 
 use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tracing::info;
@@ -13,6 +18,14 @@ use super::chunk::ChunkId;
 use super::index::PageId;
 use super::{RepoError, Repository};
 use crate::store::LockMode;
+
+/// Choices for one gc run.
+#[derive(Debug, Clone, Default)]
+pub struct GcOptions {
+    /// Keep unreferenced objects younger than this; `None`: the store's
+    /// default ([`crate::store::Store::gc_grace`]).
+    pub grace: Option<Duration>,
+}
 
 /// What a gc run did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -27,12 +40,31 @@ pub struct GcReport {
     pub pages_removed: u64,
     /// Stored bytes freed.
     pub bytes_freed: u64,
+    /// Unreferenced objects kept because they are younger than the grace period.
+    pub young_kept: u64,
+    /// The grace period used, in seconds.
+    pub grace_seconds: u64,
 }
 
 impl Repository {
-    /// Sweeps every chunk and page that no restore point references.
+    /// Sweeps every chunk and page that no restore point references, with
+    /// the store's default grace period.
     pub async fn gc(&self) -> Result<GcReport, RepoError> {
-        let _lock = self.lock(LockMode::Exclusive).await?;
+        self.gc_with(&GcOptions::default()).await
+    }
+
+    /// Sweeps unreferenced chunks and pages older than the grace period.
+    pub async fn gc_with(&self, options: &GcOptions) -> Result<GcReport, RepoError> {
+        let lock = self.lock(LockMode::Exclusive).await?;
+        let grace = options.grace.unwrap_or_else(|| self.store().gc_grace());
+        // Objects modified after this are young. Without a time (a store that
+        // does not say), an object counts as old.
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let young = |m: &crate::store::ObjectMeta| {
+            !grace.is_zero() && m.modified.is_some_and(|t| t > cutoff)
+        };
         let points = self.points().await?;
         let mut pages: HashSet<PageId> = HashSet::new();
         let mut chunks: HashSet<ChunkId> = HashSet::new();
@@ -47,13 +79,17 @@ impl Repository {
         }
         let mut report = GcReport {
             points: points.len(),
+            grace_seconds: grace.as_secs(),
             ..GcReport::default()
         };
         for meta in self.store().list("chunks/").await? {
             let name = meta.key.rsplit('/').next().unwrap_or_default();
             match ChunkId::from_hex(name) {
                 Some(id) if chunks.contains(&id) => report.chunks_kept += 1,
+                _ if young(&meta) => report.young_kept += 1,
                 _ => {
+                    // Deleting takes a while on S3: stop if the lease is gone.
+                    lock.check()?;
                     self.store().delete(&meta.key).await?;
                     report.chunks_removed += 1;
                     report.bytes_freed += meta.size;
@@ -62,13 +98,20 @@ impl Repository {
         }
         for meta in self.store().list("pages/").await? {
             let name = meta.key.rsplit('/').next().unwrap_or_default();
-            if !PageId::from_hex(name).is_some_and(|id| pages.contains(&id)) {
+            if PageId::from_hex(name).is_some_and(|id| pages.contains(&id)) {
+                continue;
+            }
+            if young(&meta) {
+                report.young_kept += 1;
+            } else {
+                lock.check()?;
                 self.store().delete(&meta.key).await?;
                 report.pages_removed += 1;
                 report.bytes_freed += meta.size;
             }
         }
         self.store().sync().await?;
+        lock.release().await?;
         info!(
             removed = report.chunks_removed,
             kept = report.chunks_kept,

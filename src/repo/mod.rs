@@ -8,7 +8,9 @@
 //! pages/<2 hex>/<64 hex>      index pages (format.rs), keyed by BLAKE3 of the page
 //! points/<id>.json            restore point manifests (manifest.rs)
 //! pins/<id>/<holder>          a live session reads restore point <id> (pins.rs)
-//! lock                        local stores only: shared by backups, exclusive for gc
+//! lock                        local stores only: flock, shared by backups, exclusive for gc
+//! locks/exclusive.json        S3: gc's lease (store/lease.rs)
+//! locks/shared/<holder>.json  S3: a backup's or forget's lease
 //! ```
 //!
 //! # Rules
@@ -16,7 +18,11 @@
 //! - A manifest is published last (conditional put after a store sync), so a
 //!   killed backup leaves only unreferenced chunks, which `gc` sweeps.
 //! - Backups take the repository lock shared and `gc` exclusive, so gc never
-//!   removes a chunk that a running backup decided to reuse.
+//!   removes a chunk that a running backup decided to reuse. On S3 the lock is
+//!   a set of leases visible to every server; a backup whose lease was not
+//!   renewed in time does not publish, and gc spares unreferenced objects
+//!   younger than the store's grace period (chunks of a backup that lost its
+//!   lease but is still writing).
 //! - A pinned restore point (published by a live session) cannot be
 //!   forgotten, so `gc` never removes a chunk a session can read.
 //! - Nothing here writes into an existing object: chunks and pages are
@@ -43,7 +49,7 @@ mod verify;
 pub use backup::{backup, BackupOptions};
 pub use block_cache::BlockCache;
 pub use chunk::ChunkId;
-pub use gc::GcReport;
+pub use gc::{GcOptions, GcReport};
 pub use index::{IndexPage, PageId};
 pub use manifest::{BackupStats, FileEntry, FileKind, RestorePoint};
 pub use reader::FileReader;
@@ -58,7 +64,10 @@ use chrono::{DateTime, Utc};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{LocalStore, LockGuard, LockMode, PutOutcome, Store, StoreError};
+use crate::store::{
+    CachedStore, DiskCache, LocalStore, LockGuard, LockMode, PutOutcome, Store, StoreError,
+    StoreLocation,
+};
 use format::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, REPO_FORMAT_VERSION};
 
 /// Key of the repository configuration object.
@@ -145,6 +154,14 @@ pub enum RepoError {
     /// A file name not found in a restore point.
     #[error("restore point {point} has no file '{name}'")]
     NoSuchFile { point: String, name: String },
+    /// A store that accepted a second put-if-absent of the same key: it
+    /// ignores conditional writes, so two writers could overwrite each other.
+    #[error(
+        "store '{location}' does not honour conditional writes (a second put-if-absent of '{key}' \
+         was accepted instead of failing with 412 Precondition Failed); revive needs a store that \
+         supports If-None-Match on PUT (AWS S3, Ceph RGW 18+, MinIO, moto)"
+    )]
+    NoConditionalWrites { location: String, key: String },
 }
 
 impl RepoError {
@@ -195,9 +212,16 @@ impl std::fmt::Debug for Repository {
 }
 
 impl Repository {
-    /// Creates a new repository in an empty store.
+    /// Creates a new repository in an empty store, after checking that the
+    /// store honours conditional writes.
     pub async fn init(store: Arc<dyn Store>, chunk_size: u32) -> Result<Self, RepoError> {
         let chunk_size = check_chunk_size(chunk_size as u64)?;
+        if store.exists(CONFIG_KEY).await? {
+            return Err(RepoError::AlreadyExists {
+                location: store.describe(),
+            });
+        }
+        probe_conditional_writes(&*store).await?;
         let config = RepoConfig {
             format_version: REPO_FORMAT_VERSION,
             id: format!("{:016x}", rand::random::<u64>()),
@@ -245,6 +269,30 @@ impl Repository {
         }
         check_chunk_size(config.chunk_size as u64)?;
         Ok(Self::with_config(store, config))
+    }
+
+    /// Opens the repository at `location` (a folder or `s3://bucket/prefix`),
+    /// with the on-disk chunk cache of `options` in front of the store.
+    pub async fn open_at(
+        location: &StoreLocation,
+        options: &OpenOptions,
+    ) -> Result<Self, RepoError> {
+        if let StoreLocation::Local(path) = location {
+            // Opening a local store creates its folder: do not leave an empty
+            // folder behind a typo.
+            if !path.join(CONFIG_KEY).exists() {
+                return Err(RepoError::NotARepository {
+                    location: path.display().to_string(),
+                });
+            }
+        }
+        let mut store = location.open()?;
+        if let Some((dir, bytes)) = &options.chunk_cache {
+            let cache = DiskCache::open(dir, *bytes)?;
+            // Chunks and index pages are named by their content: immutable.
+            store = Arc::new(CachedStore::new(store, cache, &["chunks/", "pages/"]));
+        }
+        Self::open(store).await
     }
 
     /// Opens the repository in a local folder.
@@ -332,8 +380,22 @@ impl Repository {
     }
 
     /// Drops a restore point; its chunks stay until `gc`.
+    ///
+    /// A server may publish the point at the same moment: it writes its pin
+    /// and then re-reads the manifest ([`Repository::pin`]). So after deleting
+    /// the manifest, the pins are listed again, and a pin that appeared
+    /// meanwhile puts the manifest back. The shared lock keeps gc out while
+    /// the manifest is briefly gone.
     pub async fn forget(&self, id: &str) -> Result<(), RepoError> {
-        self.point(id).await?;
+        let lock = self.lock(LockMode::Shared).await?;
+        let key = RestorePoint::key_of(id);
+        let manifest = match self.store.get(&key).await {
+            Ok(raw) => raw,
+            Err(StoreError::NotFound { .. }) | Err(StoreError::InvalidKey { .. }) => {
+                return Err(RepoError::PointNotFound { spec: id.into() })
+            }
+            Err(e) => return Err(e.into()),
+        };
         let holders = self.pins(id).await?;
         if !holders.is_empty() {
             return Err(RepoError::Pinned {
@@ -341,7 +403,17 @@ impl Repository {
                 holders: holders.join(", "),
             });
         }
-        self.store.delete(&RestorePoint::key_of(id)).await?;
+        self.store.delete(&key).await?;
+        let holders = self.pins(id).await?;
+        if !holders.is_empty() {
+            self.store.put_if_absent(&key, manifest).await?;
+            self.store.sync().await?;
+            return Err(RepoError::Pinned {
+                point: id.to_string(),
+                holders: holders.join(", "),
+            });
+        }
+        lock.release().await?;
         Ok(())
     }
 
@@ -366,7 +438,19 @@ impl Repository {
     }
 
     /// Reads a chunk and checks its hash; holes come back as zeros of `len`.
+    /// A copy that fails the check is evicted from any local cache and read
+    /// once more from the store itself before the chunk is called corrupt.
     pub async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        match self.read_chunk_once(id).await {
+            Err(RepoError::CorruptChunk { .. }) => {
+                self.store.evict_copy(&id.key()).await;
+                self.read_chunk_once(id).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_chunk_once(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
         let raw = match self.store.get(&id.key()).await {
             Ok(raw) => raw,
             Err(StoreError::NotFound { .. }) => return Err(RepoError::MissingChunk { id: *id }),
@@ -419,7 +503,82 @@ pub fn resolve_in<'a>(
     }
 }
 
+/// Writes a probe object put-if-absent twice: the second write must be
+/// refused. A store that silently overwrites would let two backups or two gc
+/// runs overwrite each other's manifests and leases.
+async fn probe_conditional_writes(store: &dyn Store) -> Result<(), RepoError> {
+    let key = format!("probe/{:016x}", rand::random::<u64>());
+    let first = store
+        .put_if_absent(&key, Bytes::from_static(b"first"))
+        .await?;
+    let second = store
+        .put_if_absent(&key, Bytes::from_static(b"second"))
+        .await;
+    // Clean up whatever the answer was.
+    store.delete(&key).await?;
+    match (first, second?) {
+        (PutOutcome::Created, PutOutcome::AlreadyExists) => Ok(()),
+        _ => Err(RepoError::NoConditionalWrites {
+            location: store.describe(),
+            key,
+        }),
+    }
+}
+
+/// How to open a repository beyond its location.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// On-disk cache of chunks and index pages: folder and byte budget.
+    /// For long-running readers (`serve`); one-shot commands such as `verify`
+    /// must read the store itself.
+    pub chunk_cache: Option<(PathBuf, u64)>,
+}
+
 /// The chunk size used when `init` is not told one.
 pub const fn default_chunk_size() -> u32 {
     DEFAULT_CHUNK_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::store::{CachedStore, DiskCache, LocalStore};
+
+    #[tokio::test]
+    async fn a_damaged_cached_chunk_is_refetched_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing: Arc<dyn Store> = Arc::new(LocalStore::open(dir.path().join("s")).unwrap());
+        let plain: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let id = ChunkId::of(&plain);
+        Repository::init(backing.clone(), 1 << 20).await.unwrap();
+        backing
+            .put(&id.key(), chunk::encode(&plain).unwrap())
+            .await
+            .unwrap();
+        let cdir = dir.path().join("cache");
+        let cached = CachedStore::new(
+            backing.clone(),
+            DiskCache::open(&cdir, 1 << 30).unwrap(),
+            &["chunks/"],
+        );
+        let repo = Repository::open(Arc::new(cached.clone())).await.unwrap();
+        assert_eq!(repo.read_chunk(&id).await.unwrap(), plain);
+        // The copy is written behind the read.
+        for _ in 0..200 {
+            if !cached.cache().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Damage the cached copy only.
+        let file = cdir.join(id.key());
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        assert_eq!(repo.read_chunk(&id).await.unwrap(), plain);
+        assert_eq!(cached.cache().counters.misses.load(Ordering::Relaxed), 2);
+    }
 }

@@ -21,6 +21,13 @@ impl Repository {
             .put(&key, Bytes::from(body.to_string()))
             .await?;
         self.store().sync().await?;
+        // A `forget` on another server may have deleted the manifest between
+        // our first look and the pin: look again now that the pin is visible
+        // (forget lists pins after deleting, so one of us sees the other).
+        if let Err(e) = self.point(point).await {
+            let _ = self.store().delete(&key).await;
+            return Err(e);
+        }
         Ok(())
     }
 

@@ -153,6 +153,7 @@ fn list_dir(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> Result<(), St
                 out.push(ObjectMeta {
                     key: key.to_string(),
                     size: meta.len(),
+                    modified: meta.modified().ok(),
                 });
             }
         }

@@ -9,12 +9,23 @@
 //! Writes are made durable by [`Store::sync`], not one by one: a backup writes
 //! thousands of chunks and then syncs once before it publishes its manifest.
 
+mod disk_cache;
+pub mod lease;
 mod local;
+mod location;
+mod s3;
 
+pub use disk_cache::{CachedStore, DiskCache};
 pub use local::LocalStore;
+pub use location::StoreLocation;
+pub use s3::{
+    S3Options, S3Store, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
+};
 
 use std::fmt;
+use std::ops::Range;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -42,6 +53,12 @@ pub enum StoreError {
     /// The backend could not be reached or answered with a server error; worth retrying.
     #[error("store {store} unavailable - {reason}")]
     Unavailable { store: String, reason: String },
+    /// The backend refused our credentials.
+    #[error("store {store} refused access - {reason} (check the access key and secret)")]
+    Denied { store: String, reason: String },
+    /// The store's settings are unusable (bad endpoint, missing region...).
+    #[error("configure store {store} - {reason}")]
+    Config { store: String, reason: String },
 }
 
 impl StoreError {
@@ -69,8 +86,22 @@ pub enum LockMode {
     Exclusive,
 }
 
-/// A held repository lock; released on drop.
-pub trait LockGuard: Send + Sync + fmt::Debug {}
+/// A held repository lock; released on drop (local stores) or by
+/// [`LockGuard::release`] (leases, which a drop can only remove in the
+/// background).
+#[async_trait]
+pub trait LockGuard: Send + Sync + fmt::Debug {
+    /// Fails when the lock may no longer be held (a lease not renewed in
+    /// time): a caller checks before an action that relies on it.
+    fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Releases the lock now.
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
 
 /// One object listed by [`Store::list`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +110,8 @@ pub struct ObjectMeta {
     pub key: String,
     /// Size in bytes.
     pub size: u64,
+    /// When the object was written, where the store knows it (gc's grace period).
+    pub modified: Option<SystemTime>,
 }
 
 /// A flat key → immutable bytes namespace.
@@ -89,6 +122,15 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Reads a whole object.
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+
+    /// Reads bytes `range` of an object (a range request where the backend
+    /// has them; here, the whole object sliced). A range past the end is cut.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let all = self.get(key).await?;
+        let end = (range.end as usize).min(all.len());
+        let start = (range.start as usize).min(end);
+        Ok(all.slice(start..end))
+    }
 
     /// Writes or replaces an object atomically (readers see the old or the new bytes).
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
@@ -110,6 +152,19 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Takes the repository-wide lock, failing with [`StoreError::Busy`] instead of waiting.
     async fn try_lock(&self, mode: LockMode) -> Result<Box<dyn LockGuard>, StoreError>;
+
+    /// Drops any local copy of `key` (a cache in front of the store), so the
+    /// next read goes to the store itself; a caller does this when a copy
+    /// failed its content check. Stores without copies do nothing.
+    async fn evict_copy(&self, _key: &str) {}
+
+    /// How old an unreferenced object must be before `gc` removes it. Zero
+    /// where the lock alone excludes every writer (a local folder, one
+    /// machine); a grace period where a writer on another machine could
+    /// outlive its lease (S3).
+    fn gc_grace(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Checks that a key is a relative `/`-separated path without `.`/`..` parts.

@@ -6,5 +6,6 @@ mod datastore;
 mod nfs_proto;
 mod qemu;
 mod repo_cli;
+mod s3;
 mod sessions;
 mod support;

@@ -1,21 +1,58 @@
 //! Issue 2: the repository through the `revive` CLI, as users and scripts drive it.
+//!
+//! Tests whose body does not depend on the store run twice (issue 7): on a
+//! local folder (`<test>::local`) and on S3 through moto (`<test>::s3`).
 
 use std::fs;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::support::moto::{MotoServer, TestRepo};
 use crate::support::vm::SampleVm;
 use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 
-#[test]
-fn backup_and_restore_256mib_vm_bit_exact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vm = SampleVm::create(tmp.path(), "web01", 256 * MIB, 1);
-    let repo = init_repo(tmp.path(), None);
-    let stats = backup_json(&repo, &vm.dir, None);
+/// Runs `body(repo, tmp)` as two tests, `$name::local` and `$name::s3` (a
+/// fresh moto per test; skipped loudly when moto is missing).
+macro_rules! on_both_stores {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn local() {
+                let tmp = tempfile::tempdir().unwrap();
+                super::$body(&super::TestRepo::local(tmp.path()), tmp.path());
+            }
+
+            #[test]
+            fn s3() {
+                let Some(moto) = super::MotoServer::start_or_skip() else {
+                    return;
+                };
+                let tmp = tempfile::tempdir().unwrap();
+                let repo = super::TestRepo::s3(&moto, "repo-cli", "r");
+                super::$body(&repo, tmp.path());
+            }
+        }
+    };
+}
+
+/// `revive points --json` of `repo`, parsed.
+fn points_of(repo: &TestRepo) -> Vec<serde_json::Value> {
+    let out = run_ok(repo.cmd("points").arg("--json"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("points --json printed {out:?}: {e}"))
+}
+
+on_both_stores!(
+    backup_and_restore_256mib_vm_bit_exact,
+    backup_and_restore_256mib
+);
+fn backup_and_restore_256mib(repo: &TestRepo, tmp: &Path) {
+    let vm = SampleVm::create(tmp, "web01", 256 * MIB, 1);
+    repo.init();
+    let stats = repo.backup(&vm.dir, None);
     assert_eq!(stats["vm"], "web01");
     assert_eq!(stats["parent"], serde_json::Value::Null);
     assert!(
@@ -28,15 +65,8 @@ fn backup_and_restore_256mib_vm_bit_exact() {
     );
     let id = stats["id"].as_str().unwrap().to_string();
 
-    let dest = tmp.path().join("restored");
-    run_ok(
-        revive()
-            .arg("restore")
-            .arg("--repo")
-            .arg(&repo)
-            .arg(&id)
-            .arg(&dest),
-    );
+    let dest = tmp.join("restored");
+    repo.restore(&id, &dest);
     assert_eq!(sha256_dir(&dest), sha256_dir(&vm.dir));
     // Sparse where the backup had holes.
     let allocated = fs::metadata(dest.join("web01-flat.vmdk")).unwrap();
@@ -46,21 +76,23 @@ fn backup_and_restore_256mib_vm_bit_exact() {
         "restored disk is not sparse"
     );
 
-    let verify = run_ok(revive().arg("verify").arg("--repo").arg(&repo));
+    let verify = run_ok(&mut repo.cmd("verify"));
     assert!(verify.contains(": ok"), "{verify}");
 }
 
-#[test]
-fn incremental_of_one_percent_change_stores_about_one_percent() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vm = SampleVm::create(tmp.path(), "db01", 256 * MIB, 2);
-    let repo = init_repo(tmp.path(), None);
-    let full = backup_json(&repo, &vm.dir, None);
+on_both_stores!(
+    incremental_of_one_percent_change_stores_about_one_percent,
+    incremental_of_one_percent
+);
+fn incremental_of_one_percent(repo: &TestRepo, tmp: &Path) {
+    let vm = SampleVm::create(tmp, "db01", 256 * MIB, 2);
+    repo.init();
+    let full = repo.backup(&vm.dir, None);
     let first_hashes = sha256_dir(&vm.dir);
 
     // 1% of the disk's 1 MiB blocks, each rewritten in place.
     vm.change_blocks(MIB, 3, 20);
-    let incr = backup_json(&repo, &vm.dir, None);
+    let incr = repo.backup(&vm.dir, None);
     assert_eq!(incr["parent"], full["id"]);
     let stored = incr["bytes_stored"].as_u64().unwrap();
     assert!(
@@ -73,27 +105,22 @@ fn incremental_of_one_percent_change_stores_about_one_percent() {
         (&full["id"], &first_hashes),
         (&incr["id"], &sha256_dir(&vm.dir)),
     ] {
-        let dest = tmp.path().join(format!("r-{}", id.as_str().unwrap()));
-        run_ok(
-            revive()
-                .arg("restore")
-                .arg("--repo")
-                .arg(&repo)
-                .arg(id.as_str().unwrap())
-                .arg(&dest),
-        );
+        let dest = tmp.join(format!("r-{}", id.as_str().unwrap()));
+        repo.restore(id.as_str().unwrap(), &dest);
         assert_eq!(&sha256_dir(&dest), expected, "restore of {id}");
     }
 }
 
-#[test]
-fn identical_disk_of_another_vm_is_deduplicated() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = SampleVm::create(tmp.path(), "a", 32 * MIB, 3);
-    let b = SampleVm::create(&tmp.path().join("other"), "a", 32 * MIB, 3);
-    let repo = init_repo(tmp.path(), None);
-    backup_json(&repo, &a.dir, Some("vm-a"));
-    let second = backup_json(&repo, &b.dir, Some("vm-b"));
+on_both_stores!(
+    identical_disk_of_another_vm_is_deduplicated,
+    dedup_across_vms
+);
+fn dedup_across_vms(repo: &TestRepo, tmp: &Path) {
+    let a = SampleVm::create(tmp, "a", 32 * MIB, 3);
+    let b = SampleVm::create(&tmp.join("other"), "a", 32 * MIB, 3);
+    repo.init();
+    repo.backup(&a.dir, Some("vm-a"));
+    let second = repo.backup(&b.dir, Some("vm-b"));
     assert_eq!(
         second["parent"],
         serde_json::Value::Null,
@@ -247,17 +274,16 @@ fn killed_backup_leaves_a_valid_repository() {
     assert_eq!(sha256_dir(&dest), sha256_dir(&small.dir));
 }
 
-#[test]
-fn concurrent_backups_do_not_corrupt_each_other() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = SampleVm::create(tmp.path(), "a01", 48 * MIB, 8);
-    let b = SampleVm::create(tmp.path(), "b01", 48 * MIB, 9);
-    let repo = init_repo(tmp.path(), None);
+on_both_stores!(
+    concurrent_backups_do_not_corrupt_each_other,
+    concurrent_backups
+);
+fn concurrent_backups(repo: &TestRepo, tmp: &Path) {
+    let a = SampleVm::create(tmp, "a01", 48 * MIB, 8);
+    let b = SampleVm::create(tmp, "b01", 48 * MIB, 9);
+    repo.init();
     let spawn = |dir: &std::path::Path| {
-        revive()
-            .arg("backup")
-            .arg("--repo")
-            .arg(&repo)
+        repo.cmd("backup")
             .arg(dir)
             .stdout(Stdio::piped())
             .spawn()
@@ -268,65 +294,43 @@ fn concurrent_backups_do_not_corrupt_each_other() {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
     }
-    assert_eq!(points_json(&repo).len(), 2);
-    run_ok(revive().arg("verify").arg("--repo").arg(&repo));
+    assert_eq!(points_of(repo).len(), 2);
+    run_ok(&mut repo.cmd("verify"));
     for vm in [&a, &b] {
-        let dest = tmp.path().join(format!("out-{}", vm.name));
-        run_ok(
-            revive()
-                .arg("restore")
-                .arg("--repo")
-                .arg(&repo)
-                .arg(format!("{}@latest", vm.name))
-                .arg(&dest),
-        );
+        let dest = tmp.join(format!("out-{}", vm.name));
+        repo.restore(&format!("{}@latest", vm.name), &dest);
         assert_eq!(sha256_dir(&dest), sha256_dir(&vm.dir));
     }
 }
 
-#[test]
-fn point_specs_resolve_by_prefix_and_latest() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vm = SampleVm::create(tmp.path(), "web02", 2 * MIB, 10);
-    let repo = init_repo(tmp.path(), None);
-    let p1 = backup_json(&repo, &vm.dir, None)["id"]
+on_both_stores!(point_specs_resolve_by_prefix_and_latest, point_specs);
+fn point_specs(repo: &TestRepo, tmp: &Path) {
+    let vm = SampleVm::create(tmp, "web02", 2 * MIB, 10);
+    repo.init();
+    let p1 = repo.backup(&vm.dir, None)["id"]
         .as_str()
         .unwrap()
         .to_string();
     vm.change_blocks(MIB, 1, 11);
-    let p2 = backup_json(&repo, &vm.dir, None)["id"]
+    let p2 = repo.backup(&vm.dir, None)["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let points = points_json(&repo);
+    let points = points_of(repo);
     assert_eq!(points.len(), 2);
     assert_eq!(points[1]["parent"], p1.as_str());
 
-    let json = run_ok(
-        revive()
-            .arg("verify")
-            .arg("--repo")
-            .arg(&repo)
-            .arg("--json")
-            .arg("web02@latest"),
-    );
+    let json = run_ok(repo.cmd("verify").arg("--json").arg("web02@latest"));
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(report["points"], 1);
 
     let prefix = &p2[..12];
-    let forgotten = run_ok(revive().arg("forget").arg("--repo").arg(&repo).arg(prefix));
+    let forgotten = run_ok(repo.cmd("forget").arg(prefix));
     assert!(forgotten.contains(&p2), "{forgotten}");
-    let left = points_json(&repo);
+    let left = points_of(repo);
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["id"], p1.as_str());
-    let (_, _, err) = run_fail(
-        revive()
-            .arg("restore")
-            .arg("--repo")
-            .arg(&repo)
-            .arg("nope@latest")
-            .arg(tmp.path().join("x")),
-    );
+    let (_, _, err) = run_fail(repo.cmd("restore").arg("nope@latest").arg(tmp.join("x")));
     assert!(
         err.contains("no restore point matches 'nope@latest'"),
         "{err}"

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod memfs;
+pub mod moto;
 pub mod qemu;
 pub mod server;
 pub mod vm;

@@ -53,6 +53,14 @@ pub struct ServerSpec {
     pub extra_toml: String,
     /// `RUST_LOG` of the server when the test run sets none (default: warnings).
     pub log_level: Option<String>,
+    /// The repository as a URL (`s3://...`) instead of `repo`.
+    pub repo_url: Option<String>,
+    /// Environment of the server process (AWS_* for an S3 repository).
+    pub env: Vec<(String, String)>,
+    /// Extra TOML lines of `[repository]` (chunk cache settings).
+    pub repository_extra: String,
+    /// Body of `[repository.s3]`.
+    pub s3_section: String,
 }
 
 /// The API token of test servers.
@@ -71,6 +79,10 @@ impl ServerSpec {
             api: false,
             extra_toml: String::new(),
             log_level: None,
+            repo_url: None,
+            env: Vec::new(),
+            repository_extra: String::new(),
+            s3_section: String::new(),
         }
     }
 
@@ -92,6 +104,14 @@ impl ServerSpec {
         self.extra_toml.push_str(text);
         self.extra_toml.push('\n');
         self
+    }
+
+    /// Serves the repository at an `s3://` URL, reached with `env`.
+    pub fn s3(url: &str, env: Vec<(String, String)>) -> ServerSpec {
+        let mut spec = ServerSpec::new(Path::new("/nonexistent"));
+        spec.repo_url = Some(url.to_string());
+        spec.env = env;
+        spec
     }
 
     /// Adds an export with its allow-list.
@@ -204,11 +224,17 @@ impl ReviveServer {
 
     fn write_config(&self, ports: (u16, u16, u16)) -> PathBuf {
         let q = |p: &Path| format!("{:?}", p.to_str().expect("utf8 path"));
+        let repo_line = match &self.spec.repo_url {
+            Some(url) => format!("url = {url:?}"),
+            None => format!("path = {}", q(&self.spec.repo)),
+        };
         let mut text = format!(
-            "[repository]\npath = {}\n\n[datastore]\nstate_dir = {}\ncache_root = {}\n\
+            "[repository]\n{}\n{}\n\n[repository.s3]\n{}\n\n[datastore]\nstate_dir = {}\ncache_root = {}\n\
              block_cache = {:?}\n\n[nfs]\nbind = \"127.0.0.1\"\nnfs_port = {}\n\
              mount_port = {}\nportmap_port = {}\nportmap = {}\n",
-            q(&self.spec.repo),
+            repo_line,
+            self.spec.repository_extra,
+            self.spec.s3_section,
             q(&self.state_dir()),
             q(&self.cache_root()),
             self.spec.block_cache,
@@ -261,6 +287,9 @@ impl ReviveServer {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
+        }
+        for (k, v) in &self.spec.env {
+            cmd.env(k, v);
         }
         let mut child = cmd
             .arg("serve")
