@@ -5,6 +5,10 @@
 #   qemu-utils +      qemu-img with the nfs     (tests/integration/nfs_proto/qemu.rs;
 #   qemu-block-extra  block driver                only in bookworm-backports)
 #   util-linux, iproute2: unshare, ip           (private network namespace for port 111)
+#   qemu-system-x86   (bookworm-backports, the   (tests/integration/qemu.rs: a tiny VM boots
+#                     same QEMU as qemu-block-extra)  from the datastore, scripts/bench-boot.sh)
+#   busybox-static, syslinux, mtools, dosfstools, cpio: scripts/build-boot-image.sh,
+#                                                which this script runs to build the tiny VM
 #   python3                                     (scripts/demo.sh makes its sample VM with it)
 #   moto_server       S3 peer on loopback       (tests/integration/s3.rs): pip, in the venv
 #                                                 /opt/revive-venv (Debian 12's Python is
@@ -17,9 +21,11 @@ export DEBIAN_FRONTEND=noninteractive
 
 have() { command -v "$1" >/dev/null 2>&1; }
 qemu_nfs() { have qemu-img && qemu-img --help 2>/dev/null | grep -qw nfs; }
+boot_tools() { have busybox && have syslinux && have mcopy && have mkfs.fat && have cpio \
+    && dpkg -s busybox-static >/dev/null 2>&1; }
 
 BACKPORTS=/etc/apt/sources.list.d/revive-backports.sources
-if ! qemu_nfs && [ ! -e "$BACKPORTS" ]; then
+if { ! qemu_nfs || ! have qemu-system-x86_64; } && [ ! -e "$BACKPORTS" ]; then
     cat >"$BACKPORTS" <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -39,19 +45,25 @@ install_moto() {
     ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
 }
 
+HERE=$(dirname "$0")
+
 # vcsim first: it installs its own packages, and is a no-op when built.
-"$(dirname "$0")/build-vcsim.sh" >/dev/null
+"$HERE/build-vcsim.sh" >/dev/null
 
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have moto_server; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools; then
+    "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
 fi
 
 apt-get update
 apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3 python3-venv
-if ! qemu_nfs; then
-    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra
+apt-get install -y --no-install-recommends busybox-static syslinux syslinux-common mtools dosfstools cpio
+if ! qemu_nfs || ! have qemu-system-x86_64; then
+    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra \
+        qemu-system-x86
 fi
 install_moto
+"$HERE/build-boot-image.sh" >/dev/null
 echo "install-test-deps: done"

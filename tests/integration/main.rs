@@ -4,6 +4,7 @@
 
 mod datastore;
 mod nfs_proto;
+mod qemu;
 mod repo_cli;
 mod s3;
 mod sessions;
