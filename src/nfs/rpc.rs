@@ -62,6 +62,11 @@ pub struct RecordReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> RecordReader<R> {
+    /// True when bytes of a further record are already buffered.
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty() || self.partial.is_some()
+    }
+
     /// Read records from `inner`.
     pub fn new(inner: R) -> Self {
         Self {

@@ -344,6 +344,18 @@ async fn connection(
             () = stopped(stop.clone()) => break,
         };
         match record {
+            // Alone on the connection (a queue-depth-1 client): answer here
+            // rather than spawning, saving a task hand-off per call. Any
+            // other call already buffered or in flight gets its own task, so
+            // concurrent clients keep their parallelism.
+            Ok(Some(record))
+                if limit.available_permits() + 1 == MAX_IN_FLIGHT && !records.has_buffered() =>
+            {
+                if let Some(reply) = answer(&state, peer.ip(), record).await {
+                    let _ = tx.send(reply).await;
+                }
+                drop(permit);
+            }
             Ok(Some(record)) => {
                 let state = state.clone();
                 let tx = tx.clone();
