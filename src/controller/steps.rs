@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use super::copy;
 use super::{ControllerError, Inner, SessionHandle};
-use super::{MigrationMethod, Session, SessionState};
+use super::{Migration, MigrationMethod, Session, SessionState};
 use crate::datastore::DatastoreError;
 use crate::drivers::{Driver, MigrationStatus, VmFile, VmSpec};
 use crate::repo::FileReader;
@@ -215,6 +215,13 @@ async fn run_step(
         | SessionState::Done
         | SessionState::Cancelled => Ok(step),
     }
+}
+
+fn migration_of(session: &Session) -> Result<Migration, ControllerError> {
+    session
+        .migration
+        .clone()
+        .ok_or_else(|| ControllerError::BadRequest("no migration asked".into()))
 }
 
 fn vm_spec(session: &Session) -> Result<&VmSpec, ControllerError> {
@@ -422,10 +429,7 @@ async fn migrate(
     session: &Session,
     driver: &Arc<dyn Driver>,
 ) -> Result<SessionState, ControllerError> {
-    let migration = session
-        .migration
-        .clone()
-        .ok_or_else(|| ControllerError::BadRequest("no migration asked".into()))?;
+    let migration = migration_of(session)?;
     match migration.method {
         MigrationMethod::Copy => {
             copy::bulk_pass(inner, handle, session, &migration).await?;
@@ -498,10 +502,7 @@ async fn switch_over(
     session: &Session,
     driver: &Arc<dyn Driver>,
 ) -> Result<SessionState, ControllerError> {
-    let migration = session
-        .migration
-        .clone()
-        .ok_or_else(|| ControllerError::BadRequest("no migration asked".into()))?;
+    let migration = migration_of(session)?;
     if let Some(vm) = &session.vm_ref {
         driver.power_off(vm).await?;
     }

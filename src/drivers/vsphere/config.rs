@@ -56,16 +56,19 @@ pub struct VsphereConfig {
     pub nas_local_path: Option<PathBuf>,
 }
 
+/// A config for `https://esx/sdk` as `root`, plus `extra` TOML lines (unit tests).
+#[cfg(test)]
+pub(super) fn test_config(extra: &str) -> Result<VsphereConfig, String> {
+    toml::from_str(&format!(
+        "url = \"https://esx/sdk\"\nuser = \"root\"\n{extra}"
+    ))
+    .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_config as config;
     use super::*;
-
-    fn config(extra: &str) -> Result<VsphereConfig, String> {
-        toml::from_str(&format!(
-            "url = \"https://esx/sdk\"\nuser = \"root\"\n{extra}"
-        ))
-        .map_err(|e| e.to_string())
-    }
 
     #[test]
     fn config_defaults_check_certificates_and_refuse_unknown_keys() {

@@ -678,14 +678,8 @@ impl Driver for VsphereDriver {
 
 #[cfg(test)]
 mod tests {
+    use super::config::test_config as config;
     use super::*;
-
-    fn config(extra: &str) -> Result<VsphereConfig, String> {
-        toml::from_str(&format!(
-            "url = \"https://esx/sdk\"\nuser = \"root\"\n{extra}"
-        ))
-        .map_err(|e| e.to_string())
-    }
 
     #[test]
     fn a_driver_needs_a_password() {
