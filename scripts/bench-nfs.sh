@@ -23,7 +23,9 @@
 # (runs per line, default 3; the table shows median and range), BENCH_DIR (work
 # folder, default /var/tmp/revive-bench), BENCH_MD (report, default
 # docs/bench-nfs.md; empty: do not write), BENCH_SKIP_BUILD=1 (use the
-# existing release binary).
+# existing release binary), BENCH_LINES (space-separated subset of: cold1
+# cold16 seqread warm1 warm16 syncwrite seqwrite; default all. A warm line
+# without seqread warms the block cache with an unmeasured sequential read).
 #
 # Exit status: 0 on success, 1 when a peer fails to start or a job fails.
 set -euo pipefail
@@ -35,7 +37,7 @@ WORK=${BENCH_DIR:-/var/tmp/revive-bench}
 MD=${BENCH_MD-$ROOT/docs/bench-nfs.md}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 REVIVE=$TARGET/release/revive
-CMDLINE="${BENCH_RUNTIME:+BENCH_RUNTIME=$BENCH_RUNTIME }${BENCH_REPEAT:+BENCH_REPEAT=$BENCH_REPEAT }scripts/bench-nfs.sh"
+CMDLINE="${BENCH_RUNTIME:+BENCH_RUNTIME=$BENCH_RUNTIME }${BENCH_REPEAT:+BENCH_REPEAT=$BENCH_REPEAT }${BENCH_LINES:+BENCH_LINES=\"$BENCH_LINES\" }scripts/bench-nfs.sh"
 NFS_PORT=2049
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 MOUNT_PORT=20048
@@ -333,14 +335,22 @@ measure() {
     RESULTS+=("$label|$unit|$(printf %s "$rvs" | stats)|$(printf %s "$gvs" | stats)|$(printf %s "$ratios" | stats)")
 }
 
+LINES=" ${BENCH_LINES:-cold1 cold16 seqread warm1 warm16 syncwrite seqwrite} "
+want() { [[ "$LINES" == *" $1 "* ]]; }
+
 start_revive
-measure "4 KiB random read, qd1, cold block cache" iops read 1 "${RANDREAD1[@]}"
-measure "4 KiB random read, qd16, cold block cache" iops read 1 "${RANDREAD16[@]}"
-measure "1 MiB sequential read, qd4" mibs read 0 "${SEQREAD[@]}"
-measure "4 KiB random read, qd1, warm block cache" iops read 0 "${RANDREAD1[@]}"
-measure "4 KiB random read, qd16, warm block cache" iops read 0 "${RANDREAD16[@]}"
-measure "4 KiB random write, FILE_SYNC, qd16" iops write 0 "${SYNCWRITE[@]}"
-measure "1 MiB sequential write, qd4" mibs write 0 "${SEQWRITE[@]}"
+want cold1 && measure "4 KiB random read, qd1, cold block cache" iops read 1 "${RANDREAD1[@]}"
+want cold16 && measure "4 KiB random read, qd16, cold block cache" iops read 1 "${RANDREAD16[@]}"
+if want seqread; then
+    measure "1 MiB sequential read, qd4" mibs read 0 "${SEQREAD[@]}"
+elif want warm1 || want warm16; then
+    log "warming revive's block cache"
+    run_fio "$REVIVE_PID" "$REVIVE_URL" "$REVIVE_FILE" "${SEQREAD[@]}" >/dev/null
+fi
+want warm1 && measure "4 KiB random read, qd1, warm block cache" iops read 0 "${RANDREAD1[@]}"
+want warm16 && measure "4 KiB random read, qd16, warm block cache" iops read 0 "${RANDREAD16[@]}"
+want syncwrite && measure "4 KiB random write, FILE_SYNC, qd16" iops write 0 "${SYNCWRITE[@]}"
+want seqwrite && measure "1 MiB sequential write, qd4" mibs write 0 "${SEQWRITE[@]}"
 cleanup
 
 # --------------------------------------------------------------- report --
