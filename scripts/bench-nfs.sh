@@ -178,8 +178,9 @@ start_ganesha() {
 # ------------------------------------------------------------------ fio --
 # run_fio NSPID URL FILE ARGS...: prints "read_iops read_kibs write_iops write_kibs".
 #
-# fio's nfs engine sometimes never returns from its final UMNT against
-# revive after a 1 MiB sequential read (the job's I/O is over by then), so
+# fio's nfs engine sometimes never finishes its unmount after a 1 MiB
+# sequential read (the job's I/O is over by then; libnfs gets the reply to
+# its NULL ping and never sends the UMNT, see docs/bench-nfs.md), so
 # fio prints cumulative terse stats every second and the last line before
 # the run's end is used; a fio that is still there 10 s after its run time
 # is killed.
