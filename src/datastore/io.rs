@@ -98,14 +98,18 @@ impl FileState {
         }
     }
 
-    /// Bytes this file really occupies.
+    /// Bytes this file really occupies: the backup bytes still visible plus
+    /// the write cache's blocks.
     pub(super) fn used(&self, node: &Node) -> u64 {
-        let cached = self.cache.get().map_or(0, |c| c.bytes_used());
-        let base = match &node.content {
-            Content::Presented { base_size, .. } => *base_size,
-            _ => 0,
+        // A truncate hides the backup beyond the cache's `base_len` for good,
+        // even when the file is extended again (sparse), so that is the most
+        // of the backup the file can still show.
+        let (base, cached) = match (self.cache.get(), &node.content) {
+            (Some(c), _) => (c.base_len(), c.bytes_used()),
+            (None, Content::Presented { base_size, .. }) => (*base_size, 0),
+            (None, _) => (0, 0),
         };
-        (base + cached).min(self.size(node).max(cached))
+        base.saturating_add(cached).min(self.size(node).max(cached))
     }
 }
 

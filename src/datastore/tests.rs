@@ -236,3 +236,42 @@ async fn unpublish_removes_folder_and_cache_and_fsstat_is_real() {
     assert!(ds.publications(EXPORT).await.unwrap().is_empty());
     ds.repo().forget(&point).await.unwrap();
 }
+
+#[tokio::test]
+async fn used_counts_only_what_a_truncate_left_visible() {
+    let fx = Fixture::new().await;
+    let ds = fx.open().await;
+    let export = ds.export_by_path(EXPORT).unwrap().id;
+    let folder = ds
+        .publish(EXPORT, "web01-restore", "web01@latest", None)
+        .await
+        .unwrap();
+    let disk = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+    let full = fx.disk.len() as u64;
+    assert_eq!(
+        disk.used, full,
+        "an untouched presented file uses its backup"
+    );
+
+    let resize = |size| SetAttr {
+        size: Some(size),
+        ..SetAttr::default()
+    };
+    ds.setattr(export, disk.fileid, &resize(4096), None)
+        .await
+        .unwrap();
+    // Extending again is sparse: the hidden backup bytes do not come back.
+    let attr = ds
+        .setattr(export, disk.fileid, &resize(full), None)
+        .await
+        .unwrap();
+    assert_eq!(attr.size, full);
+    assert!(
+        attr.used < full / 4,
+        "used {} after truncate to 4 KiB and sparse extend to {full}",
+        attr.used
+    );
+    let data = read_all(&ds, export, disk.fileid).await;
+    assert_eq!(&data[..4096], &fx.disk[..4096]);
+    assert!(data[4096..].iter().all(|&b| b == 0));
+}
