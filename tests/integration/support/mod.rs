@@ -346,18 +346,39 @@ pub fn in_netns() -> bool {
 /// namespace (`unshare --net`), where it may bind ports 111 and 2049 without
 /// touching the host, and checks that it passed and printed `done`.
 pub async fn rerun_in_netns(test: &str, done: &str) {
+    rerun_unshared(
+        &["--net"],
+        test,
+        &["--nocapture", "--test-threads=1"],
+        done,
+        std::time::Duration::from_secs(300),
+    )
+    .await;
+}
+
+/// Runs `unshare UNSHARE -- <this test binary> --exact TEST TEST_ARGS` marked
+/// with [`NETNS_INNER`]; checks that it passed within `timeout` and printed
+/// `done`, and returns its stdout.
+pub async fn rerun_unshared(
+    unshare: &[&str],
+    test: &str,
+    test_args: &[&str],
+    done: &str,
+    timeout: std::time::Duration,
+) -> String {
     let exe = std::env::current_exe().expect("test binary");
     let run = tokio::process::Command::new("unshare")
-        .arg("--net")
+        .args(unshare)
         .arg("--")
         .arg(&exe)
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .args(["--exact", test])
+        .args(test_args)
         .env(NETNS_INNER, "1")
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(std::time::Duration::from_secs(300), run)
+    let out = tokio::time::timeout(timeout, run)
         .await
-        .expect("inner run finishes within 5 minutes")
+        .unwrap_or_else(|_| panic!("{test} did not finish within {timeout:?}"))
         .expect("run unshare");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -369,6 +390,7 @@ pub async fn rerun_in_netns(test: &str, done: &str) {
         stdout.contains(done) || stderr.contains(done),
         "inner run did not get to the end (unshare refused?):\n{stdout}\n{stderr}"
     );
+    stdout.into_owned()
 }
 
 /// Which phase of a fio verify run.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use revive::drivers::{VmFile, VmSpec};
 use sha2::{Digest, Sha256};
 
-use super::{have_tool, qemu_has_nfs, skip_missing_peer, NETNS_INNER};
+use super::{have_tool, qemu_has_nfs, skip_missing_peer};
 
 /// The guest prints this first, once its kernel runs init.
 pub const MARKER: &str = "REVIVE-GUEST-BOOTED";
@@ -175,42 +175,15 @@ pub fn fat_file_sha256(image: &Path, name: &str) -> String {
 /// is killed on `timeout`) the kernel kills every process it started,
 /// daemonized QEMUs included. Checks that it passed and printed `done`.
 pub async fn rerun_isolated(test: &str, done: &str, timeout: Duration) {
-    let exe = std::env::current_exe().expect("test binary");
-    let run = tokio::process::Command::new("unshare")
-        .args([
-            "--net",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            "--",
-        ])
-        .arg(&exe)
+    let stdout = super::rerun_unshared(
+        &["--net", "--pid", "--fork", "--kill-child", "--mount-proc"],
+        test,
         // --include-ignored: the re-run of an ignored test (a benchmark) runs it too.
-        .args([
-            "--exact",
-            test,
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(NETNS_INNER, "1")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(timeout, run)
-        .await
-        .unwrap_or_else(|_| panic!("{test} did not finish within {timeout:?}"))
-        .expect("run unshare");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "inner run failed:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains(done) || stderr.contains(done),
-        "inner run did not get to the end (unshare refused?):\n{stdout}\n{stderr}"
-    );
+        &["--include-ignored", "--nocapture", "--test-threads=1"],
+        done,
+        timeout,
+    )
+    .await;
     // Pass the inner run's report lines (benchmark figures) on.
     print!("{stdout}");
 }
