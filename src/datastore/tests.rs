@@ -52,6 +52,28 @@ impl Fixture {
         };
         Datastore::open(repo, config).await.unwrap()
     }
+
+    /// Publishes `web01@latest` as `name` and looks up its flat disk.
+    async fn publish_disk(&self, ds: &Datastore, name: &str) -> Published {
+        let export = ds.export_by_path(EXPORT).unwrap().id;
+        let folder = ds
+            .publish(EXPORT, name, "web01@latest", None)
+            .await
+            .unwrap();
+        let disk = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+        Published {
+            export,
+            folder,
+            disk,
+        }
+    }
+}
+
+/// A published restore point and its flat disk.
+struct Published {
+    export: ExportId,
+    folder: FileId,
+    disk: Attr,
 }
 
 async fn read_all(ds: &Datastore, export: ExportId, id: FileId) -> Vec<u8> {
@@ -72,12 +94,11 @@ async fn read_all(ds: &Datastore, export: ExportId, id: FileId) -> Vec<u8> {
 async fn writes_overlay_the_backup_and_survive_reopen() {
     let fx = Fixture::new().await;
     let ds = fx.open().await;
-    let export = ds.export_by_path(EXPORT).unwrap().id;
-    let folder = ds
-        .publish(EXPORT, "web01-restore", "web01@latest", None)
-        .await
-        .unwrap();
-    let disk = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+    let Published {
+        export,
+        folder,
+        disk,
+    } = fx.publish_disk(&ds, "web01-restore").await;
     assert_eq!(disk.size, fx.disk.len() as u64);
     assert_eq!(read_all(&ds, export, disk.fileid).await, fx.disk);
 
@@ -202,12 +223,11 @@ async fn namespace_changes_like_esxi_makes_them() {
 async fn unpublish_removes_folder_and_cache_and_fsstat_is_real() {
     let fx = Fixture::new().await;
     let ds = fx.open().await;
-    let export = ds.export_by_path(EXPORT).unwrap().id;
-    let folder = ds
-        .publish(EXPORT, "s2", "web01@latest", None)
-        .await
-        .unwrap();
-    let disk = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+    let Published {
+        export,
+        folder,
+        disk,
+    } = fx.publish_disk(&ds, "s2").await;
     ds.write(
         export,
         disk.fileid,
@@ -241,12 +261,7 @@ async fn unpublish_removes_folder_and_cache_and_fsstat_is_real() {
 async fn used_counts_only_what_a_truncate_left_visible() {
     let fx = Fixture::new().await;
     let ds = fx.open().await;
-    let export = ds.export_by_path(EXPORT).unwrap().id;
-    let folder = ds
-        .publish(EXPORT, "web01-restore", "web01@latest", None)
-        .await
-        .unwrap();
-    let disk = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+    let Published { export, disk, .. } = fx.publish_disk(&ds, "web01-restore").await;
     let full = fx.disk.len() as u64;
     assert_eq!(
         disk.used, full,
