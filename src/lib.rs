@@ -4,6 +4,8 @@
 //! - [`api`]: the HTTP API on localhost: Prometheus metrics, behind a token.
 //! - [`controller`]: instant-recovery sessions: state machine, retries, migration.
 //! - [`drivers`]: what the controller asks of a hypervisor (none, vSphere, QEMU).
+//! - [`block`]: block exports (NBD, iSCSI) of presented disk files, over a
+//!   [`block::BlockDevice`].
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
 //!   portmapper), a thin protocol layer over a backend trait.
 //! - [`datastore`]: the namespace clients see: exports, one folder per
@@ -19,6 +21,7 @@
 //! - [`fsutil`]: atomic replacement of small state files.
 
 pub mod api;
+pub mod block;
 pub mod cache;
 pub mod config;
 pub mod controller;
