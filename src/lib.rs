@@ -6,6 +6,8 @@
 //! - [`drivers`]: what the controller asks of a hypervisor (none, vSphere, QEMU).
 //! - [`block`]: block exports (NBD, iSCSI) of presented disk files, over a
 //!   [`block::BlockDevice`].
+//! - [`fuse`]: the datastore as a local file system through the kernel's
+//!   FUSE (`revive mount`, PostgreSQL sessions), a thin adapter like `nfs`.
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
 //!   portmapper), a thin protocol layer over a backend trait.
 //! - [`datastore`]: the namespace clients see: exports, one folder per
@@ -28,6 +30,7 @@ pub mod controller;
 pub mod datastore;
 pub mod drivers;
 pub mod fsutil;
+pub mod fuse;
 pub mod nfs;
 pub mod progress;
 pub mod repo;

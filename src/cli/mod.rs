@@ -1,5 +1,6 @@
 //! Command-line definitions (clap derive) and the dispatch to each command.
 
+mod mount;
 mod progress;
 mod repo_cmds;
 mod serve;
@@ -120,6 +121,30 @@ pub enum Command {
         repo: RepoArg,
         /// Restore point: full id, unique prefix, or VM@latest.
         point: String,
+    },
+    /// Mount a restore point as a local folder (FUSE) to browse or copy files
+    /// out of it; runs until the folder is unmounted or the command interrupted.
+    Mount {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point: full id, unique prefix, or NAME@latest.
+        point: String,
+        /// Existing empty folder to mount it on.
+        mountpoint: PathBuf,
+        /// Keep writes in this folder across mounts (default: a temporary
+        /// write cache, deleted at unmount).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Show every file as owned by this user (name or number), e.g. the
+        /// database's OS user; default: the owners stored in the backup.
+        #[arg(long, value_name = "USER")]
+        uid: Option<String>,
+        /// With --uid: show this group (name or number) instead of the user's own.
+        #[arg(long, value_name = "GROUP")]
+        gid: Option<String>,
+        /// Print the "mounted" line as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve the NFSv3 datastore: published restore points as VM folders.
     Serve {
@@ -324,6 +349,26 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             repo_cmds::verify(&repo.resolve()?, point.as_deref(), json).await
         }
         Command::Forget { repo, point } => repo_cmds::forget(&repo.resolve()?, &point).await,
+        Command::Mount {
+            repo,
+            point,
+            mountpoint,
+            cache,
+            uid,
+            gid,
+            json,
+        } => {
+            mount::mount(mount::MountArgs {
+                repo,
+                point,
+                mountpoint,
+                cache,
+                uid,
+                gid,
+                json,
+            })
+            .await
+        }
         Command::Serve { config, repo } => serve::serve(config, repo).await,
         Command::Gc { repo, json, grace } => repo_cmds::gc(&repo.resolve()?, json, grace).await,
         Command::Recover {

@@ -23,6 +23,7 @@
 mod io;
 pub mod namespace;
 mod ops;
+mod sync;
 pub mod types;
 mod view;
 

@@ -1,0 +1,733 @@
+//! The FUSE request handlers: each forwards to the datastore operation of
+//! the same meaning. fuser calls them on its request-loop threads; a handler
+//! parses its arguments, spawns one task on the tokio runtime and returns at
+//! once, and the task replies when the datastore has answered. So a slow
+//! request (a chunk fetched from S3, a journal sync) never holds up the
+//! others, and no disk work runs on the request loop.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use super::attr::{self, Inodes, Presentation};
+use crate::datastore::{
+    CreateMode, Datastore, DatastoreError, ExportId, FileId, FileKind, SetAttr, Stability,
+};
+
+/// Entries asked of the datastore per READDIR: the kernel's buffer (4 KiB
+/// for READDIR, a page or more for READDIRPLUS) holds fewer; the rest of a
+/// page is simply asked again at the next offset.
+const DIR_PAGE: usize = 128;
+
+/// Offsets of the synthetic `.` and `..` entries; datastore cookies (file
+/// ids) are shifted past them.
+const DOT_OFFSET: u64 = 1;
+const DOTDOT_OFFSET: u64 = 2;
+
+/// Shared by every request task.
+struct Inner {
+    ds: Arc<Datastore>,
+    export: ExportId,
+    view: Presentation,
+    ttl: Duration,
+    /// Generation of every inode: the export instance, so an inode number
+    /// never names two files across a recreated export.
+    generation: Generation,
+    runtime: Handle,
+}
+
+impl Inner {
+    fn id(&self, ino: INodeNo) -> FileId {
+        self.view.inodes.id(ino)
+    }
+
+    /// The inode of a folder's parent; the mount's root is its own parent.
+    async fn parent(&self, dir: FileId) -> Result<INodeNo, DatastoreError> {
+        if dir == self.view.inodes.root {
+            return Ok(INodeNo::ROOT);
+        }
+        let a = self.ds.lookup(self.export, dir, "..").await?;
+        Ok(self.view.inodes.ino(a.fileid))
+    }
+
+    /// Logs a failure at the level it deserves and returns its errno.
+    fn fail(&self, op: &'static str, ino: INodeNo, e: &DatastoreError) -> Errno {
+        match e {
+            DatastoreError::Io(_) | DatastoreError::NoSpace | DatastoreError::Jukebox => {
+                warn!(op, ino = ino.0, cause = %e, "FUSE request failed")
+            }
+            _ => debug!(op, ino = ino.0, cause = %e, "FUSE request refused"),
+        }
+        attr::errno(e)
+    }
+}
+
+/// The datastore folder served as a FUSE file system.
+pub(super) struct ReviveFs {
+    inner: Arc<Inner>,
+}
+
+impl ReviveFs {
+    /// Serves folder `root` of `export`, answering on `runtime`.
+    pub fn new(
+        ds: Arc<Datastore>,
+        export: ExportId,
+        root: FileId,
+        instance: u64,
+        runtime: Handle,
+        owner: Option<(u32, u32)>,
+        ttl: Duration,
+    ) -> ReviveFs {
+        ReviveFs {
+            inner: Arc::new(Inner {
+                ds,
+                export,
+                view: Presentation {
+                    inodes: Inodes { root },
+                    owner,
+                },
+                ttl,
+                generation: Generation(instance),
+                runtime,
+            }),
+        }
+    }
+
+    /// Runs one request's work on the runtime.
+    fn spawn<F, Fut>(&self, work: F)
+    where
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let fut = work(self.inner.clone());
+        self.inner.runtime.spawn(fut);
+    }
+}
+
+/// A name from the kernel as the datastore takes it (UTF-8 only).
+fn utf8(name: &OsStr) -> Result<String, Errno> {
+    name.to_str()
+        .map(str::to_string)
+        .ok_or(Errno::from_i32(libc::EINVAL))
+}
+
+/// What a new file or folder is created with: its permission bits after the
+/// caller's umask, owned by the caller.
+fn new_attrs(req: &Request, mode: u32, umask: u32) -> SetAttr {
+    SetAttr {
+        mode: Some(mode & !umask & 0o7777),
+        uid: Some(req.uid()),
+        gid: Some(req.gid()),
+        ..SetAttr::default()
+    }
+}
+
+/// Durability a WRITE asks for: files opened `O_SYNC`/`O_DSYNC` want each
+/// write durable; the rest wait for `fsync` (the write cache's commit).
+fn stability(flags: OpenFlags) -> Stability {
+    if flags.0 & libc::O_SYNC == libc::O_SYNC {
+        Stability::FileSync
+    } else if flags.0 & libc::O_DSYNC != 0 {
+        Stability::DataSync
+    } else {
+        Stability::Unstable
+    }
+}
+
+impl fuser::Filesystem for ReviveFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(super::MAX_WRITE);
+        let _ = config.set_max_readahead(super::MAX_WRITE);
+        // Enough outstanding readahead and writeback requests to keep the
+        // datastore's tasks busy.
+        let _ = config.set_max_background(64);
+        for wanted in [
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+            fuser::InitFlags::FUSE_DO_READDIRPLUS,
+            fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        ] {
+            if config.add_capabilities(wanted).is_err() {
+                debug!(flag = ?wanted, "kernel lacks a FUSE capability");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(move |fs| async move {
+            // The mount's root has no parent inside the mount.
+            let dir = fs.id(parent);
+            let name = if name == ".." && dir == fs.view.inodes.root {
+                ".".to_string()
+            } else {
+                name
+            };
+            match fs.ds.lookup(fs.export, dir, &name).await {
+                Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
+                Err(e) => reply.error(fs.fail("lookup", parent, &e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn(move |fs| async move {
+            match fs.ds.getattr(fs.export, fs.id(ino)).await {
+                Ok(a) => reply.attr(&fs.ttl, &fs.view.file_attr(&a)),
+                Err(e) => reply.error(fs.fail("getattr", ino, &e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: attr::set_time(atime),
+            mtime: attr::set_time(mtime),
+        };
+        self.spawn(move |fs| async move {
+            match fs.ds.setattr(fs.export, fs.id(ino), &set, None).await {
+                Ok(a) => reply.attr(&fs.ttl, &fs.view.file_attr(&a)),
+                Err(e) => reply.error(fs.fail("setattr", ino, &e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, _ino: INodeNo, reply: ReplyData) {
+        // The datastore presents no symbolic links yet (restore points of
+        // VM folders have none); the tree surface adds READLINK.
+        reply.error(Errno::from_i32(libc::EINVAL));
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // Only regular files: device nodes, fifos and sockets have no place
+        // in a restore point.
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return reply.error(Errno::EPERM);
+        }
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let attrs = new_attrs(req, mode, umask);
+        self.spawn(move |fs| async move {
+            let created = fs
+                .ds
+                .create(fs.export, fs.id(parent), &name, CreateMode::Guarded, &attrs)
+                .await;
+            match created {
+                Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
+                Err(e) => reply.error(fs.fail("mknod", parent, &e)),
+            }
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let attrs = new_attrs(req, mode, umask);
+        self.spawn(move |fs| async move {
+            match fs.ds.mkdir(fs.export, fs.id(parent), &name, &attrs).await {
+                Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
+                Err(e) => reply.error(fs.fail("mkdir", parent, &e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(move |fs| async move {
+            match fs.ds.remove(fs.export, fs.id(parent), &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fs.fail("unlink", parent, &e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(move |fs| async move {
+            match fs.ds.rmdir(fs.export, fs.id(parent), &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fs.fail("rmdir", parent, &e)),
+            }
+        });
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        // See readlink: no symbolic links in the datastore yet.
+        reply.error(Errno::EPERM);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let (from, to) = match (utf8(name), utf8(newname)) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        self.spawn(move |fs| async move {
+            let (from_dir, to_dir) = (fs.id(parent), fs.id(newparent));
+            if no_replace {
+                match fs.ds.lookup(fs.export, to_dir, &to).await {
+                    Ok(_) => return reply.error(Errno::from_i32(libc::EEXIST)),
+                    Err(DatastoreError::NotFound) => {}
+                    Err(e) => return reply.error(fs.fail("rename", newparent, &e)),
+                }
+            }
+            match fs.ds.rename(fs.export, from_dir, &from, to_dir, &to).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fs.fail("rename", parent, &e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Stateless: every request names the inode. The kernel's page cache
+        // stays valid across opens because every change comes through here.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.ds.read(fs.export, fs.id(ino), offset, size).await {
+                Ok(r) => reply.data(&r.data),
+                Err(e) => reply.error(fs.fail("read", ino, &e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // The request buffer is reused for the next request: one copy.
+        let data = Bytes::copy_from_slice(data);
+        let stable = stability(flags);
+        self.spawn(move |fs| async move {
+            match fs
+                .ds
+                .write(fs.export, fs.id(ino), offset, data, stable)
+                .await
+            {
+                Ok(w) => reply.written(w.count),
+                Err(e) => reply.error(fs.fail("write", ino, &e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) promises no durability; fsync does.
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // The same journal sync as an NFS COMMIT: every acknowledged write
+        // of the file survives a crash once this returns.
+        self.spawn(move |fs| async move {
+            match fs.ds.commit(fs.export, fs.id(ino)).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fs.fail("fsync", ino, &e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.spawn(move |fs| async move {
+            let dir = fs.id(ino);
+            if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, fuser::FileType::Directory, ".") {
+                return reply.ok();
+            }
+            if offset < DOTDOT_OFFSET {
+                let parent = match fs.parent(dir).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(fs.fail("readdir", ino, &e)),
+                };
+                if reply.add(parent, DOTDOT_OFFSET, fuser::FileType::Directory, "..") {
+                    return reply.ok();
+                }
+            }
+            let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
+            loop {
+                let page = match fs.ds.readdir(fs.export, dir, cookie, DIR_PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(fs.fail("readdir", ino, &e)),
+                };
+                for entry in &page.entries {
+                    let kind = attr::file_type(entry.attr.kind);
+                    let next = entry.cookie + DOTDOT_OFFSET;
+                    if reply.add(
+                        fs.view.inodes.ino(entry.attr.fileid),
+                        next,
+                        kind,
+                        &entry.name,
+                    ) {
+                        return reply.ok();
+                    }
+                    cookie = entry.cookie;
+                }
+                if page.eof || page.entries.is_empty() {
+                    return reply.ok();
+                }
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        self.spawn(move |fs| async move {
+            let dir = fs.id(ino);
+            let zero = Duration::ZERO;
+            let g = fs.generation;
+            if offset < DOT_OFFSET
+                && reply.add(ino, DOT_OFFSET, ".", &zero, &attr::dir_placeholder(ino), g)
+            {
+                return reply.ok();
+            }
+            if offset < DOTDOT_OFFSET {
+                let parent = match fs.parent(dir).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(fs.fail("readdirplus", ino, &e)),
+                };
+                let placeholder = attr::dir_placeholder(parent);
+                if reply.add(parent, DOTDOT_OFFSET, "..", &zero, &placeholder, g) {
+                    return reply.ok();
+                }
+            }
+            let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
+            loop {
+                let page = match fs.ds.readdir(fs.export, dir, cookie, DIR_PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(fs.fail("readdirplus", ino, &e)),
+                };
+                for entry in &page.entries {
+                    let a = fs.view.file_attr(&entry.attr);
+                    let next = entry.cookie + DOTDOT_OFFSET;
+                    if reply.add(a.ino, next, &entry.name, &fs.ttl, &a, g) {
+                        return reply.ok();
+                    }
+                    cookie = entry.cookie;
+                }
+                if page.eof || page.entries.is_empty() {
+                    return reply.ok();
+                }
+            }
+        });
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.ds.sync_namespace(fs.export).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fs.fail("fsyncdir", ino, &e)),
+            }
+        });
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(move |fs| async move {
+            match fs.ds.fsstat(fs.export).await {
+                Ok(st) => {
+                    const BS: u64 = 4096;
+                    reply.statfs(
+                        st.total_bytes / BS,
+                        st.free_bytes / BS,
+                        st.avail_bytes / BS,
+                        st.total_files,
+                        st.free_files,
+                        BS as u32,
+                        255,
+                        BS as u32,
+                    )
+                }
+                Err(e) => reply.error(fs.fail("statfs", ino, &e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // `default_permissions`: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = match utf8(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let mut attrs = new_attrs(req, mode, umask);
+        if flags & libc::O_TRUNC != 0 {
+            attrs.size = Some(0);
+        }
+        let how = if flags & libc::O_EXCL != 0 {
+            CreateMode::Guarded
+        } else {
+            CreateMode::Unchecked
+        };
+        self.spawn(move |fs| async move {
+            let created = fs
+                .ds
+                .create(fs.export, fs.id(parent), &name, how, &attrs)
+                .await;
+            match created {
+                Ok(a) if a.kind == FileKind::Regular => reply.created(
+                    &fs.ttl,
+                    &fs.view.file_attr(&a),
+                    fs.generation,
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Ok(_) => reply.error(Errno::from_i32(libc::EISDIR)),
+                Err(e) => reply.error(fs.fail("create", parent, &e)),
+            }
+        });
+    }
+
+    // Extended attributes, locks, fallocate, SEEK_DATA and copy offload are
+    // not part of the datastore: ENOSYS makes the kernel stop asking (and
+    // fall back to its generic code) without the default handlers' warnings.
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_opens_ask_for_durable_writes() {
+        assert_eq!(stability(OpenFlags(libc::O_RDWR)), Stability::Unstable);
+        assert_eq!(
+            stability(OpenFlags(libc::O_RDWR | libc::O_DSYNC)),
+            Stability::DataSync
+        );
+        assert_eq!(
+            stability(OpenFlags(libc::O_WRONLY | libc::O_SYNC)),
+            Stability::FileSync
+        );
+    }
+}
