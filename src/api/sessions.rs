@@ -21,6 +21,7 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/api/v1/sessions/{id}/migrate", post(migrate))
         .route("/api/v1/sessions/{id}/retry", post(retry))
         .route("/api/v1/sessions/{id}/stop", post(stop))
+        .route("/api/v1/sessions/{id}/switchover", post(switchover))
 }
 
 /// An error as the API answers it.
@@ -89,4 +90,11 @@ async fn retry(
 
 async fn stop(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     Ok(Json(state.controller.stop(&id).await?).into_response())
+}
+
+async fn switchover(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.controller.switchover(&id).await?).into_response())
 }

@@ -155,20 +155,28 @@ pub enum Command {
         #[arg(long, env = "REVIVE_REPO", value_name = "DIR|URL")]
         repo: Option<String>,
     },
-    /// Start instant recovery: publish VMs from backup and (with --host) boot them.
+    /// Start instant recovery: publish VMs from backup and (with --host) boot
+    /// them, or start a PostgreSQL database on its backup (--kind postgres).
     Recover {
         #[command(flatten)]
         api: sessions::ApiArgs,
+        /// What is recovered: a VM, or a PostgreSQL data folder.
+        #[arg(long, value_enum, default_value = "vm")]
+        kind: KindArg,
         /// VM to recover (repeat for several VMs sharing one datastore).
-        #[arg(long = "vm", required = true)]
+        #[arg(long = "vm", required_unless_present = "point")]
         vms: Vec<String>,
-        /// Restore point (id, prefix, VM@latest); single VM only. Default: the latest.
+        /// Restore point (id, prefix, NAME@latest); single VM only. Default: the latest.
         #[arg(long)]
         point: Option<String>,
+        /// Port the recovered database answers on (--kind postgres; default:
+        /// the host's port).
+        #[arg(long)]
+        port: Option<u16>,
         /// Configured [[host]] to run on (default: publish only).
         #[arg(long)]
         host: Option<String>,
-        /// Use the only configured host with this driver (none, vsphere, qemu).
+        /// Use the only configured host with this driver (none, vsphere, qemu, postgres).
         #[arg(long)]
         driver: Option<String>,
         /// Write cache location (each session gets a folder in it).
@@ -205,19 +213,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move a running session's VM to production storage.
+    /// Move a running session's VM (or database) to production storage.
     Migrate {
         #[command(flatten)]
         api: sessions::ApiArgs,
         /// Session id.
         id: String,
-        /// Destination: a folder (copy, qemu) or a datastore name (vsphere live).
+        /// Destination: a folder (copy, qemu, postgres data folder) or a
+        /// datastore name (vsphere live).
         #[arg(long)]
         to: String,
-        /// live: by the hypervisor; copy: by revive, then a short switchover.
-        #[arg(long, value_enum, default_value = "copy")]
-        method: MethodArg,
-        /// Wait until the migration is done (or needs attention), with progress.
+        /// live: by the hypervisor (or a PostgreSQL standby); copy: by revive,
+        /// then a short switchover. Default: live for a database, else copy.
+        #[arg(long, value_enum)]
+        method: Option<MethodArg>,
+        /// Switch over as soon as the copy is in sync (a database's standby
+        /// otherwise streams until `revive switchover`).
+        #[arg(long)]
+        switchover: bool,
+        /// Wait until the migration is done, or for a database without
+        /// --switchover until its standby is in sync, with progress.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch a migrating database over to its standby: the published
+    /// instance goes read-only, the standby catches up and becomes production.
+    Switchover {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Session id.
+        id: String,
+        /// Wait until production runs (the session is done).
         #[arg(long)]
         wait: bool,
         /// Print JSON.
@@ -269,6 +298,15 @@ impl Command {
             _ => "warn",
         }
     }
+}
+
+/// `--kind` of `revive recover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    /// A VM folder, on the host's hypervisor.
+    Vm,
+    /// A PostgreSQL data folder, started on a postgres host.
+    Postgres,
 }
 
 /// `--method` of `revive migrate`.
@@ -373,8 +411,10 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         Command::Gc { repo, json, grace } => repo_cmds::gc(&repo.resolve()?, json, grace).await,
         Command::Recover {
             api,
+            kind,
             vms,
             point,
+            port,
             host,
             driver,
             cache,
@@ -383,6 +423,10 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             wait,
             json,
         } => {
+            let driver = match (kind, driver) {
+                (KindArg::Postgres, None) => Some("postgres".to_string()),
+                (_, driver) => driver,
+            };
             let req = revive::controller::RecoverRequest {
                 vms,
                 point,
@@ -391,6 +435,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
                 cache,
                 name,
                 power_on,
+                port,
             };
             sessions::recover(&api, req, wait, json).await
         }
@@ -401,9 +446,23 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             id,
             to,
             method,
+            switchover,
             wait,
             json,
-        } => sessions::migrate(&api, &id, to, method.into(), wait, json).await,
+        } => {
+            let req = revive::controller::MigrateRequest {
+                to,
+                method: method.map(Into::into),
+                switchover: switchover.then_some(true),
+            };
+            sessions::migrate(&api, &id, req, wait, json).await
+        }
+        Command::Switchover {
+            api,
+            id,
+            wait,
+            json,
+        } => sessions::action(&api, &id, "switchover", wait, json).await,
         Command::Retry { api, id, json } => sessions::action(&api, &id, "retry", false, json).await,
         Command::Stop {
             api,

@@ -124,6 +124,9 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
         let _ = stop_tx.send(true);
     });
     server.serve(listeners, stopped()).await?;
+    // Databases on FUSE mounts cannot outlive the process: stopped cleanly
+    // now, started again when revive starts.
+    controller.shutdown().await;
     // UNSTABLE writes not yet committed by a client are made durable on a
     // clean stop: libnfs clients (QEMU, fio) do not resend them.
     datastore

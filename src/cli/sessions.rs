@@ -9,9 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use revive::config::Config;
-use revive::controller::{
-    MigrateRequest, MigrationMethod, RecoverRequest, SessionState, SessionView,
-};
+use revive::controller::{MigrateRequest, RecoverRequest, SessionState, SessionView};
 use serde::de::DeserializeOwned;
 
 use super::Outcome;
@@ -119,8 +117,8 @@ pub async fn recover(
         .await?;
     if wait {
         for s in sessions.iter_mut() {
-            *s = wait_for(&client, &s.session.id, |st| {
-                matches!(st, SessionState::Running)
+            *s = wait_for(&client, &s.session.id, |v| {
+                v.session.state == SessionState::Running
             })
             .await?;
         }
@@ -224,6 +222,12 @@ pub async fn show(api: &ApiArgs, id: &str, json: bool) -> anyhow::Result<Outcome
             .unwrap_or_else(|| "-".into()),
         x.cache_dir.display()
     );
+    if let Some(port) = x.port {
+        println!("port      {port}");
+    }
+    if let Some(ms) = x.ready_ms {
+        println!("ready     {:.2} s after recover", ms as f64 / 1000.0);
+    }
     if let Some(m) = &x.migration {
         println!(
             "migration {:?} to {}: {}% ({} copied)",
@@ -232,6 +236,14 @@ pub async fn show(api: &ApiArgs, id: &str, json: bool) -> anyhow::Result<Outcome
             m.percent,
             indicatif::HumanBytes(m.bytes_copied)
         );
+        if let Some(lag) = m.lag_bytes {
+            let next = if m.switchover {
+                "switching over"
+            } else {
+                "in sync; `revive switchover` when ready"
+            };
+            println!("standby   {} behind; {next}", indicatif::HumanBytes(lag));
+        }
     }
     Ok(Outcome::Ok)
 }
@@ -240,13 +252,12 @@ pub async fn show(api: &ApiArgs, id: &str, json: bool) -> anyhow::Result<Outcome
 pub async fn migrate(
     api: &ApiArgs,
     id: &str,
-    to: String,
-    method: MigrationMethod,
+    req: MigrateRequest,
     wait: bool,
     json: bool,
 ) -> anyhow::Result<Outcome> {
     let client = api.client()?;
-    let body = serde_json::to_value(MigrateRequest { to, method })?;
+    let body = serde_json::to_value(req)?;
     let mut s: SessionView = client
         .call(
             reqwest::Method::POST,
@@ -254,11 +265,27 @@ pub async fn migrate(
             Some(body),
         )
         .await?;
+    // Without a switchover to wait for, a streaming copy in sync is the goal.
+    let hold = s.session.migration.as_ref().is_some_and(|m| !m.switchover);
     if wait {
-        s = wait_for(&client, id, |st| st == SessionState::Done).await?;
+        s = wait_for(&client, id, |v| {
+            v.session.state == SessionState::Done || (hold && in_sync(v))
+        })
+        .await?;
     }
     print_one(&s, json)?;
-    Ok(settled(std::slice::from_ref(&s), wait, SessionState::Done))
+    let reached = s.session.state == SessionState::Done || (hold && in_sync(&s));
+    Ok(if wait && !reached {
+        Outcome::Unfinished
+    } else {
+        Outcome::Ok
+    })
+}
+
+/// A migrating session whose copy follows its source live.
+fn in_sync(v: &SessionView) -> bool {
+    v.session.state == SessionState::Migrating
+        && v.session.migration.as_ref().is_some_and(|m| m.in_sync)
 }
 
 /// `revive retry` and `revive stop`.
@@ -278,7 +305,12 @@ pub async fn action(
         )
         .await?;
     if wait && verb == "stop" {
-        s = wait_for(&client, id, |st| st == SessionState::Cancelled).await?;
+        s = wait_for(&client, id, |v| v.session.state == SessionState::Cancelled).await?;
+    }
+    if wait && verb == "switchover" {
+        s = wait_for(&client, id, |v| v.session.state == SessionState::Done).await?;
+        print_one(&s, json)?;
+        return Ok(settled(std::slice::from_ref(&s), wait, SessionState::Done));
     }
     print_one(&s, json)?;
     Ok(Outcome::Ok)
@@ -316,7 +348,7 @@ fn settled(sessions: &[SessionView], waited: bool, goal: SessionState) -> Outcom
 async fn wait_for(
     client: &Client,
     id: &str,
-    goal: impl Fn(SessionState) -> bool,
+    goal: impl Fn(&SessionView) -> bool,
 ) -> anyhow::Result<SessionView> {
     let bar = ProgressBar::hidden();
     if std::io::stderr().is_terminal() {
@@ -337,7 +369,7 @@ async fn wait_for(
             SessionState::Waiting => s.session.retries.next_at.is_none(),
             _ => false,
         };
-        if goal(state) || stuck {
+        if goal(&s) || stuck {
             bar.finish_and_clear();
             return Ok(s);
         }

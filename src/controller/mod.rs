@@ -18,8 +18,10 @@
 
 mod copy;
 mod error;
+mod lifecycle;
 pub mod session;
 mod steps;
+mod switchover;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,7 +39,9 @@ pub use error::ControllerError;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
 
 use crate::datastore::Datastore;
-use crate::drivers::{self, DatastoreSpec, Driver, DriverConfig, HostConfig, NoneConfig};
+use crate::drivers::{
+    self, DatastoreSpec, Driver, DriverConfig, DriverContext, HostConfig, NoneConfig,
+};
 
 /// Name of the built-in publish-only host used when `recover` names none.
 pub const NONE_HOST: &str = "none";
@@ -89,9 +93,13 @@ pub struct RecoverRequest {
     /// Session name; only with a single VM. Default: `<vm>-ir`, numbered if taken.
     #[serde(default)]
     pub name: Option<String>,
-    /// Power the VMs on once registered.
+    /// Power the VMs on once registered (always, for a database host).
     #[serde(default)]
     pub power_on: bool,
+    /// Port the recovered database answers on (postgres hosts; default:
+    /// the host's `port`).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 /// A `migrate` request.
@@ -100,13 +108,14 @@ pub struct RecoverRequest {
 pub struct MigrateRequest {
     /// Destination: a folder (copy, QEMU) or a datastore name (vSphere).
     pub to: String,
-    /// Live (by the hypervisor) or copy (by revive); default copy.
-    #[serde(default = "default_method")]
-    pub method: MigrationMethod,
-}
-
-fn default_method() -> MigrationMethod {
-    MigrationMethod::Copy
+    /// Live (by the hypervisor, or a PostgreSQL standby) or copy (by
+    /// revive); default: live for a database, else copy.
+    #[serde(default)]
+    pub method: Option<MigrationMethod>,
+    /// Switch over as soon as the copy is in sync. Default: yes for VMs; a
+    /// database's standby streams until `revive switchover` (or this).
+    #[serde(default)]
+    pub switchover: Option<bool>,
 }
 
 /// A session as the API shows it: the record plus live figures.
@@ -176,8 +185,11 @@ impl Controller {
             NONE_HOST.to_string(),
             Ok(Arc::new(drivers::none::NoneDriver) as Arc<dyn Driver>),
         );
+        let context = DriverContext {
+            datastore: datastore.clone(),
+        };
         for host in &config.hosts {
-            let built = drivers::build(host).map_err(|e| e.to_string());
+            let built = drivers::build(host, &context).map_err(|e| e.to_string());
             if let Err(cause) = &built {
                 warn!(host = %host.name, %cause, "host driver unavailable");
             }
@@ -239,12 +251,17 @@ impl Controller {
     /// Starts one session per VM of the request; they share the export and
     /// the host's datastore.
     pub async fn recover(&self, req: RecoverRequest) -> Result<Vec<SessionView>, ControllerError> {
-        let vms: Vec<String> = req
+        let mut vms: Vec<String> = req
             .vms
             .iter()
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
             .collect();
+        if vms.is_empty() {
+            if let Some(point) = &req.point {
+                vms.push(lifecycle::name_of_point(&self.inner, point).await?);
+            }
+        }
         if vms.is_empty() {
             return Err(ControllerError::BadRequest(
                 "name at least one VM to recover".into(),
@@ -266,6 +283,19 @@ impl Controller {
             }
             None => "none",
         };
+        let service = driver_kind == "postgres";
+        if req.port.is_some() && !service {
+            return Err(ControllerError::BadRequest(format!(
+                "--port is for database sessions; host '{host}' uses the {driver_kind} driver"
+            )));
+        }
+        if let Some(wanted) = req.driver.as_deref() {
+            if req.host.is_some() && wanted != driver_kind {
+                return Err(ControllerError::BadRequest(format!(
+                    "host '{host}' uses the {driver_kind} driver, not {wanted}"
+                )));
+            }
+        }
         if req.power_on && driver_kind == "none" {
             return Err(ControllerError::BadRequest(format!(
                 "--power-on needs a hypervisor: host '{host}' uses the publish-only none driver (pass --host)"
@@ -295,9 +325,17 @@ impl Controller {
         }
         let mut views = Vec::new();
         for (vm, name) in vms.iter().zip(names) {
+            let host_cache = self
+                .inner
+                .config
+                .hosts
+                .iter()
+                .find(|h| h.name == host)
+                .and_then(|h| h.cache_dir.clone());
             let cache_dir = req
                 .cache
                 .clone()
+                .or(host_cache)
                 .unwrap_or_else(|| self.inner.config.cache_root.clone())
                 .join(&name);
             let now = Utc::now();
@@ -312,7 +350,10 @@ impl Controller {
                 export: self.inner.config.export.clone(),
                 datastore: datastore.clone(),
                 cache_dir,
-                power_on: req.power_on,
+                // A database is recovered to answer queries: always started.
+                power_on: req.power_on || service,
+                port: req.port,
+                ready_ms: None,
                 state: SessionState::Validating,
                 resume: None,
                 retries: Retries {
@@ -513,12 +554,25 @@ impl Controller {
                 "--to names the destination (a folder, or a datastore for live migration)".into(),
             ));
         }
-        if req.method == MigrationMethod::Copy && !std::path::Path::new(&req.to).is_absolute() {
+        let database = self.handle(id)?.snapshot().driver == "postgres";
+        let method = req.method.unwrap_or(if database {
+            MigrationMethod::Live
+        } else {
+            MigrationMethod::Copy
+        });
+        let needs_folder = method == MigrationMethod::Copy || database;
+        if needs_folder && !std::path::Path::new(&req.to).is_absolute() {
             return Err(ControllerError::BadRequest(format!(
-                "copy destination '{}' must be an absolute folder path",
+                "destination '{}' must be an absolute folder path",
                 req.to
             )));
         }
+        if database && method == MigrationMethod::Copy {
+            return Err(ControllerError::BadRequest(
+                "a database moves by streaming replication: drop --method copy".into(),
+            ));
+        }
+        let switchover = req.switchover.unwrap_or(!database);
         let session = self.command(id, "migrate", |s| {
             if s.state != SessionState::Running {
                 return Err(ControllerError::WrongState {
@@ -527,7 +581,7 @@ impl Controller {
                     action: "migrate",
                 });
             }
-            if req.method == MigrationMethod::Live && s.driver == "none" {
+            if method == MigrationMethod::Live && s.driver == "none" {
                 return Err(ControllerError::BadRequest(
                     "the none driver cannot migrate live; use --method copy".into(),
                 ));
@@ -535,13 +589,16 @@ impl Controller {
             // A copy migration stops the VM before it asks the driver to
             // start the copy; vSphere cannot (ESXi does not see the copy), so
             // refuse before the VM is stopped.
-            if req.method == MigrationMethod::Copy && s.driver == "vsphere" {
+            if method == MigrationMethod::Copy && s.driver == "vsphere" {
                 return Err(ControllerError::BadRequest(
                     "the vsphere driver cannot start a VM from a copy; use --method live --to <datastore> (Storage vMotion)".into(),
                 ));
             }
             s.migration = Some(Migration {
-                method: req.method,
+                method,
+                switchover,
+                lag_bytes: None,
+                in_sync: false,
                 destination: req.to.clone(),
                 task: None,
                 percent: 0,
@@ -552,7 +609,7 @@ impl Controller {
             s.state = SessionState::Migrating;
             Ok(())
         })?;
-        info!(session = %id, method = ?req.method, to = %req.to, "migration asked");
+        info!(session = %id, ?method, to = %req.to, switchover, "migration asked");
         Ok(self.view(session).await)
     }
 
@@ -603,6 +660,7 @@ fn driver_name(config: &DriverConfig) -> &'static str {
         DriverConfig::None(NoneConfig {}) => "none",
         DriverConfig::Vsphere(_) => "vsphere",
         DriverConfig::Qemu(_) => "qemu",
+        DriverConfig::Postgres(_) => "postgres",
     }
 }
 

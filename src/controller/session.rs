@@ -139,6 +139,19 @@ pub struct Migration {
     /// The VM the driver started from the copy, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub production_vm: Option<VmRef>,
+    /// Switch over as soon as the copy is in sync (else wait for `revive switchover`).
+    #[serde(default = "yes")]
+    pub switchover: bool,
+    /// How far a streaming copy (a database standby) is behind, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<u64>,
+    /// The copy follows the source live: a switchover can start at any time.
+    #[serde(default)]
+    pub in_sync: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Automatic retries of a session's failed step.
@@ -167,7 +180,7 @@ pub struct Session {
     pub point: String,
     /// Configured host name.
     pub host: String,
-    /// The host's driver ("none", "vsphere", "qemu").
+    /// The host's driver ("none", "vsphere", "qemu", "postgres").
     pub driver: String,
     /// Export path the folder is published in.
     pub export: String,
@@ -177,6 +190,13 @@ pub struct Session {
     pub cache_dir: PathBuf,
     /// Power the VM on after registering it.
     pub power_on: bool,
+    /// Port of a recovered database (postgres sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Milliseconds from the recover request until the VM was powered on,
+    /// for a database until it answered its first query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
     /// Current state.
     pub state: SessionState,
     /// The step to run again when a Waiting or Failed session is retried.

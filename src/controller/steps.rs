@@ -13,7 +13,7 @@ use super::copy;
 use super::{ControllerError, Inner, SessionHandle};
 use super::{Migration, MigrationMethod, Session, SessionState};
 use crate::datastore::DatastoreError;
-use crate::drivers::{Driver, MigrationStatus, VmFile, VmSpec};
+use crate::drivers::{Driver, DriverError, MigrationStatus, VmFile, VmSpec};
 use crate::repo::FileReader;
 
 /// How often a live migration's progress is polled.
@@ -39,6 +39,7 @@ pub(super) fn update<T>(
 
 /// Runs a session until it is done or cancelled.
 pub(super) async fn run(inner: Arc<Inner>, handle: Arc<SessionHandle>) {
+    super::lifecycle::resume_driver(&inner, &handle).await;
     loop {
         let session = handle.snapshot();
         let step = session.state;
@@ -144,7 +145,10 @@ fn record_outcome(
     recorded.is_ok()
 }
 
-fn driver_of(inner: &Inner, session: &Session) -> Result<Arc<dyn Driver>, ControllerError> {
+pub(super) fn driver_of(
+    inner: &Inner,
+    session: &Session,
+) -> Result<Arc<dyn Driver>, ControllerError> {
     match inner.drivers.get(&session.host) {
         Some(Ok(d)) => Ok(d.clone()),
         Some(Err(cause)) => Err(ControllerError::Validation {
@@ -197,6 +201,13 @@ async fn run_step(
                 ControllerError::BadRequest("no registered VM to power on".into())
             })?;
             driver?.power_on(vm).await?;
+            if session.ready_ms.is_none() {
+                let ms = (Utc::now() - session.created).num_milliseconds().max(0) as u64;
+                update(inner, handle, |s| {
+                    s.ready_ms = Some(ms);
+                    Ok(())
+                })?;
+            }
             Ok(SessionState::Running)
         }
         SessionState::Migrating => migrate(inner, handle, session, &driver?).await,
@@ -317,10 +328,15 @@ async fn validate(
         folder: session.name.clone(),
         files,
         memory_mib,
+        point: point.id.clone(),
+        port: session.port,
     };
     match driver.validate(&spec).await {
         Ok(_) => {}
         Err(e) if e.is_transient() => return Err(e.into()),
+        Err(DriverError::Check { check, reason }) => {
+            return Err(ControllerError::Validation { check, reason })
+        }
         Err(e) => {
             return Err(ControllerError::Validation {
                 check: "hypervisor",
@@ -466,6 +482,10 @@ async fn migrate(
                     MigrationStatus::Ready => {
                         driver.complete_live_migration(&vm, &task).await?;
                     }
+                    MigrationStatus::Syncing { lag_bytes } => {
+                        super::switchover::syncing(inner, handle, driver, &vm, &task, lag_bytes)
+                            .await?;
+                    }
                     MigrationStatus::Completed => {
                         set_percent(inner, handle, 100)?;
                         return Ok(SessionState::Finalizing);
@@ -474,7 +494,11 @@ async fn migrate(
                         return Err(ControllerError::Migration(reason));
                     }
                 }
-                tokio::time::sleep(POLL_INTERVAL).await;
+                // A command (switchover, stop) wakes the loop at once.
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                    _ = handle.wake.notified() => {}
+                }
             }
         }
     }

@@ -1,7 +1,9 @@
-//! `drivers`: what the controller asks of a hypervisor. One trait, [`Driver`],
-//! and one implementation per hypervisor: `none` (publish only, the user
-//! mounts by hand), `vsphere` (ESXi / vCenter over the vim25 API) and `qemu`
-//! (QEMU/KVM over QMP).
+//! `drivers`: what the controller asks of a hypervisor or a database host.
+//! One trait, [`Driver`], and one implementation per kind of host: `none`
+//! (publish only, the user mounts by hand), `vsphere` (ESXi / vCenter over
+//! the vim25 API), `qemu` (QEMU/KVM over QMP) and `postgres` (a PostgreSQL
+//! server started on the restore point through FUSE, then moved to local
+//! storage by streaming replication).
 //!
 //! # Rules
 //! - Every call is idempotent: the controller retries a step after a
@@ -14,6 +16,7 @@
 //!   "failed": only reachability problems are transient.
 
 pub mod none;
+pub mod postgres;
 pub mod qemu;
 pub mod vsphere;
 
@@ -71,6 +74,10 @@ pub enum DriverError {
     /// The hypervisor refused an operation for another reason.
     #[error("{operation} failed - {message}")]
     Fault { operation: String, message: String },
+    /// A named check before anything starts refused the request (the
+    /// controller reports it as that validation).
+    #[error("{check} - {reason}")]
+    Check { check: &'static str, reason: String },
     /// A local file or process operation failed.
     #[error("{action} '{path}' - {source}")]
     Io {
@@ -120,7 +127,7 @@ pub struct VmFile {
 }
 
 /// A VM to register: its folder on a datastore and what the backup says about it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Name the VM is registered under (the session name).
     pub name: String,
@@ -132,6 +139,13 @@ pub struct VmSpec {
     pub files: Vec<VmFile>,
     /// Memory the VM is configured with (from the .vmx `memsize`), if known.
     pub memory_mib: Option<u64>,
+    /// The restore point presented (its id), for drivers that read the
+    /// backup before publishing (the postgres driver reads `PG_VERSION`).
+    #[serde(default)]
+    pub point: String,
+    /// The port the recovered service answers on (postgres sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl VmSpec {
@@ -163,6 +177,10 @@ pub enum MigrationStatus {
     /// The copy is in sync and waits for [`Driver::complete_live_migration`]
     /// (QEMU's mirror "ready"); drivers that pivot by themselves skip this.
     Ready,
+    /// The copy follows the source live (a streaming standby), `lag_bytes`
+    /// behind; [`Driver::complete_live_migration`] switches over whenever the
+    /// operator asks (the postgres driver).
+    Syncing { lag_bytes: u64 },
     /// The VM runs from the destination.
     Completed,
     /// The hypervisor gave up.
@@ -224,6 +242,27 @@ pub trait Driver: Send + Sync {
         vm: &VmSpec,
         folder: &std::path::Path,
     ) -> DriverResult<Option<VmRef>>;
+
+    /// After a restart of revive: brings back what died with the previous
+    /// process for a registered VM (the postgres driver remounts its FUSE
+    /// folder and restarts the database on it). Hypervisors keep running
+    /// without revive: the default does nothing.
+    async fn resume(&self, _vm: &VmRef) -> DriverResult<()> {
+        Ok(())
+    }
+
+    /// Before revive stops cleanly: stops what cannot outlive the process
+    /// (a database on a FUSE mount is stopped cleanly and unmounted; it is
+    /// started again by [`Driver::resume`]).
+    async fn shutdown(&self) {}
+}
+
+/// What a driver may use of the server it runs in.
+#[derive(Clone)]
+pub struct DriverContext {
+    /// The datastore the sessions' folders are published in (the postgres
+    /// driver mounts them through FUSE and reads restore points).
+    pub datastore: Arc<crate::datastore::Datastore>,
 }
 
 /// One hypervisor host as configured (`[[host]]`).
@@ -235,6 +274,10 @@ pub struct HostConfig {
     pub name: String,
     /// Address the host uses to reach revive's NFS server (default: the NFS bind address, or 127.0.0.1).
     pub nfs_address: Option<String>,
+    /// Write cache location of this host's sessions when `recover` names
+    /// none (default: `[datastore] cache_root`): e.g. a folder on the
+    /// target's own disk rather than on the mount server.
+    pub cache_dir: Option<PathBuf>,
     /// The driver and its settings.
     #[serde(flatten)]
     pub driver: DriverConfig,
@@ -252,6 +295,8 @@ pub enum DriverConfig {
     Vsphere(vsphere::VsphereConfig),
     /// QEMU/KVM.
     Qemu(qemu::QemuConfig),
+    /// PostgreSQL started on the restore point through FUSE.
+    Postgres(postgres::PostgresConfig),
 }
 
 /// `driver = "none"` takes no settings.
@@ -260,10 +305,11 @@ pub enum DriverConfig {
 pub struct NoneConfig {}
 
 /// Builds the driver of a configured host.
-pub fn build(host: &HostConfig) -> DriverResult<Arc<dyn Driver>> {
+pub fn build(host: &HostConfig, context: &DriverContext) -> DriverResult<Arc<dyn Driver>> {
     match &host.driver {
         DriverConfig::None(_) => Ok(Arc::new(none::NoneDriver)),
         DriverConfig::Vsphere(config) => vsphere::build(&host.name, config),
         DriverConfig::Qemu(config) => qemu::build(&host.name, config),
+        DriverConfig::Postgres(config) => postgres::build(&host.name, config, context),
     }
 }

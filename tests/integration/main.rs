@@ -4,6 +4,7 @@
 
 mod datastore;
 mod nfs_proto;
+mod postgres;
 mod qemu;
 mod repo_cli;
 mod s3;

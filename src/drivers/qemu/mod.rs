@@ -496,8 +496,8 @@ impl Driver for QemuDriver {
                 message: format!("the mirror is not in sync yet ({percent}%)"),
             }),
             // Pivot issued but not concluded within the wait: the next
-            // status call sees it finish.
-            MigrationStatus::Ready => Ok(()),
+            // status call sees it finish. (A mirror never reports Syncing.)
+            MigrationStatus::Ready | MigrationStatus::Syncing { .. } => Ok(()),
         }
     }
 

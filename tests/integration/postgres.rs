@@ -1,0 +1,219 @@
+//! Issue 12: PostgreSQL instant recovery. A real PostgreSQL 15 runs on a
+//! restore point through the FUSE frontend (every write in the write cache),
+//! pgbench runs against it, a standby built by `pg_basebackup` takes over at
+//! switchover, and nothing is left behind.
+//!
+//! Every test re-runs itself in private mount, pid and network namespaces
+//! (`support::postgres::rerun_isolated`): mounts, servers and ports stay
+//! inside, and every process dies with the test.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use revive::datastore::{Datastore, DatastoreConfig, ExportConfig};
+use revive::drivers::postgres::{PostgresConfig, PostgresDriver};
+use revive::drivers::{DatastoreSpec, Driver, MigrationStatus, VmRef, VmSpec};
+use revive::fuse::{Mount, MountOptions};
+use revive::repo::Repository;
+
+use crate::support::postgres::*;
+use crate::support::{backup_json, in_netns, init_repo};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+const SESSION: &str = "pg-ir";
+
+fn driver_config(tmp: &Path, socket_dir: &Path) -> PostgresConfig {
+    let mut config: PostgresConfig = toml::from_str("").expect("defaults");
+    config.run_dir = tmp.join("run");
+    config.socket_dir = socket_dir.to_path_buf();
+    config.data_parent = tmp.to_path_buf();
+    config.listen_addresses = "127.0.0.1".into();
+    config.port = 5433;
+    config
+}
+
+async fn datastore(tmp: &Path, repo: &Path) -> Arc<Datastore> {
+    let repo = Repository::open_local(repo).await.expect("open repo");
+    let config = DatastoreConfig {
+        state_dir: tmp.join("state"),
+        cache_root: tmp.join("cache"),
+        block_cache_bytes: 64 << 20,
+        readahead_chunks: 8,
+        exports: vec![ExportConfig {
+            path: "/revive".into(),
+            allowed_clients: Vec::new(),
+        }],
+    };
+    Arc::new(Datastore::open(repo, config).await.expect("datastore"))
+}
+
+const DRIVER_DONE: &str = "POSTGRES-DRIVER-CHECKS-PASSED";
+const DRIVER_TEST: &str =
+    "postgres::driver_runs_pgbench_on_the_mount_then_switches_over_to_a_standby";
+
+/// The driver alone, on a cluster written into a publication through the
+/// FUSE mount (so it lives in the write cache): register and power on
+/// (first query), pgbench on the published instance with every acknowledged
+/// commit counted, migrate to a local folder while pgbench writes, switch
+/// over; production answers on the same port, writable, not in recovery,
+/// with every commit and the same counts and sums; no mount is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn driver_runs_pgbench_on_the_mount_then_switches_over_to_a_standby() {
+    if in_netns() {
+        return driver_inner().await;
+    }
+    if !postgres_peers_or_skip() {
+        return;
+    }
+    rerun_isolated(DRIVER_TEST, DRIVER_DONE, RUN_TIMEOUT).await;
+}
+
+async fn driver_inner() {
+    loopback_up();
+    let tmp = open_tempdir();
+    let t = tmp.path();
+    let sock = postgres_dir(&t.join("sock"), 0o755);
+    // A source cluster and its basebackup.
+    let source = Cluster::create(&t.join("source"), 5432, &sock);
+    source.endpoint.pgbench_init(2);
+    let base = t.join("base");
+    source.basebackup(&base);
+    source.stop();
+    // A publication holding that basebackup, written through FUSE.
+    let repo = init_repo(t, None);
+    std::fs::create_dir_all(t.join("seed")).unwrap();
+    std::fs::write(t.join("seed/seed.txt"), b"seed").unwrap();
+    let point = backup_json(&repo, &t.join("seed"), Some("pg"))["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let ds = datastore(t, &repo).await;
+    ds.publish("/revive", SESSION, &point, None)
+        .await
+        .expect("publish");
+    let (export, folder) = ds
+        .publication_folder("/revive", SESSION)
+        .await
+        .expect("folder");
+    let fill = t.join("fill");
+    std::fs::create_dir_all(&fill).unwrap();
+    let mount = Mount::start(ds.clone(), export, folder, &fill, MountOptions::default())
+        .await
+        .expect("mount");
+    let base_s = format!("{}/.", base.display());
+    let fill_s = fill.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        ok(std::process::Command::new("cp").args(["-a", &base_s, &fill_s]));
+        std::fs::remove_file(Path::new(&fill_s).join("seed.txt")).unwrap();
+    })
+    .await
+    .unwrap();
+    mount.unmount().await.expect("unmount");
+
+    let config = driver_config(t, &sock);
+    let run_dir = config.run_dir.clone();
+    let driver = PostgresDriver::new("pg1", config, ds.clone());
+    let data = run_dir.join(SESSION).join("data");
+    let dest = t.join("production");
+    let _servers = ServersGuard(vec![data.clone(), dest.clone()]);
+    let spec = VmSpec {
+        name: SESSION.into(),
+        source_vm: "pg".into(),
+        folder: SESSION.into(),
+        point: point.clone(),
+        port: Some(5433),
+        ..VmSpec::default()
+    };
+    let datastore_spec = DatastoreSpec {
+        name: "revive".into(),
+        remote_host: "127.0.0.1".into(),
+        remote_path: "/revive".into(),
+        local_path: None,
+    };
+    let vm = driver
+        .register_vm(&datastore_spec, &spec)
+        .await
+        .expect("register");
+    assert_eq!(vm, VmRef(SESSION.into()));
+    assert_eq!(mounts_under(&run_dir).len(), 1, "one FUSE mount");
+    driver.power_on(&vm).await.expect("power on");
+    let published = Endpoint {
+        socket_dir: sock.clone(),
+        port: 5433,
+    };
+    assert_eq!(
+        published.int("SELECT count(*) FROM pgbench_accounts").await,
+        200_000
+    );
+    let committed = published.pgbench(5, 4);
+    assert!(committed > 0);
+    assert_eq!(
+        published.int("SELECT count(*) FROM pgbench_history").await,
+        committed as i64,
+        "every commit acknowledged to pgbench is there"
+    );
+    published.amcheck();
+
+    // Migrate while pgbench writes.
+    let task = driver
+        .start_live_migration(&vm, &dest.to_string_lossy())
+        .await
+        .expect("start migration");
+    let writer = {
+        let p = published.clone();
+        tokio::task::spawn_blocking(move || p.pgbench(8, 2))
+    };
+    let mut seen = Vec::new();
+    loop {
+        let status = driver
+            .live_migration_status(&vm, &task)
+            .await
+            .expect("status");
+        seen.push(status.clone());
+        match status {
+            MigrationStatus::Syncing { .. } => break,
+            MigrationStatus::Running { .. } => {}
+            other => panic!("migration went {other:?}; seen {seen:?}"),
+        }
+        assert!(seen.len() < 1200, "standby never streams: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let committed = committed + writer.await.unwrap();
+    let before = published.fingerprint().await;
+    assert_eq!(before[4], committed as i64);
+    driver
+        .complete_live_migration(&vm, &task)
+        .await
+        .expect("switch over");
+    assert_eq!(
+        driver
+            .live_migration_status(&vm, &task)
+            .await
+            .expect("status"),
+        MigrationStatus::Completed
+    );
+    // Production: the same port, the destination folder, writable.
+    let production = published.clone();
+    assert_eq!(
+        production
+            .text("SELECT current_setting('data_directory')")
+            .await,
+        dest.to_string_lossy()
+    );
+    assert_eq!(
+        production.text("SELECT pg_is_in_recovery()::text").await,
+        "false"
+    );
+    assert_eq!(production.fingerprint().await, before);
+    assert_eq!(
+        production
+            .int("SELECT count(*) FROM pg_replication_slots")
+            .await,
+        0
+    );
+    let more = production.pgbench(2, 2);
+    assert!(more > 0, "production takes writes");
+    assert!(mounts_under(&run_dir).is_empty(), "no mount left");
+    println!("{DRIVER_DONE}");
+}
