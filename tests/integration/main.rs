@@ -3,6 +3,7 @@
 //! link times down; each module is one area.
 
 mod datastore;
+mod fuse;
 mod nfs_proto;
 mod postgres;
 mod qemu;

@@ -4,7 +4,7 @@
 //! switchover, and nothing is left behind.
 //!
 //! Every test re-runs itself in private mount, pid and network namespaces
-//! (`support::postgres::rerun_isolated`): mounts, servers and ports stay
+//! (`support::fuse::rerun_isolated`): mounts, servers and ports stay
 //! inside, and every process dies with the test.
 
 use std::path::Path;
@@ -17,6 +17,7 @@ use revive::drivers::{DatastoreSpec, Driver, MigrationStatus, VmRef, VmSpec};
 use revive::fuse::{Mount, MountOptions};
 use revive::repo::Repository;
 
+use crate::support::fuse::{loopback_up, rerun_isolated};
 use crate::support::postgres::*;
 use crate::support::{backup_json, in_netns, init_repo};
 

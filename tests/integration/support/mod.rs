@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod fuse;
 pub mod memfs;
 pub mod moto;
 pub mod postgres;

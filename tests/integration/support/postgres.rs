@@ -1,8 +1,7 @@
 //! Real PostgreSQL 15 (Debian's `postgresql-15`) for the postgres tests:
 //! clusters made with `initdb` in a test folder, run as the `postgres` OS
-//! user, each stopped by a drop guard; pgbench; SQL through tokio-postgres;
-//! and re-running a test in private mount, pid and network namespaces so its
-//! FUSE mounts, servers and ports never leave it.
+//! user, each stopped by a drop guard; pgbench; SQL through tokio-postgres.
+//! Tests re-run themselves in private namespaces (`support::fuse`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -49,37 +48,6 @@ pub fn postgres_peers_or_skip() -> bool {
         );
     }
     ok
-}
-
-/// Re-runs `test` in private mount, pid and network namespaces (every
-/// FUSE mount, server and port stays inside and dies with it); checks it
-/// passed and printed `done`, and passes its report lines on.
-pub async fn rerun_isolated(test: &str, done: &str, timeout: Duration) {
-    let stdout = super::rerun_unshared(
-        &[
-            "--mount",
-            "--net",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-        ],
-        test,
-        &["--include-ignored", "--nocapture", "--test-threads=1"],
-        done,
-        timeout,
-    )
-    .await;
-    print!("{stdout}");
-}
-
-/// Inside the private network namespace: the loopback interface up.
-pub fn loopback_up() {
-    let up = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .output()
-        .expect("run ip");
-    assert!(up.status.success(), "ip link set lo up: {up:?}");
 }
 
 /// A temp folder the postgres user can enter (tempfile makes them 0700).
