@@ -442,6 +442,24 @@ mod tests {
     }
 
     #[test]
+    fn postgres_hosts_take_their_settings_and_a_cache_location() {
+        let config = Config::parse(
+            "[[host]]\nname = \"pg1\"\ndriver = \"postgres\"\nsocket_dir = \"/tmp/s\"\n\
+             port = 5433\ncache_dir = \"/srv/cache\"\n",
+        )
+        .unwrap();
+        let crate::drivers::DriverConfig::Postgres(pg) = &config.hosts[0].driver else {
+            panic!("not postgres");
+        };
+        assert_eq!((pg.port, pg.os_user.as_str()), (5433, "postgres"));
+        assert_eq!(pg.socket_dir, PathBuf::from("/tmp/s"));
+        assert_eq!(config.hosts[0].cache_dir, Some(PathBuf::from("/srv/cache")));
+        let err = Config::parse("[[host]]\nname = \"x\"\ndriver = \"postgres\"\nbindir = 1\n")
+            .unwrap_err();
+        assert!(err.contains("bindir"), "{err}");
+    }
+
+    #[test]
     fn empty_file_gives_working_defaults() {
         let config = Config::parse("").unwrap();
         assert_eq!(config.datastore_config().exports.len(), 1);

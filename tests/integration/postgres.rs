@@ -7,7 +7,9 @@
 //! (`support::fuse::rerun_isolated`): mounts, servers and ports stay
 //! inside, and every process dies with the test.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,6 +158,50 @@ async fn driver_inner() {
     );
     published.amcheck();
 
+    // The FUSE connection dies under a writer (as when revive is killed): a
+    // driver of a new process cleans the dead mount, stops the orphaned
+    // postmaster, mounts again and restarts PostgreSQL; every acknowledged
+    // commit is there.
+    published
+        .connect()
+        .await
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .expect("create acked");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|w| tokio::spawn(acked_writer(published.clone(), w * 1_000_000, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    abort_fuse_connection(&data).await;
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.expect("writer"));
+    }
+    assert!(!acked.is_empty(), "the writers got commits acknowledged");
+    // The old driver is forgotten, not dropped: a killed process unmounts nothing.
+    std::mem::forget(driver);
+    let driver = PostgresDriver::new("pg1", driver_config(t, &sock), ds.clone());
+    driver.resume(&vm).await.expect("resume after the crash");
+    assert_eq!(mounts_under(&run_dir).len(), 1, "one live mount again");
+    let present = published
+        .int(&format!(
+            "SELECT count(*) FROM acked WHERE id IN ({})",
+            acked
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .await;
+    assert_eq!(
+        present,
+        acked.len() as i64,
+        "every acknowledged commit survived"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let committed = committed + published.pgbench(2, 2);
+
     // Migrate while pgbench writes.
     let task = driver
         .start_live_migration(&vm, &dest.to_string_lossy())
@@ -217,4 +263,45 @@ async fn driver_inner() {
     assert!(more > 0, "production takes writes");
     assert!(mounts_under(&run_dir).is_empty(), "no mount left");
     println!("{DRIVER_DONE}");
+}
+
+/// Inserts ids from `base` upwards, one commit each, until an insert fails
+/// or `stop` is set; the ids whose commit was acknowledged.
+async fn acked_writer(endpoint: Endpoint, base: i64, stop: Arc<AtomicBool>) -> Vec<i64> {
+    let client = endpoint.connect().await;
+    let mut acked = Vec::new();
+    for i in 0.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let id = base + i;
+        match client
+            .execute("INSERT INTO acked VALUES ($1)", &[&id])
+            .await
+        {
+            Ok(_) => acked.push(id),
+            Err(_) => break,
+        }
+    }
+    acked
+}
+
+/// Aborts the FUSE connection of the mount at `path` (fusectl's `abort`):
+/// to its users the mount dies as if its server had been killed.
+async fn abort_fuse_connection(path: &Path) {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let connections = Path::new("/sys/fs/fuse/connections");
+        if std::fs::read_dir(connections).map_or(true, |mut d| d.next().is_none()) {
+            ok(std::process::Command::new("mount")
+                .args(["-t", "fusectl", "fusectl"])
+                .arg(connections));
+        }
+        let dev = std::fs::metadata(&path).expect("stat mount").dev();
+        let minor = libc::minor(dev);
+        std::fs::write(connections.join(minor.to_string()).join("abort"), "1")
+            .expect("abort the FUSE connection");
+    })
+    .await
+    .unwrap();
 }

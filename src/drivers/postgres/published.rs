@@ -275,6 +275,15 @@ pub(super) async fn ensure_running(
         return Ok(());
     }
     let data = paths.data();
+    // A server that runs on this folder but is not the one recorded (the
+    // record was lost before it was written): adopt it.
+    if let Some(pid) = process::postmaster_pid(&data).await {
+        if process::is_our_postmaster(pid, &driver.config.bin_dir, &data) {
+            endpoint.wait_ready(driver.start_timeout()).await?;
+            state.postmaster_pid = Some(pid);
+            return paths.save(state);
+        }
+    }
     let stale = data.clone();
     blocking(move || {
         settings::remove_stale_pid(&stale).map_err(|source| DriverError::Io {

@@ -87,7 +87,13 @@ pub fn apply(role: &Role, access: &Access<'_>) -> std::io::Result<()> {
     }
     write_file(&data.join(REVIVE_CONF), &conf, access.os_user)?;
     include_revive_conf(data, access.os_user)?;
-    disable_auto_conf_keys(data, access.os_user)?;
+    // Production keeps the backup's own archive_mode.
+    let keys: Vec<&str> = KEYS
+        .iter()
+        .copied()
+        .filter(|k| role.archive_off || *k != "archive_mode")
+        .collect();
+    disable_auto_conf_keys(data, &keys, access.os_user)?;
     open_access(data, access)?;
     Ok(())
 }
@@ -121,7 +127,7 @@ fn include_revive_conf(data: &Path, user: &User) -> std::io::Result<()> {
 }
 
 /// Comments out `postgresql.auto.conf` lines that set a key of `revive.conf`.
-fn disable_auto_conf_keys(data: &Path, user: &User) -> std::io::Result<()> {
+fn disable_auto_conf_keys(data: &Path, keys: &[&str], user: &User) -> std::io::Result<()> {
     let path = data.join("postgresql.auto.conf");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -132,7 +138,7 @@ fn disable_auto_conf_keys(data: &Path, user: &User) -> std::io::Result<()> {
     let lines: Vec<String> = text
         .lines()
         .map(|line| {
-            if sets_key(line, &KEYS) {
+            if sets_key(line, keys) {
                 changed = true;
                 format!("{DISABLED}{line}")
             } else {
@@ -157,7 +163,7 @@ fn sets_key(line: &str, keys: &[&str]) -> bool {
         .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
         .collect();
     let rest = line[key.len()..].trim_start();
-    keys.iter().any(|k| k.eq_ignore_ascii_case(&key)) && (rest.starts_with('=') || !rest.is_empty())
+    keys.iter().any(|k| k.eq_ignore_ascii_case(&key)) && !rest.is_empty()
 }
 
 /// Puts revive's block at the top of `pg_hba.conf` and `pg_ident.conf`.
