@@ -1,12 +1,17 @@
-//! The three mappings of the FUSE frontend, each in one place: inode numbers
-//! ↔ datastore file ids, datastore attributes → kernel attributes (with the
-//! optional owner mapping), and datastore errors → errno.
+//! The mappings of the FUSE frontend, each in one place: inode numbers ↔
+//! datastore file ids, datastore attributes → kernel attributes (with the
+//! optional owner mapping), datastore errors → errno, and the kernel's
+//! names, creation modes and open flags → the datastore's.
 
 use std::time::SystemTime;
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 
-use crate::datastore::{Attr, DatastoreError, FileId, FileKind, SetTime};
+use std::ffi::OsStr;
+
+use fuser::{OpenFlags, Request};
+
+use crate::datastore::{Attr, DatastoreError, FileId, FileKind, SetAttr, SetTime, Stability};
 
 /// Inode the datastore's own root id (1) gets when it is not the mount's
 /// root: FUSE reserves 1 for the mount root, and file ids never get this high.
@@ -146,6 +151,36 @@ pub(super) fn dir_placeholder(ino: INodeNo) -> FileAttr {
     }
 }
 
+/// A name from the kernel as the datastore takes it (UTF-8 only).
+pub(super) fn utf8(name: &OsStr) -> Result<String, Errno> {
+    name.to_str()
+        .map(str::to_string)
+        .ok_or(Errno::from_i32(libc::EINVAL))
+}
+
+/// What a new file or folder is created with: its permission bits after the
+/// caller's umask, owned by the caller.
+pub(super) fn new_attrs(req: &Request, mode: u32, umask: u32) -> SetAttr {
+    SetAttr {
+        mode: Some(mode & !umask & 0o7777),
+        uid: Some(req.uid()),
+        gid: Some(req.gid()),
+        ..SetAttr::default()
+    }
+}
+
+/// Durability a WRITE asks for: files opened `O_SYNC`/`O_DSYNC` want each
+/// write durable; the rest wait for `fsync` (the write cache's commit).
+pub(super) fn stability(flags: OpenFlags) -> Stability {
+    if flags.0 & libc::O_SYNC == libc::O_SYNC {
+        Stability::FileSync
+    } else if flags.0 & libc::O_DSYNC != 0 {
+        Stability::DataSync
+    } else {
+        Stability::Unstable
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +237,18 @@ mod tests {
         assert_eq!(errno(&DatastoreError::NotFound).code(), libc::ENOENT);
         assert_eq!(errno(&DatastoreError::NotEmpty).code(), libc::ENOTEMPTY);
         assert_eq!(errno(&DatastoreError::NoSpace).code(), libc::ENOSPC);
+    }
+
+    #[test]
+    fn sync_opens_ask_for_durable_writes() {
+        assert_eq!(stability(OpenFlags(libc::O_RDWR)), Stability::Unstable);
+        assert_eq!(
+            stability(OpenFlags(libc::O_RDWR | libc::O_DSYNC)),
+            Stability::DataSync
+        );
+        assert_eq!(
+            stability(OpenFlags(libc::O_WRONLY | libc::O_SYNC)),
+            Stability::FileSync
+        );
     }
 }

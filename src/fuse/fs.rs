@@ -21,40 +21,30 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use super::attr::{self, Inodes, Presentation};
+use super::attr::{self, new_attrs, stability, utf8, Inodes, Presentation};
 use crate::datastore::{
-    CreateMode, Datastore, DatastoreError, ExportId, FileId, FileKind, SetAttr, Stability,
+    CreateMode, Datastore, DatastoreError, ExportId, FileId, FileKind, SetAttr,
 };
 
-/// Entries asked of the datastore per READDIR: the kernel's buffer (4 KiB
-/// for READDIR, a page or more for READDIRPLUS) holds fewer; the rest of a
-/// page is simply asked again at the next offset.
-const DIR_PAGE: usize = 128;
-
-/// Offsets of the synthetic `.` and `..` entries; datastore cookies (file
-/// ids) are shifted past them.
-const DOT_OFFSET: u64 = 1;
-const DOTDOT_OFFSET: u64 = 2;
-
 /// Shared by every request task.
-struct Inner {
-    ds: Arc<Datastore>,
-    export: ExportId,
-    view: Presentation,
-    ttl: Duration,
+pub(super) struct Inner {
+    pub ds: Arc<Datastore>,
+    pub export: ExportId,
+    pub view: Presentation,
+    pub ttl: Duration,
     /// Generation of every inode: the export instance, so an inode number
     /// never names two files across a recreated export.
-    generation: Generation,
+    pub generation: Generation,
     runtime: Handle,
 }
 
 impl Inner {
-    fn id(&self, ino: INodeNo) -> FileId {
+    pub fn id(&self, ino: INodeNo) -> FileId {
         self.view.inodes.id(ino)
     }
 
     /// The inode of a folder's parent; the mount's root is its own parent.
-    async fn parent(&self, dir: FileId) -> Result<INodeNo, DatastoreError> {
+    pub async fn parent(&self, dir: FileId) -> Result<INodeNo, DatastoreError> {
         if dir == self.view.inodes.root {
             return Ok(INodeNo::ROOT);
         }
@@ -63,7 +53,7 @@ impl Inner {
     }
 
     /// Logs a failure at the level it deserves and returns its errno.
-    fn fail(&self, op: &'static str, ino: INodeNo, e: &DatastoreError) -> Errno {
+    pub fn fail(&self, op: &'static str, ino: INodeNo, e: &DatastoreError) -> Errno {
         match e {
             DatastoreError::Io(_) | DatastoreError::NoSpace | DatastoreError::Jukebox => {
                 warn!(op, ino = ino.0, cause = %e, "FUSE request failed")
@@ -113,36 +103,6 @@ impl ReviveFs {
     {
         let fut = work(self.inner.clone());
         self.inner.runtime.spawn(fut);
-    }
-}
-
-/// A name from the kernel as the datastore takes it (UTF-8 only).
-fn utf8(name: &OsStr) -> Result<String, Errno> {
-    name.to_str()
-        .map(str::to_string)
-        .ok_or(Errno::from_i32(libc::EINVAL))
-}
-
-/// What a new file or folder is created with: its permission bits after the
-/// caller's umask, owned by the caller.
-fn new_attrs(req: &Request, mode: u32, umask: u32) -> SetAttr {
-    SetAttr {
-        mode: Some(mode & !umask & 0o7777),
-        uid: Some(req.uid()),
-        gid: Some(req.gid()),
-        ..SetAttr::default()
-    }
-}
-
-/// Durability a WRITE asks for: files opened `O_SYNC`/`O_DSYNC` want each
-/// write durable; the rest wait for `fsync` (the write cache's commit).
-fn stability(flags: OpenFlags) -> Stability {
-    if flags.0 & libc::O_SYNC == libc::O_SYNC {
-        Stability::FileSync
-    } else if flags.0 & libc::O_DSYNC != 0 {
-        Stability::DataSync
-    } else {
-        Stability::Unstable
     }
 }
 
@@ -448,46 +408,9 @@ impl fuser::Filesystem for ReviveFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        self.spawn(move |fs| async move {
-            let dir = fs.id(ino);
-            if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, fuser::FileType::Directory, ".") {
-                return reply.ok();
-            }
-            if offset < DOTDOT_OFFSET {
-                let parent = match fs.parent(dir).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(fs.fail("readdir", ino, &e)),
-                };
-                if reply.add(parent, DOTDOT_OFFSET, fuser::FileType::Directory, "..") {
-                    return reply.ok();
-                }
-            }
-            let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
-            loop {
-                let page = match fs.ds.readdir(fs.export, dir, cookie, DIR_PAGE).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(fs.fail("readdir", ino, &e)),
-                };
-                for entry in &page.entries {
-                    let kind = attr::file_type(entry.attr.kind);
-                    let next = entry.cookie + DOTDOT_OFFSET;
-                    if reply.add(
-                        fs.view.inodes.ino(entry.attr.fileid),
-                        next,
-                        kind,
-                        &entry.name,
-                    ) {
-                        return reply.ok();
-                    }
-                    cookie = entry.cookie;
-                }
-                if page.eof || page.entries.is_empty() {
-                    return reply.ok();
-                }
-            }
-        });
+        self.spawn(move |fs| super::dir::readdir(fs, ino, offset, reply));
     }
 
     fn readdirplus(
@@ -496,46 +419,9 @@ impl fuser::Filesystem for ReviveFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        self.spawn(move |fs| async move {
-            let dir = fs.id(ino);
-            let zero = Duration::ZERO;
-            let g = fs.generation;
-            if offset < DOT_OFFSET
-                && reply.add(ino, DOT_OFFSET, ".", &zero, &attr::dir_placeholder(ino), g)
-            {
-                return reply.ok();
-            }
-            if offset < DOTDOT_OFFSET {
-                let parent = match fs.parent(dir).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(fs.fail("readdirplus", ino, &e)),
-                };
-                let placeholder = attr::dir_placeholder(parent);
-                if reply.add(parent, DOTDOT_OFFSET, "..", &zero, &placeholder, g) {
-                    return reply.ok();
-                }
-            }
-            let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
-            loop {
-                let page = match fs.ds.readdir(fs.export, dir, cookie, DIR_PAGE).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(fs.fail("readdirplus", ino, &e)),
-                };
-                for entry in &page.entries {
-                    let a = fs.view.file_attr(&entry.attr);
-                    let next = entry.cookie + DOTDOT_OFFSET;
-                    if reply.add(a.ino, next, &entry.name, &fs.ttl, &a, g) {
-                        return reply.ok();
-                    }
-                    cookie = entry.cookie;
-                }
-                if page.eof || page.entries.is_empty() {
-                    return reply.ok();
-                }
-            }
-        });
+        self.spawn(move |fs| super::dir::readdirplus(fs, ino, offset, reply));
     }
 
     fn fsyncdir(
@@ -711,23 +597,5 @@ impl fuser::Filesystem for ReviveFs {
         reply: fuser::ReplyIoctl,
     ) {
         reply.error(Errno::ENOSYS);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sync_opens_ask_for_durable_writes() {
-        assert_eq!(stability(OpenFlags(libc::O_RDWR)), Stability::Unstable);
-        assert_eq!(
-            stability(OpenFlags(libc::O_RDWR | libc::O_DSYNC)),
-            Stability::DataSync
-        );
-        assert_eq!(
-            stability(OpenFlags(libc::O_WRONLY | libc::O_SYNC)),
-            Stability::FileSync
-        );
     }
 }

@@ -13,6 +13,7 @@
 //!   runtime that called [`Mount::start`], which calls the datastore's async
 //!   methods and replies. Requests therefore run concurrently and no disk
 //!   work ever blocks the request loop.
+//! - `dir`: READDIR and READDIRPLUS.
 //! - `attr`: inode numbers, attributes and errno, each mapped in one place.
 //! - [`users`]: users and groups by name or number (whom files are shown as).
 //!
@@ -25,6 +26,7 @@
 //! cleans such a dead mount; [`is_mount_point`] finds it.
 
 mod attr;
+mod dir;
 mod fs;
 pub mod users;
 

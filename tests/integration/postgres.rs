@@ -305,3 +305,105 @@ async fn abort_fuse_connection(path: &Path) {
     .await
     .unwrap();
 }
+
+const REFUSE_DONE: &str = "POSTGRES-REFUSALS-CHECKED";
+const REFUSE_TEST: &str = "postgres::bad_input_is_refused_before_anything_starts";
+
+/// `revive recover --kind postgres` refuses, before anything is published,
+/// mounted or started, with the check named: a restore point that is not a
+/// PostgreSQL data folder, and a full write cache location.
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_starts() {
+    if in_netns() {
+        return refuse_inner();
+    }
+    if !postgres_peers_or_skip() {
+        return;
+    }
+    rerun_isolated(REFUSE_TEST, REFUSE_DONE, RUN_TIMEOUT).await;
+}
+
+/// The `[[host]]` of a postgres host named `pg1` with everything in `tmp`.
+pub fn pg_host_toml(tmp: &Path, socket_dir: &Path) -> String {
+    format!(
+        "[sessions]\nmin_free_cache = \"64MiB\"\nretries = 0\n\n\
+         [[host]]\nname = \"pg1\"\ndriver = \"postgres\"\nrun_dir = {:?}\nsocket_dir = {:?}\n\
+         data_parent = {:?}\nlisten_addresses = \"127.0.0.1\"\n",
+        tmp.join("run").to_string_lossy(),
+        socket_dir.to_string_lossy(),
+        tmp.to_string_lossy()
+    )
+}
+
+fn refuse_inner() {
+    loopback_up();
+    let tmp = open_tempdir();
+    let t = tmp.path();
+    let sock = postgres_dir(&t.join("sock"), 0o755);
+    let repo = init_repo(t, None);
+    let vm = crate::support::vm::SampleVm::create(&t.join("src"), "web01", 4 << 20, 3);
+    backup_json(&repo, &vm.dir, None);
+    let spec = crate::support::server::ServerSpec::new(&repo)
+        .with_api()
+        .toml(&pg_host_toml(t, &sock));
+    let server = crate::support::server::ReviveServer::start(&t.join("server"), spec);
+    let refused = |args: &[&str], check: &str| {
+        let mut cmd = server.ctl();
+        cmd.args([
+            "recover", "--kind", "postgres", "--host", "pg1", "--wait", "--json",
+        ])
+        .args(args);
+        let (code, out, _) = crate::support::run_fail(&mut cmd);
+        assert_eq!(code, 3, "{out}");
+        let sessions: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let s = &sessions[0];
+        assert_eq!(s["state"], "failed", "{s:#}");
+        let error = s["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("validating: validation failed: ") && error.contains(check),
+            "{error}"
+        );
+        assert!(s["cache_bytes"].is_null(), "nothing published: {s:#}");
+        error.to_string()
+    };
+    // A VM folder is not a data folder.
+    let error = refused(
+        &["--point", "web01@latest", "--port", "5433"],
+        "postgres data folder",
+    );
+    assert!(error.contains("PG_VERSION"), "{error}");
+    // A write cache location without room.
+    let full = t.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    ok(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&full));
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=16"])
+        .arg(format!("of={}", full.join("fill").display()))
+        .output();
+    let error = refused(
+        &[
+            "--point",
+            "web01@latest",
+            "--cache",
+            &full.to_string_lossy(),
+        ],
+        "write cache space",
+    );
+    assert!(
+        error.contains(&full.to_string_lossy().into_owned()),
+        "{error}"
+    );
+    // Nothing was mounted, published or started.
+    assert!(mounts_under(&t.join("run")).is_empty());
+    assert!(
+        std::fs::read_dir(t.join("run")).map_or(true, |mut d| d.next().is_none()),
+        "no session folder"
+    );
+    assert!(
+        std::fs::read_dir(server.cache_root()).map_or(true, |mut d| d.next().is_none()),
+        "no write cache"
+    );
+    println!("{REFUSE_DONE}");
+}

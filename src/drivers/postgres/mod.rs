@@ -26,7 +26,7 @@
 //! - [`sql`]: readiness, lag and switchover statements.
 //! - [`state`]: the per-session record under `run_dir`.
 //! - `checks`: validation; `published`: the mount and the published
-//!   instance; `migrate`: standby and switchover.
+//!   instance; `migrate`: the copy and the standby; `switchover`.
 
 mod checks;
 mod migrate;
@@ -35,6 +35,7 @@ mod published;
 pub mod settings;
 pub mod sql;
 pub mod state;
+mod switchover;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -281,7 +282,7 @@ impl Driver for PostgresDriver {
     }
 
     async fn complete_live_migration(&self, vm: &VmRef, _task: &TaskRef) -> DriverResult<()> {
-        migrate::switch_over(self, &vm.0).await
+        switchover::switch_over(self, &vm.0).await
     }
 
     async fn start_from_copy(&self, _vm: &VmSpec, _folder: &Path) -> DriverResult<Option<VmRef>> {
