@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use crate::controller::Controller;
-use crate::datastore::Datastore;
+use crate::datastore::{Datastore, FileOps};
 use crate::nfs::metrics::LATENCY_BUCKETS_US;
 use crate::nfs::NfsMetrics;
 

@@ -9,6 +9,7 @@ use revive::api::ApiState;
 use revive::config::Config;
 use revive::controller::Controller;
 use revive::datastore::Datastore;
+use revive::datastore::FileOps;
 use revive::nfs::{NfsListeners, NfsServer};
 use revive::repo::{OpenOptions, Repository};
 use serde_json::json;

@@ -17,7 +17,7 @@ use tracing::info;
 use super::session::{FileCopy, Migration};
 use super::steps::update;
 use super::{ControllerError, Inner, Session, SessionHandle};
-use crate::datastore::PublishedFile;
+use crate::datastore::{FileAt, FileOps, PublishedFile};
 
 /// Bytes per READ of the datastore (its maximum transfer size).
 const COPY_BLOCK: u64 = 1 << 20;
@@ -83,7 +83,10 @@ async fn copy_range(
             return Err(ControllerError::Cancelled);
         }
         let count = (to - offset).min(COPY_BLOCK) as u32;
-        let reply = inner.datastore.read(export, file.id, offset, count).await?;
+        let reply = inner
+            .datastore
+            .read(FileAt::new(export, file.id), offset, count)
+            .await?;
         if reply.data.is_empty() {
             break;
         }

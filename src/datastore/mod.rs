@@ -23,6 +23,7 @@
 mod io;
 pub mod namespace;
 mod ops;
+mod surface;
 pub mod types;
 mod view;
 
@@ -42,6 +43,7 @@ use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
+pub use surface::{FileAt, FileOps, NameAt};
 pub use types::*;
 pub use view::PublishedFile;
 
@@ -168,18 +170,6 @@ impl Datastore {
     /// The shared block cache (for metrics).
     pub fn block_cache(&self) -> &Arc<BlockCache> {
         &self.block_cache
-    }
-
-    /// Every export.
-    pub fn exports(&self) -> Vec<Arc<Export>> {
-        let mut v: Vec<_> = self.exports.values().map(|e| e.info.clone()).collect();
-        v.sort_by_key(|e| e.id);
-        v
-    }
-
-    /// One export by id.
-    pub fn export(&self, id: ExportId) -> Option<Arc<Export>> {
-        self.exports.get(&id).map(|e| e.info.clone())
     }
 
     /// The export mounted at `path`.

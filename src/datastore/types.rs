@@ -129,7 +129,7 @@ pub enum CreateMode {
     /// `size` from the attributes (a truncate, as knfsd does): the rest,
     /// the owner in particular, describes a new file.
     Unchecked,
-    /// Fail with [`BackendError::Exists`] if the name exists.
+    /// Fail with [`DatastoreError::Exists`] if the name exists.
     Guarded,
     /// Exactly-once create: the backend stores the verifier with the file; a
     /// retransmitted CREATE carrying the same verifier succeeds and returns
@@ -161,7 +161,7 @@ pub struct WriteReply {
     pub attr: Option<Attr>,
 }
 
-/// One directory entry returned by [`NfsBackend::readdir`].
+/// One directory entry returned by [`FileOps::readdir`](super::FileOps::readdir).
 #[derive(Clone, Debug)]
 pub struct DirEntry {
     /// Entry name.
