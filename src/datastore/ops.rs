@@ -160,7 +160,9 @@ impl FileOps for Datastore {
             }
             n.ctime = now;
             let n = n.clone();
-            ns.save()?;
+            let durable = ns.commit().await?;
+            drop(ns);
+            durable.wait().await?;
             n
         };
         self.attr_by_node(&state, &node).await
@@ -203,8 +205,11 @@ impl FileOps for Datastore {
         // (a CREATE as first call after a start hung the export). The new file
         // belongs to its folder's publication, which never changes (renames
         // across publications are refused).
+        // A new file gets its write cache at its first write: until then it
+        // is empty, which is what a name without a cache reads as, so a crash
+        // between the two loses nothing acknowledged.
         let publication = state.ns.read().await.get(dir)?.publication.clone();
-        let session = self.session(&state, &publication).await?;
+        self.session(&state, &publication).await?;
         let node = {
             let mut ns = state.ns.write().await;
             let mut template = new_node(attrs, 0o644);
@@ -213,18 +218,9 @@ impl FileOps for Datastore {
             }
             let id = ns.add(dir, name, Content::New, &template)?;
             let node = ns.get(id)?.clone();
-            // The cache file exists before the name is durable: a crash in
-            // between leaves an orphan cache, never a name without data.
-            session
-                .get_or_create(
-                    &cache_key(id),
-                    0,
-                    crate::cache::DEFAULT_BLOCK_SIZE,
-                    crate::cache::Origin::New,
-                )
-                .await
-                .map_err(cache_err)?;
-            ns.save()?;
+            let durable = ns.commit().await?;
+            drop(ns);
+            durable.wait().await?;
             node
         };
         if let Some(size) = attrs.size.filter(|s| *s > 0) {
@@ -241,8 +237,11 @@ impl FileOps for Datastore {
         let state = self.state(at.dir.export)?.clone();
         let mut ns = state.ns.write().await;
         let id = ns.add(at.dir.id, &at.name, Content::Dir, &new_node(attrs, 0o755))?;
-        ns.save()?;
-        Ok(self.attr_of(ns.get(id)?, None))
+        let attr = self.attr_of(ns.get(id)?, None);
+        let durable = ns.commit().await?;
+        drop(ns);
+        durable.wait().await?;
+        Ok(attr)
     }
 
     /// A presented file is hidden and its cache freed.
@@ -256,7 +255,9 @@ impl FileOps for Datastore {
                 return Err(DatastoreError::IsDir);
             }
             let node = ns.unlink(dir, name)?;
-            ns.save()?;
+            let durable = ns.commit().await?;
+            drop(ns);
+            durable.wait().await?;
             node
         };
         self.drop_file(&state, &node).await
@@ -275,7 +276,9 @@ impl FileOps for Datastore {
             return Err(DatastoreError::Access);
         }
         ns.unlink(dir, name)?;
-        ns.save()
+        let durable = ns.commit().await?;
+        drop(ns);
+        durable.wait().await
     }
 
     /// Files stay within their publication: their cache lives in its folder.
@@ -298,7 +301,9 @@ impl FileOps for Datastore {
                 return Err(DatastoreError::NotSupported);
             }
             let replaced = ns.rename(from_dir, from, to_dir, to)?;
-            ns.save()?;
+            let durable = ns.commit().await?;
+            drop(ns);
+            durable.wait().await?;
             replaced
         };
         if let Some(node) = replaced {
