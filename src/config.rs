@@ -156,6 +156,8 @@ pub struct ApiSection {
     pub bind: std::net::SocketAddr,
     /// Bearer token every request must carry; without one the API is off.
     pub token: Option<String>,
+    /// Serve the web console (a page that logs in with the token) on `/`.
+    pub console: bool,
 }
 
 impl Default for ApiSection {
@@ -163,6 +165,7 @@ impl Default for ApiSection {
         ApiSection {
             bind: std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
             token: None,
+            console: true,
         }
     }
 }

@@ -1,14 +1,16 @@
 //! revive: instant VM recovery straight out of a deduplicated backup repository.
 //!
 //! Layers, each depending only on those below it (see `ARCHITECTURE.md`):
-//! - [`api`]: the HTTP API on localhost, behind a token: the session
-//!   endpoints the CLI talks to, and Prometheus metrics.
+//! - [`api`]: the HTTP API on localhost: sessions, restore points, hosts,
+//!   metrics (Prometheus and a JSON summary), behind a token.
 //! - [`controller`]: instant-recovery sessions: state machine, retries, migration.
 //! - [`drivers`]: what the controller asks of a hypervisor (none, vSphere, QEMU).
 //! - [`block`]: block exports (NBD, iSCSI) of presented disk files, over a
 //!   [`block::BlockDevice`].
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
 //!   portmapper), a protocol encoding over [`datastore::FileOps`].
+//! - [`web`]: the web console the API port serves: one embedded vanilla-JS
+//!   page that talks to the API like any client.
 //! - [`datastore`]: the namespace clients see: exports, one folder per
 //!   published restore point, stable file ids, cache over backup; its
 //!   [`datastore::FileOps`] is the one operation surface of every frontend.
@@ -34,3 +36,4 @@ pub mod nfs;
 pub mod progress;
 pub mod repo;
 pub mod store;
+pub mod web;

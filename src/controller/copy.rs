@@ -157,8 +157,12 @@ pub(super) async fn bulk_pass(
         let path = folder.join(&entry.name);
         let dest = open_dest(&path)?;
         let mut last_save = Instant::now();
+        // Bytes copied since the record was last saved: all of them count,
+        // not only the block that happened to trigger the save.
+        let mut unsaved: u64 = 0;
         let mut save = |offset: u64, n: u64| -> Result<(), ControllerError> {
             done += n;
+            unsaved += n;
             if last_save.elapsed() < SAVE_EVERY && offset < entry.size {
                 return Ok(());
             }
@@ -172,12 +176,13 @@ pub(super) async fn bulk_pass(
                     if let Some(f) = m.files.get_mut(index) {
                         f.copied = offset;
                     }
-                    m.bytes_copied += n;
+                    m.bytes_copied += unsaved;
                     m.percent = percent;
                 }
                 Ok(())
-            })
-            .map(|_| ())
+            })?;
+            unsaved = 0;
+            Ok(())
         };
         let end = entry.size.min(file.size);
         copy_range(

@@ -18,6 +18,7 @@
 
 mod copy;
 mod error;
+mod hosts;
 pub mod session;
 mod steps;
 
@@ -34,6 +35,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub use error::ControllerError;
+pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
 
 use crate::datastore::Datastore;

@@ -10,3 +10,4 @@ mod s3;
 mod sessions;
 mod support;
 mod vsphere;
+mod web;
