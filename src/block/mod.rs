@@ -13,5 +13,6 @@
 //!   wire are checked before anything is allocated.
 
 pub mod device;
+pub mod iscsi;
 
 pub use device::{BlockDevice, BlockError, BlockResult, Extent, ExtentKind, MemDevice};

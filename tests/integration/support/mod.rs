@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod client;
+pub mod iscsi;
 pub mod memfs;
 pub mod moto;
 pub mod qemu;

@@ -1,0 +1,1 @@
+//! Raw PDUs against the target: the allow-list at login, malformed PDUs.
