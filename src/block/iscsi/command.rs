@@ -70,7 +70,10 @@ struct Cmd {
     cdb: [u8; 16],
     edtl: u32,
     write: bool,
-    need: u32,
+    /// Data-out bytes the command uses.
+    want: u32,
+    /// Residual flags and count of a GOOD write (EDTL differs from the CDB).
+    write_residual: (u8, u32),
     /// Unsolicited Data-Out PDUs follow (the command's F bit is clear).
     unsolicited: bool,
     /// Fails before any data is solicited: sense, residual flags and count.
@@ -108,16 +111,30 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
         Transfer::Out(n) => n,
         Transfer::None => 0,
     };
+    let sent = if write { edtl } else { 0 };
+    let mut want = need;
+    let mut write_residual = (0, 0);
     let early = if !pdu.ahs.is_empty() {
         // Extended CDBs (32-byte commands) and bidirectional commands.
         Some((Sense::INVALID_OPCODE, 0, 0))
     } else if need > MAX_DATA_OUT {
         let (f, r) = residual(0, edtl.into());
         Some((Sense::INVALID_FIELD_IN_CDB, f, r))
-    } else if (write && need != edtl) || (!write && need > 0) {
-        let sent = if write { edtl } else { 0 };
+    } else if scsi::is_write(&cdb) && need != sent {
+        // FCP-4's rule for a WRITE whose EDTL differs from its transfer
+        // length: write what both allow, report the difference as residual.
         let (f, r) = residual(need.into(), sent.into());
-        Some((Sense::INVALID_FIELD_IN_IU, f, r))
+        if sent < need && sent % BLOCK_SIZE != 0 {
+            Some((Sense::INVALID_FIELD_IN_IU, f, r))
+        } else {
+            want = need.min(sent);
+            scsi::set_blocks(&mut cdb, want / BLOCK_SIZE);
+            write_residual = (f, r);
+            None
+        }
+    } else if need != sent {
+        let (f, r) = residual(need.into(), sent.into());
+        Some((Sense::INVALID_FIELD_IN_CDB, f, r))
     } else {
         None
     };
@@ -170,7 +187,8 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
         cdb,
         edtl,
         write,
-        need,
+        want,
+        write_residual,
         unsolicited,
         early,
     };
@@ -223,16 +241,16 @@ async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notif
     let mut _permits = None;
     let data = if cmd.write {
         let have = conn.collects().get(&cmd.itt).map_or(0, |c| c.buf.len() as u32);
-        if have < cmd.need {
+        if have < cmd.want {
             let permits = tokio::select! {
-                p = conn.budget.acquire_many(kib(u64::from(cmd.need - have))) => p,
+                p = conn.budget.acquire_many(kib(u64::from(cmd.want - have))) => p,
                 _ = entry.wake.notified() => return,
             };
             let Ok(permits) = permits else { return };
             _permits = Some(permits);
             let mut at = have;
-            while at < cmd.need {
-                let len = (cmd.need - at).min(conn.params.max_burst_length);
+            while at < cmd.want {
+                let len = (cmd.want - at).min(conn.params.max_burst_length);
                 let ttt = conn.ttt();
                 match conn.collects().get_mut(&cmd.itt) {
                     Some(c) => {
@@ -242,7 +260,7 @@ async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notif
                             data_sn: 0,
                         };
                         // Reserve the whole write once, not burst by burst.
-                        let want = cmd.need as usize;
+                        let want = cmd.want as usize;
                         if c.buf.capacity() < want {
                             c.buf.reserve(want - c.buf.len());
                         }
@@ -263,7 +281,8 @@ async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notif
             }
         }
         match conn.collects().remove(&cmd.itt) {
-            Some(c) => c.buf.freeze(),
+            // Unsolicited data may go beyond what a truncated write uses.
+            Some(c) => c.buf.freeze().slice(..cmd.want as usize),
             None => return,
         }
     } else {
@@ -299,6 +318,12 @@ async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notif
         }
     }
     if entry.aborted.load(Ordering::Acquire) {
+        return;
+    }
+    if cmd.write && resp.ok() {
+        let (f, r) = cmd.write_residual;
+        conn.send(scsi_response(cmd.itt, status::GOOD, f, r, Bytes::new(), r2t_sn))
+            .await;
         return;
     }
     let edtl_in = if cmd.write { 0 } else { cmd.edtl };

@@ -25,7 +25,13 @@ const TEST_LIMIT: Duration = Duration::from_secs(60);
 /// The selection of the default test run: every area of the target
 /// (inquiry and VPD, capacity, reads and writes, write same, unmap, LBA
 /// status, mode pages, reservations, residuals, CmdSN and DataSN checks,
-/// task management), about a minute for both targets together.
+/// task management), about a minute and a half for both targets together.
+/// Left out: GetLBAStatus.UnmapSingle (libiscsi 1.19 expects the first
+/// descriptor at the next physical block rather than at the LBA asked for,
+/// which SBC-3 requires), iSCSIDataSnInvalid and LUNResetSimpleAsync (their
+/// 1.19 versions fail against any target: the first reconnects with the
+/// negotiated settings the test had overridden, the second asserts before
+/// the reset is answered); the full suite runs them all.
 const SELECTION: &[&str] = &[
     "ALL.Inquiry.Standard",
     "ALL.Inquiry.AllocLength",
@@ -43,41 +49,46 @@ const SELECTION: &[&str] = &[
     "ALL.Read10.Simple",
     "ALL.Read10.BeyondEol",
     "ALL.Read10.Async",
+    "ALL.Read12.Simple",
     "ALL.Read16.Simple",
     "ALL.Read16.BeyondEol",
     "ALL.Write10.Simple",
     "ALL.Write10.BeyondEol",
     "ALL.Write10.DpoFua",
     "ALL.Write10.Async",
+    "ALL.Write12.Simple",
     "ALL.Write16.Simple",
+    "ALL.Prefetch10.Simple",
     "ALL.Verify10.Simple",
     "ALL.Verify10.Mismatch",
     "ALL.WriteVerify10.Simple",
     "ALL.WriteSame10.Simple",
     "ALL.WriteSame10.Unmap",
+    "ALL.WriteSame10.UnmapUntilEnd",
     "ALL.WriteSame16.Simple",
     "ALL.WriteSame16.Unmap",
     "ALL.Unmap.Simple",
     "ALL.Unmap.ZeroBlocks",
     "ALL.GetLBAStatus.Simple",
-    "ALL.GetLBAStatus.UnmapSingle",
     "ALL.CompareAndWrite.Simple",
     "ALL.CompareAndWrite.Miscompare",
     "ALL.ModeSense6.AllPages",
     "ALL.ModeSense6.Control",
     "ALL.ModeSense6.Residuals",
+    "ALL.ModeSense6.Control-SWP",
+    "ALL.ReportSupportedOpcodes.Simple",
     "ALL.Reserve6.Simple",
     "ALL.Reserve6.2Initiators",
     "ALL.ProutRegister.Simple",
     "ALL.ProutReserve.Simple",
     "ALL.PrinReadKeys.Simple",
+    "ALL.ProutClear.Simple",
     "ALL.iSCSIResiduals.Read10Residuals",
     "ALL.iSCSIResiduals.Write10Residuals",
+    "ALL.iSCSIResiduals.Write16Residuals",
     "ALL.iSCSIcmdsn.iSCSICmdSnTooHigh",
     "ALL.iSCSIcmdsn.iSCSICmdSnTooLow",
-    "ALL.iSCSIdatasn.iSCSIDataSnInvalid",
     "ALL.iSCSITMF.AbortTaskSimpleAsync",
-    "ALL.iSCSITMF.LUNResetSimpleAsync",
 ];
 
 /// Runs `tests` against both targets; returns (test, revive, tgtd).

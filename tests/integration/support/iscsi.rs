@@ -138,7 +138,8 @@ impl Tgtd {
         let log = std::fs::File::create(log).expect("tgtd log");
         let child = Command::new("tgtd")
             .args(["-f", "-C", &control.to_string()])
-            .arg(format!("--iscsi=portal=127.0.0.1:{port}"))
+            .arg("--iscsi")
+            .arg(format!("portal=127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -128,8 +128,7 @@ fn identification(lu: &LogicalUnit, _nexus: &Nexus) -> Vec<u8> {
 
 fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     let mut b = vec![0u8; 0x3c];
-    // WSNZ: a WRITE SAME of 0 blocks is refused rather than meaning "to the end".
-    b[0] = 0x01;
+    // WSNZ stays 0: a WRITE SAME of 0 blocks means "to the end".
     b[1] = MAX_CAW_BLOCKS;
     // Optimal transfer length granularity: the physical block.
     b[2..4].copy_from_slice(&(1u16 << PHYSICAL_EXPONENT).to_be_bytes());

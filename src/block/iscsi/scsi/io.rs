@@ -148,9 +148,9 @@ pub async fn verify(lu: &LogicalUnit, cdb: &[u8], data: Bytes) -> CmdResult {
     }
 }
 
-/// WRITE SAME(10/16): an all-zero block (or NDOB) with UNMAP trims, without
-/// it writes zeros (freeing the range in the write cache either way); any
-/// other block is repeated. A block count of 0 means "to the end".
+/// WRITE SAME(10/16): with UNMAP trims; an all-zero block (or NDOB) writes
+/// zeros (freeing the range in the write cache either way); any other
+/// block is repeated. A block count of 0 means "to the end".
 pub async fn write_same(lu: &LogicalUnit, cdb: &[u8], data: Bytes) -> CmdResult {
     check_protect(cdb)?;
     let sixteen = cdb[0] == opcode::WRITE_SAME_16;
@@ -182,12 +182,14 @@ pub async fn write_same(lu: &LogicalUnit, cdb: &[u8], data: Bytes) -> CmdResult 
     }
     let dev = lu.device();
     let (offset, len) = (lba * BS, blocks * BS);
+    if unmap {
+        // As LIO does and libiscsi expects: UNMAP deallocates whatever the
+        // block sent (deallocated blocks read as zeros, LBPRZ).
+        dev.trim(offset, len).await.map_err(dev_err)?;
+        return Ok(Bytes::new());
+    }
     if ndob || data.iter().all(|b| *b == 0) {
-        if unmap {
-            dev.trim(offset, len).await.map_err(dev_err)?;
-        } else {
-            dev.write_zeroes(offset, len, false).await.map_err(dev_err)?;
-        }
+        dev.write_zeroes(offset, len, false).await.map_err(dev_err)?;
         return Ok(Bytes::new());
     }
     let chunk_len = (len as usize).min(PATTERN_CHUNK);

@@ -36,9 +36,9 @@ use crate::block::BlockDevice;
 /// Logical block size in bytes.
 pub const BLOCK_SIZE: u32 = 512;
 
-/// Longest READ or WRITE in blocks (16 MiB): advertised in the Block Limits
+/// Longest READ or WRITE in blocks (32 MiB): advertised in the Block Limits
 /// VPD page and enforced, which bounds what one command may make us buffer.
-pub const MAX_TRANSFER_BLOCKS: u32 = 32 * 1024;
+pub const MAX_TRANSFER_BLOCKS: u32 = 64 * 1024;
 
 /// SCSI status codes.
 pub mod status {
@@ -374,6 +374,19 @@ impl LogicalUnit {
     /// reservation is released.
     pub fn nexus_lost(&self, nexus: &Nexus) {
         self.state().reservations.nexus_lost(nexus);
+    }
+}
+
+/// Sets the transfer length of a WRITE CDB (a write cut to the initiator's
+/// expected transfer length).
+pub fn set_blocks(cdb: &mut [u8], n: u32) {
+    use opcode::*;
+    match cdb[0] {
+        WRITE_6 => cdb[4] = n as u8,
+        WRITE_10 | WRITE_VERIFY_10 => cdb[7..9].copy_from_slice(&(n as u16).to_be_bytes()),
+        WRITE_12 | WRITE_VERIFY_12 => cdb[6..10].copy_from_slice(&n.to_be_bytes()),
+        WRITE_16 | WRITE_VERIFY_16 => cdb[10..14].copy_from_slice(&n.to_be_bytes()),
+        _ => {}
     }
 }
 
