@@ -114,8 +114,9 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
     let sent = if write { edtl } else { 0 };
     let mut want = need;
     let mut write_residual = (0, 0);
-    let early = if !pdu.ahs.is_empty() {
-        // Extended CDBs (32-byte commands) and bidirectional commands.
+    let early = if !pdu.ahs.is_empty() || !inquiry::is_supported(cdb[0]) {
+        // Unknown commands (their data is taken and dropped), extended CDBs
+        // (32-byte commands) and bidirectional commands.
         Some((Sense::INVALID_OPCODE, 0, 0))
     } else if need > MAX_DATA_OUT {
         let (f, r) = residual(0, edtl.into());
@@ -132,6 +133,11 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
             write_residual = (f, r);
             None
         }
+    } else if need == 0 && write {
+        // Data-out for a command that takes none (a READ flagged as a
+        // write): the data is taken and dropped, the command runs.
+        want = 0;
+        None
     } else if need != sent {
         let (f, r) = residual(need.into(), sent.into());
         Some((Sense::INVALID_FIELD_IN_CDB, f, r))

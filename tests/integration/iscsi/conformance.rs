@@ -91,6 +91,12 @@ const SELECTION: &[&str] = &[
     "ALL.iSCSITMF.AbortTaskSimpleAsync",
 ];
 
+/// Tests libiscsi 1.19 gets wrong, which revive fails where tgtd skips
+/// (tgtd lacks thin provisioning): GET LBA STATUS from an LBA inside a
+/// physical block must describe that LBA first (SBC-3), the test expects
+/// the next physical block.
+const TEST_BUGS: &[&str] = &["ALL.GetLBAStatus.UnmapSingle"];
+
 /// Runs `tests` against both targets; returns (test, revive, tgtd).
 async fn run(tests: &[String]) -> Vec<(String, CuOutcome, CuOutcome)> {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -148,9 +154,11 @@ fn judge(results: &[(String, CuOutcome, CuOutcome)]) {
     }
     let behind: Vec<&str> = results
         .iter()
-        .filter(|(_, r, g)| {
+        .filter(|(t, r, g)| {
             (*g == CuOutcome::Pass && *r != CuOutcome::Pass)
-                || (*g == CuOutcome::Skip && !matches!(r, CuOutcome::Pass | CuOutcome::Skip))
+                || (*g == CuOutcome::Skip
+                    && !matches!(r, CuOutcome::Pass | CuOutcome::Skip)
+                    && !TEST_BUGS.contains(&t.as_str()))
         })
         .map(|(t, _, _)| t.as_str())
         .collect();

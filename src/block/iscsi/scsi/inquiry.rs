@@ -275,6 +275,11 @@ const SUPPORTED: &[OpInfo] = {
     ]
 };
 
+/// Whether the unit answers `opcode` at all.
+pub fn is_supported(opcode: u8) -> bool {
+    SUPPORTED.iter().any(|i| i.op == opcode)
+}
+
 /// The CDB usage map of one command: which bits of each CDB byte it reads.
 fn usage(info: &OpInfo) -> Vec<u8> {
     let mut u = vec![0xffu8; info.len as usize];
