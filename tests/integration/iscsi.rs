@@ -4,4 +4,5 @@
 //! restore point.
 
 mod conformance;
+mod published;
 mod wire;

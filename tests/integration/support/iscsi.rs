@@ -9,8 +9,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+use bytes::Bytes;
+use revive::block::device::check_range;
 use revive::block::iscsi::{Access, IscsiServer, IscsiTarget, Targets};
-use revive::block::BlockDevice;
+use revive::block::{BlockDevice, BlockError, BlockResult, Extent, ExtentKind};
+use revive::datastore::{
+    Datastore, DatastoreConfig, DatastoreError, ExportConfig, FileAt, FileOps, Stability,
+};
+use revive::repo::Repository;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -275,4 +282,156 @@ pub fn run_cu(url: &str, test: &str, limit: Duration, log: &Path) -> CuOutcome {
 /// Where a conformance run writes each test's output.
 pub fn cu_log(dir: &Path, who: &str, test: &str) -> PathBuf {
     dir.join(format!("{who}-{test}.log"))
+}
+
+/// A published disk file as a `BlockDevice`, over the datastore's
+/// `FileOps`: the test stand-in for the block layer's own device of a
+/// presented file (reads from the write cache else the backup, writes into
+/// the write cache, flush = COMMIT). It has no punch and no extents: zeroing
+/// writes zeros, and the whole disk reports as data.
+pub struct FileDisk {
+    ds: Arc<dyn FileOps>,
+    at: FileAt,
+    name: String,
+    size: u64,
+    id: [u8; 16],
+}
+
+impl FileDisk {
+    /// The file `at` of `ds`, named `name`.
+    pub async fn open(ds: Arc<dyn FileOps>, at: FileAt, name: &str) -> FileDisk {
+        let size = ds.getattr(at).await.expect("getattr disk").size;
+        let instance = ds.export(at.export).expect("export").instance;
+        let hash = blake3::hash(format!("{instance:016x}:{}", at.id).as_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hash.as_bytes()[..16]);
+        FileDisk {
+            ds,
+            at,
+            name: name.to_string(),
+            size,
+            id,
+        }
+    }
+}
+
+fn io_err(e: DatastoreError) -> BlockError {
+    match e {
+        DatastoreError::NoSpace => BlockError::NoSpace,
+        DatastoreError::Jukebox => BlockError::Retry,
+        other => BlockError::Io(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl BlockDevice for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn stable_id(&self) -> [u8; 16] {
+        self.id
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
+        check_range(offset, len.into(), self.size)?;
+        let r = self.ds.read(self.at, offset, len).await.map_err(io_err)?;
+        if r.data.len() == len as usize {
+            return Ok(r.data);
+        }
+        let mut data = r.data.to_vec();
+        data.resize(len as usize, 0);
+        Ok(Bytes::from(data))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        check_range(offset, data.len() as u64, self.size)?;
+        let stability = if fua {
+            Stability::FileSync
+        } else {
+            Stability::Unstable
+        };
+        self.ds
+            .write(self.at, offset, data, stability)
+            .await
+            .map_err(io_err)?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> BlockResult<()> {
+        self.ds.commit(self.at).await.map_err(io_err)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        check_range(offset, len, self.size)?;
+        let zeros = Bytes::from(vec![0u8; 1 << 20]);
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(zeros.len() as u64) as usize;
+            self.write(offset + at, zeros.slice(..n), fua).await?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        check_range(offset, len, self.size)?;
+        Ok(vec![Extent {
+            offset,
+            len,
+            kind: ExtentKind::Data,
+        }])
+    }
+}
+
+/// A repository holding one backed-up VM, opened as a datastore in this
+/// process with the VM's restore point published in `/revive`.
+pub struct PublishedDisk {
+    /// The datastore.
+    pub ds: Arc<Datastore>,
+    /// The flat disk, as a block device.
+    pub disk: Arc<FileDisk>,
+}
+
+impl PublishedDisk {
+    /// Opens the datastore of `repo` with its state and write caches under
+    /// `dir`, publishes `point` as `folder` and opens its file `file`.
+    pub async fn open(repo: &Path, dir: &Path, point: &str, folder: &str, file: &str) -> PublishedDisk {
+        let repository = Repository::open_local(repo).await.expect("open repository");
+        let config = DatastoreConfig {
+            state_dir: dir.join("state"),
+            cache_root: dir.join("cache"),
+            block_cache_bytes: 64 << 20,
+            readahead_chunks: 4,
+            exports: vec![ExportConfig {
+                path: "/revive".into(),
+                allowed_clients: vec![Ipv4Addr::LOCALHOST.into()],
+            }],
+        };
+        let ds = Arc::new(Datastore::open(repository, config).await.expect("open datastore"));
+        let export = ds.export_by_path("/revive").expect("export").id;
+        let published = ds.publications("/revive").await.expect("publications");
+        let folder_id = if published.iter().any(|(n, _)| n == folder) {
+            let root = ds.export(export).expect("export").root;
+            ds.lookup(&FileAt::new(export, root).child(folder))
+                .await
+                .expect("publication folder")
+                .fileid
+        } else {
+            ds.publish("/revive", folder, point, None)
+                .await
+                .expect("publish")
+        };
+        let attr = ds
+            .lookup(&FileAt::new(export, folder_id).child(file))
+            .await
+            .expect("disk file");
+        let ops: Arc<dyn FileOps> = ds.clone();
+        let disk = Arc::new(FileDisk::open(ops, FileAt::new(export, attr.fileid), file).await);
+        PublishedDisk { ds, disk }
+    }
 }
