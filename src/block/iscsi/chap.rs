@@ -148,7 +148,11 @@ impl ChapExchange {
         config: &ChapConfig,
         keys: &[(String, String)],
     ) -> Result<Vec<(String, String)>, ChapError> {
-        let get = |k: &str| keys.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| {
+            keys.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         let name = get("CHAP_N").ok_or(ChapError::Malformed("no CHAP_N"))?;
         let resp = get("CHAP_R").ok_or(ChapError::Malformed("no CHAP_R"))?;
         let resp = decode_binary(resp).ok_or(ChapError::Malformed("CHAP_R is not 0x or 0b"))?;
@@ -213,10 +217,7 @@ mod tests {
 
     #[test]
     fn one_way_and_mutual_chap() {
-        assert_eq!(
-            ChapExchange::start("7").unwrap_err(),
-            ChapError::Algorithm
-        );
+        assert_eq!(ChapExchange::start("7").unwrap_err(), ChapError::Algorithm);
         let (ex, keys) = ChapExchange::start("7,5").unwrap();
         assert_eq!(keys[0].1, "5");
         let good = vec![

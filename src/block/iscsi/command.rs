@@ -99,7 +99,9 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
         return Err(ProtocolError("immediate data not allowed"));
     }
     if imm.len() as u64 > u64::from(edtl.min(p.first_burst_length)) {
-        return Err(ProtocolError("immediate data beyond FirstBurstLength or EDTL"));
+        return Err(ProtocolError(
+            "immediate data beyond FirstBurstLength or EDTL",
+        ));
     }
     let unsolicited = write && flags & 0x80 == 0;
     if unsolicited && p.initial_r2t {
@@ -107,9 +109,9 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
     }
     let mut cdb = [0u8; 16];
     cdb.copy_from_slice(pdu.cdb());
-    let need = match scsi::transfer(&cdb) {
-        Transfer::Out(n) => n,
-        Transfer::None => 0,
+    let (need, takes_data) = match scsi::transfer(&cdb) {
+        Transfer::Out(n) => (n, true),
+        Transfer::None => (0, false),
     };
     let sent = if write { edtl } else { 0 };
     let mut want = need;
@@ -133,7 +135,7 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
             write_residual = (f, r);
             None
         }
-    } else if need == 0 && write {
+    } else if !takes_data && write {
         // Data-out for a command that takes none (a READ flagged as a
         // write): the data is taken and dropped, the command runs.
         want = 0;
@@ -162,11 +164,7 @@ pub fn on_command(conn: &Arc<Conn>, pdu: Pdu, counted: bool) -> Result<(), Proto
     let notify = Arc::new(Notify::new());
     if write {
         let end = edtl.min(p.first_burst_length);
-        let mut buf = BytesMut::with_capacity(if unsolicited {
-            end as usize
-        } else {
-            imm.len()
-        });
+        let mut buf = BytesMut::with_capacity(if unsolicited { end as usize } else { imm.len() });
         buf.extend_from_slice(&imm);
         let phase = if unsolicited && (buf.len() as u32) < end {
             Phase::Unsolicited { end, data_sn: 0 }
@@ -220,7 +218,13 @@ async fn wait(entry: &TaskEntry, notify: &Notify) -> bool {
     !entry.aborted.load(Ordering::Acquire)
 }
 
-async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notify>, _finish: Finish) {
+async fn run(
+    conn: Arc<Conn>,
+    cmd: Cmd,
+    entry: Arc<TaskEntry>,
+    notify: Arc<Notify>,
+    _finish: Finish,
+) {
     if cmd.unsolicited && !wait(&entry, &notify).await {
         return;
     }
@@ -246,7 +250,10 @@ async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notif
     let mut r2t_sn = 0u32;
     let mut _permits = None;
     let data = if cmd.write {
-        let have = conn.collects().get(&cmd.itt).map_or(0, |c| c.buf.len() as u32);
+        let have = conn
+            .collects()
+            .get(&cmd.itt)
+            .map_or(0, |c| c.buf.len() as u32);
         if have < cmd.want {
             let permits = tokio::select! {
                 p = conn.budget.acquire_many(kib(u64::from(cmd.want - have))) => p,
@@ -318,7 +325,9 @@ async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notif
     if let Some(t) = &conn.target {
         t.metrics.request(resp.ok());
         if resp.ok() {
-            t.metrics.bytes_written.fetch_add(written, Ordering::Relaxed);
+            t.metrics
+                .bytes_written
+                .fetch_add(written, Ordering::Relaxed);
             let read = (resp.data.len() as u64).min(cmd.edtl.into());
             t.metrics.bytes_read.fetch_add(read, Ordering::Relaxed);
         }
@@ -328,8 +337,15 @@ async fn run(conn: Arc<Conn>, cmd: Cmd, entry: Arc<TaskEntry>, notify: Arc<Notif
     }
     if cmd.write && resp.ok() {
         let (f, r) = cmd.write_residual;
-        conn.send(scsi_response(cmd.itt, status::GOOD, f, r, Bytes::new(), r2t_sn))
-            .await;
+        conn.send(scsi_response(
+            cmd.itt,
+            status::GOOD,
+            f,
+            r,
+            Bytes::new(),
+            r2t_sn,
+        ))
+        .await;
         return;
     }
     let edtl_in = if cmd.write { 0 } else { cmd.edtl };

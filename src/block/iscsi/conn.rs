@@ -58,7 +58,8 @@ impl Window {
         if sn != exp {
             return false;
         }
-        self.exp_cmd_sn.store(exp.wrapping_add(1), Ordering::Release);
+        self.exp_cmd_sn
+            .store(exp.wrapping_add(1), Ordering::Release);
         true
     }
 
@@ -245,8 +246,15 @@ impl Conn {
         } else {
             self::residual(0, u64::from(edtl))
         };
-        self.send(scsi_response(itt, resp.status, flags, residual, data, data_sn))
-            .await;
+        self.send(scsi_response(
+            itt,
+            resp.status,
+            flags,
+            residual,
+            data,
+            data_sn,
+        ))
+        .await;
     }
 }
 
@@ -270,9 +278,17 @@ pub fn scsi_response(
     data: Bytes,
     exp_data_sn: u32,
 ) -> OutPdu {
-    let mut p = OutPdu::new(op::SCSI_RESP, 0x80 | residual_flags, itt, data, Stamp::Status);
+    let mut p = OutPdu::new(
+        op::SCSI_RESP,
+        0x80 | residual_flags,
+        itt,
+        data,
+        Stamp::Status,
+    );
     p.bhs[3] = status;
-    p.set_u32(20, 0).set_u32(36, exp_data_sn).set_u32(44, residual);
+    p.set_u32(20, 0)
+        .set_u32(36, exp_data_sn)
+        .set_u32(44, residual);
     p
 }
 

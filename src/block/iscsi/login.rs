@@ -176,7 +176,15 @@ where
         let (csg, nsg) = ((flags >> 2) & 3, flags & 3);
         text.extend_from_slice(&pdu.data);
         if text.len() > MAX_LOGIN_TEXT {
-            return Err(send_refusal(w, &pdu, stat_sn, cmd_sn, status::INITIATOR_ERROR, "login text too long").await);
+            return Err(send_refusal(
+                w,
+                &pdu,
+                stat_sn,
+                cmd_sn,
+                status::INITIATOR_ERROR,
+                "login text too long",
+            )
+            .await);
         }
         if cont {
             // More text follows: acknowledge with an empty response.
@@ -188,14 +196,24 @@ where
         match step(&mut st, &pdu, &keys, transit, csg, nsg).await {
             Ok((reply, t, next)) => {
                 let done = t && next == 3;
-                let mut resp = response(&pdu, if t { 0x80 } else { 0 }, csg, next, 0, Bytes::from(text::encode(&reply)));
+                let mut resp = response(
+                    &pdu,
+                    if t { 0x80 } else { 0 },
+                    csg,
+                    next,
+                    0,
+                    Bytes::from(text::encode(&reply)),
+                );
                 if done {
                     resp.bhs[14..16].copy_from_slice(&st.tsih.to_be_bytes());
                 }
                 write(w, resp, &mut stat_sn, cmd_sn).await?;
                 st.first = false;
                 if done {
-                    let kind = st.kind.take().ok_or(PduError::Malformed("login without a session type"))?;
+                    let kind = st
+                        .kind
+                        .take()
+                        .ok_or(PduError::Malformed("login without a session type"))?;
                     if let SessionKind::Normal(t) = &kind {
                         t.metrics.connections.fetch_add(1, Ordering::Relaxed);
                     }
@@ -273,22 +291,34 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
         return Err((status::BAD_VERSION, "version-min above 0".into()));
     }
     if csg == 2 || csg == 3 || (transit && (nsg == 2 || nsg <= csg)) {
-        return Err((status::INVALID_REQUEST, format!("invalid stages {csg} -> {nsg}")));
+        return Err((
+            status::INVALID_REQUEST,
+            format!("invalid stages {csg} -> {nsg}"),
+        ));
     }
     let keys = text::parse(data).map_err(|e| (status::INITIATOR_ERROR, e.to_string()))?;
-    let get = |k: &str| keys.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let get = |k: &str| {
+        keys.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
     let mut reply: Vec<(String, String)> = Vec::new();
     if st.first {
         let tsih = u16::from_be_bytes([pdu.bhs[14], pdu.bhs[15]]);
         if tsih != 0 {
-            return Err((status::NO_SESSION, "adding a connection to a session (MaxConnections=1)".into()));
+            return Err((
+                status::NO_SESSION,
+                "adding a connection to a session (MaxConnections=1)".into(),
+            ));
         }
-        st.initiator = get("InitiatorName").ok_or((status::MISSING_PARAMETER, "no InitiatorName".to_string()))?;
+        st.initiator = get("InitiatorName")
+            .ok_or((status::MISSING_PARAMETER, "no InitiatorName".to_string()))?;
         let kind = get("SessionType").unwrap_or_else(|| "Normal".into());
         st.kind = Some(match kind.as_str() {
             "Discovery" => SessionKind::Discovery,
             "Normal" => {
-                let name = get("TargetName").ok_or((status::MISSING_PARAMETER, "no TargetName".to_string()))?;
+                let name = get("TargetName")
+                    .ok_or((status::MISSING_PARAMETER, "no TargetName".to_string()))?;
                 let target = st
                     .targets
                     .find(&name)
@@ -302,7 +332,13 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
                         target = %target.iqn,
                         "iscsi: initiator refused by the allow-list"
                     );
-                    return Err((status::FORBIDDEN, format!("initiator '{}' from {} is not allowed", st.initiator, st.peer)));
+                    return Err((
+                        status::FORBIDDEN,
+                        format!(
+                            "initiator '{}' from {} is not allowed",
+                            st.initiator, st.peer
+                        ),
+                    ));
                 }
                 reply.push(("TargetPortalGroupTag".into(), "1".into()));
                 SessionKind::Normal(target)
@@ -321,7 +357,10 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
                     let offered: Vec<&str> = v.split(',').collect();
                     let answer = if chap.is_some() {
                         if !offered.contains(&"CHAP") {
-                            return Err((status::AUTH_FAILED, "CHAP required but not offered".into()));
+                            return Err((
+                                status::AUTH_FAILED,
+                                "CHAP required but not offered".into(),
+                            ));
                         }
                         st.auth = Auth::ChapAlgorithm;
                         "CHAP"
@@ -329,7 +368,10 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
                         st.auth = Auth::Done;
                         "None"
                     } else {
-                        return Err((status::AUTH_FAILED, format!("no common AuthMethod in '{v}'")));
+                        return Err((
+                            status::AUTH_FAILED,
+                            format!("no common AuthMethod in '{v}'"),
+                        ));
                     };
                     reply.push(("AuthMethod".into(), answer.into()));
                 }
@@ -337,7 +379,8 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
                     if !matches!(st.auth, Auth::ChapAlgorithm) {
                         return Err((status::INITIATOR_ERROR, "CHAP_A out of turn".into()));
                     }
-                    let (ex, keys) = ChapExchange::start(v).map_err(|e| (status::AUTH_FAILED, e.to_string()))?;
+                    let (ex, keys) =
+                        ChapExchange::start(v).map_err(|e| (status::AUTH_FAILED, e.to_string()))?;
                     reply.extend(keys);
                     st.auth = Auth::ChapResponse(ex);
                 }
@@ -345,7 +388,11 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
                 k if text::is_login_key(k) => {}
                 _ => {
                     // Operational keys may come in the security stage too.
-                    if let Some(a) = st.neg.answer(k, v).map_err(|e| (status::INITIATOR_ERROR, e.to_string()))? {
+                    if let Some(a) = st
+                        .neg
+                        .answer(k, v)
+                        .map_err(|e| (status::INITIATOR_ERROR, e.to_string()))?
+                    {
                         reply.push((k.clone(), a));
                     }
                 }
@@ -392,7 +439,11 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
         if text::is_login_key(k) {
             continue;
         }
-        if let Some(a) = st.neg.answer(k, v).map_err(|e| (status::INITIATOR_ERROR, e.to_string()))? {
+        if let Some(a) = st
+            .neg
+            .answer(k, v)
+            .map_err(|e| (status::INITIATOR_ERROR, e.to_string()))?
+        {
             reply.push((k.clone(), a));
         }
     }

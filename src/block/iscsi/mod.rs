@@ -156,7 +156,12 @@ impl IscsiServer {
     }
 
     /// One connection from login to close.
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, stop: watch::Receiver<bool>) {
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: watch::Receiver<bool>,
+    ) {
         let _ = stream.set_nodelay(true);
         let local = match stream.local_addr() {
             Ok(a) => a,
@@ -166,7 +171,14 @@ impl IscsiServer {
         let mut rd = BufReader::with_capacity(256 << 10, rd);
         let login = tokio::time::timeout(
             LOGIN_TIMEOUT,
-            login::login(&mut rd, &mut wr, peer.ip(), &*self.targets, self.limits, self.tsih()),
+            login::login(
+                &mut rd,
+                &mut wr,
+                peer.ip(),
+                &*self.targets,
+                self.limits,
+                self.tsih(),
+            ),
         )
         .await;
         let login = match login {
@@ -196,7 +208,14 @@ impl IscsiServer {
         );
         let _open = target.as_ref().map(|t| OpenGuard::new(t.clone()));
         let (tx, rx) = conn::channel();
-        let c = Arc::new(conn::Conn::new(target, nexus, login.params, login.cmd_sn, tx, peer));
+        let c = Arc::new(conn::Conn::new(
+            target,
+            nexus,
+            login.params,
+            login.cmd_sn,
+            tx,
+            peer,
+        ));
         let writer = tokio::spawn(conn::writer(wr, rx, c.window.clone(), login.stat_sn));
         let discovery = session::Discovery {
             targets: self.targets.clone(),
@@ -209,7 +228,9 @@ impl IscsiServer {
             session::End::Protocol(cause) => {
                 tracing::warn!(%peer, initiator = %login.initiator, %cause, "iscsi: connection closed on a protocol error")
             }
-            other => tracing::info!(%peer, initiator = %login.initiator, end = ?other, "iscsi: session ended"),
+            other => {
+                tracing::info!(%peer, initiator = %login.initiator, end = ?other, "iscsi: session ended")
+            }
         }
         // The writer ends once the last task has dropped its sender; a
         // logout response is flushed before the socket closes.
@@ -234,7 +255,10 @@ impl OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -330,7 +330,13 @@ mod tests {
 
     #[test]
     fn stamps_take_or_peek_the_stat_sn() {
-        let mut p = OutPdu::new(op::SCSI_RESP, 0x80, 7, Bytes::from_static(b"abc"), Stamp::Status);
+        let mut p = OutPdu::new(
+            op::SCSI_RESP,
+            0x80,
+            7,
+            Bytes::from_static(b"abc"),
+            Stamp::Status,
+        );
         assert_eq!(p.stamp(10, 3, 9), 11);
         assert_eq!(be32(&p.bhs[24..]), 10);
         assert_eq!(be32(&p.bhs[32..]), 9);

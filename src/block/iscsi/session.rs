@@ -160,7 +160,13 @@ async fn handle(
                     .data
                     .len()
                     .min(conn.params.send_data_segment_length as usize);
-                let mut p = OutPdu::new(op::NOP_IN, 0x80, pdu.itt(), pdu.data.slice(..n), Stamp::Status);
+                let mut p = OutPdu::new(
+                    op::NOP_IN,
+                    0x80,
+                    pdu.itt(),
+                    pdu.data.slice(..n),
+                    Stamp::Status,
+                );
                 p.set_lun(pdu.lun()).set_u32(20, RESERVED_TAG);
                 conn.send(p).await;
             }
@@ -197,7 +203,13 @@ async fn handle(
             let reason_code = pdu.flags() & 0x7f;
             let response = if reason_code == 2 { 2 } else { 0 };
             drain(conn).await;
-            let mut p = OutPdu::new(op::LOGOUT_RESP, 0x80, pdu.itt(), Bytes::new(), Stamp::Status);
+            let mut p = OutPdu::new(
+                op::LOGOUT_RESP,
+                0x80,
+                pdu.itt(),
+                Bytes::new(),
+                Stamp::Status,
+            );
             p.bhs[2] = response;
             conn.send(p).await;
             return Ok(Some(End::Logout));
@@ -221,7 +233,10 @@ async fn drain(conn: &Conn) {
         let Some(t) = tasks.into_iter().next() else {
             return;
         };
-        if tokio::time::timeout_at(deadline, finished(&t)).await.is_err() {
+        if tokio::time::timeout_at(deadline, finished(&t))
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -182,10 +182,7 @@ impl Targets {
 
 impl TargetSet for Targets {
     fn targets(&self) -> Vec<Arc<IscsiTarget>> {
-        self.list
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -217,7 +214,10 @@ mod tests {
             ..access.clone()
         };
         assert!(any_name.allows("iqn.x", lo));
-        assert!(!Access::default().allows("iqn.x", lo), "empty allows nobody");
+        assert!(
+            !Access::default().allows("iqn.x", lo),
+            "empty allows nobody"
+        );
 
         let set = Targets::new();
         let dev = Arc::new(MemDevice::new("d", vec![0; 4096]));

@@ -35,7 +35,10 @@ struct Server {
 }
 
 async fn server_with(access: Access) -> Server {
-    let dev = Arc::new(MemDevice::new("t1", (0..1 << 20).map(|i| (i % 251) as u8).collect()));
+    let dev = Arc::new(MemDevice::new(
+        "t1",
+        (0..1 << 20).map(|i| (i % 251) as u8).collect(),
+    ));
     let targets = Targets::new();
     targets
         .add(IscsiTarget::new(IQN, dev.clone(), access))
@@ -43,9 +46,11 @@ async fn server_with(access: Access) -> Server {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(IscsiServer::new(targets.clone()).serve(listener, async move {
-        let _ = rx.await;
-    }));
+    tokio::spawn(
+        IscsiServer::new(targets.clone()).serve(listener, async move {
+            let _ = rx.await;
+        }),
+    );
     Server {
         addr,
         dev,
@@ -64,7 +69,13 @@ struct Client {
 }
 
 fn pdu(opcode: u8, flags: u8, itt: u32, data: &[u8]) -> OutPdu {
-    OutPdu::new(opcode, flags, itt, Bytes::copy_from_slice(data), Stamp::Window)
+    OutPdu::new(
+        opcode,
+        flags,
+        itt,
+        Bytes::copy_from_slice(data),
+        Stamp::Window,
+    )
 }
 
 impl Client {
@@ -90,8 +101,10 @@ impl Client {
 
     /// One login request; returns the response.
     async fn login_pdu(&mut self, flags: u8, keys: &[(&str, &str)]) -> Pdu {
-        let pairs: Vec<(String, String)> =
-            keys.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let pairs: Vec<(String, String)> = keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut p = pdu(op::LOGIN_REQ | 0x40, flags, 0x77, &text::encode(&pairs));
         p.bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0x12, 0x34, 0x56]);
         p.set_u32(24, self.cmd_sn);
@@ -121,7 +134,10 @@ impl Client {
     }
 
     fn key(&self, k: &str) -> Option<&str> {
-        self.keys.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+        self.keys
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
     }
 
     fn next_itt(&mut self) -> u32 {
@@ -131,7 +147,14 @@ impl Client {
 
     /// Sends a SCSI command; `imm` rides in the command PDU, `final_bit`
     /// clear announces unsolicited Data-Out.
-    async fn command(&mut self, cdb: &[u8], edtl: u32, write: bool, imm: &[u8], final_bit: bool) -> u32 {
+    async fn command(
+        &mut self,
+        cdb: &[u8],
+        edtl: u32,
+        write: bool,
+        imm: &[u8],
+        final_bit: bool,
+    ) -> u32 {
         let itt = self.next_itt();
         let flags = (if final_bit { 0x80 } else { 0 }) | if write { 0x20 } else { 0x40 } | 0x01;
         let mut p = pdu(op::SCSI_CMD, flags, itt, imm);
@@ -142,7 +165,15 @@ impl Client {
         itt
     }
 
-    async fn data_out(&mut self, itt: u32, ttt: u32, sn: u32, offset: u32, data: &[u8], last: bool) {
+    async fn data_out(
+        &mut self,
+        itt: u32,
+        ttt: u32,
+        sn: u32,
+        offset: u32,
+        data: &[u8],
+        last: bool,
+    ) {
         let mut p = pdu(op::DATA_OUT, if last { 0x80 } else { 0 }, itt, data);
         p.set_u32(20, ttt).set_u32(36, sn).set_u32(40, offset);
         self.send(&p).await;
@@ -169,10 +200,15 @@ impl Client {
                     // Two Data-Out PDUs per burst, to check DataSN and offsets.
                     let half = (len / 2) as usize;
                     self.data_out(itt, ttt, 0, off, &chunk[..half], false).await;
-                    self.data_out(itt, ttt, 1, off + half as u32, &chunk[half..], true).await;
+                    self.data_out(itt, ttt, 1, off + half as u32, &chunk[half..], true)
+                        .await;
                 }
                 op::SCSI_RESP => {
-                    let sense = if r.data.len() > 2 { r.data[2..].to_vec() } else { Vec::new() };
+                    let sense = if r.data.len() > 2 {
+                        r.data[2..].to_vec()
+                    } else {
+                        Vec::new()
+                    };
                     return (r.bhs[3], data, sense, r.flags() & 0x06, r.u32_at(44));
                 }
                 other => panic!("unexpected opcode {other:#x}"),
@@ -185,7 +221,9 @@ impl Client {
         cdb[0] = 0x28;
         cdb[2..6].copy_from_slice(&lba.to_be_bytes());
         cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
-        let itt = self.command(&cdb, u32::from(blocks) * 512, false, &[], true).await;
+        let itt = self
+            .command(&cdb, u32::from(blocks) * 512, false, &[], true)
+            .await;
         let (status, data, ..) = self.finish(itt, &[]).await;
         assert_eq!(status, 0);
         data
@@ -204,11 +242,22 @@ fn write10(lba: u32, blocks: u16) -> [u8; 10] {
 async fn login_checks_the_allow_lists_and_the_target_name() {
     let s = server_with(access()).await;
     let mut c = Client::connect(s.addr).await;
-    assert_eq!(c.login("iqn.2024-01.dev.revive:intruder", Some(IQN), &[]).await, login::status::FORBIDDEN);
+    assert_eq!(
+        c.login("iqn.2024-01.dev.revive:intruder", Some(IQN), &[])
+            .await,
+        login::status::FORBIDDEN
+    );
     let mut c = Client::connect(s.addr).await;
-    assert_eq!(c.login(INITIATOR, Some("iqn.2024-01.dev.revive:nope"), &[]).await, login::status::NOT_FOUND);
+    assert_eq!(
+        c.login(INITIATOR, Some("iqn.2024-01.dev.revive:nope"), &[])
+            .await,
+        login::status::NOT_FOUND
+    );
     let t = s.targets.find(IQN).unwrap();
-    assert_eq!(t.metrics.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        t.metrics.refused.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 
     // Right name, wrong address.
     let s2 = server_with(Access {
@@ -217,7 +266,10 @@ async fn login_checks_the_allow_lists_and_the_target_name() {
     })
     .await;
     let mut c = Client::connect(s2.addr).await;
-    assert_eq!(c.login(INITIATOR, Some(IQN), &[]).await, login::status::FORBIDDEN);
+    assert_eq!(
+        c.login(INITIATOR, Some(IQN), &[]).await,
+        login::status::FORBIDDEN
+    );
     // Discovery shows nothing to a refused address, the target to others.
     let mut c = Client::connect(s2.addr).await;
     assert_eq!(c.login(INITIATOR, None, &[]).await, 0);
@@ -237,7 +289,10 @@ async fn login_checks_the_allow_lists_and_the_target_name() {
     let r = c.recv().await;
     let text = String::from_utf8_lossy(&r.data).to_string();
     assert!(text.contains(&format!("TargetName={IQN}")), "{text}");
-    assert!(text.contains(&format!("TargetAddress={},1", s.addr)), "{text}");
+    assert!(
+        text.contains(&format!("TargetAddress={},1", s.addr)),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -255,8 +310,15 @@ async fn chap_refuses_a_wrong_secret_and_answers_mutual_challenges() {
     .await;
     for (secret, ok) in [("wrong-secret-0", false), ("initiator-secret", true)] {
         let mut c = Client::connect(s.addr).await;
-        c.login_pdu(0x01, &[("InitiatorName", INITIATOR), ("TargetName", IQN), ("AuthMethod", "None,CHAP")])
-            .await;
+        c.login_pdu(
+            0x01,
+            &[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", IQN),
+                ("AuthMethod", "None,CHAP"),
+            ],
+        )
+        .await;
         assert_eq!(c.key("AuthMethod"), Some("CHAP"));
         let r = c.login_pdu(0x00, &[("CHAP_A", "5")]).await;
         assert_eq!(r.flags() & 0x80, 0);
@@ -270,7 +332,12 @@ async fn chap_refuses_a_wrong_secret_and_answers_mutual_challenges() {
         let r = c
             .login_pdu(
                 0x80 | 0x01,
-                &[("CHAP_N", "host1"), ("CHAP_R", &resp), ("CHAP_I", "7"), ("CHAP_C", "0x0102030405")],
+                &[
+                    ("CHAP_N", "host1"),
+                    ("CHAP_R", &resp),
+                    ("CHAP_I", "7"),
+                    ("CHAP_C", "0x0102030405"),
+                ],
             )
             .await;
         let status = u16::from_be_bytes([r.bhs[36], r.bhs[37]]);
@@ -283,7 +350,10 @@ async fn chap_refuses_a_wrong_secret_and_answers_mutual_challenges() {
         h.update([7u8]);
         h.update(b"target-secret1");
         h.update([1u8, 2, 3, 4, 5]);
-        assert_eq!(c.key("CHAP_R").unwrap(), format!("0x{}", hex::encode(h.finalize())));
+        assert_eq!(
+            c.key("CHAP_R").unwrap(),
+            format!("0x{}", hex::encode(h.finalize()))
+        );
         assert_eq!(c.key("CHAP_N"), Some("target1"));
         let r = c.login_pdu(0x80 | 0x04 | 0x03, &[]).await;
         assert_eq!(u16::from_be_bytes([r.bhs[36], r.bhs[37]]), 0);
@@ -310,9 +380,19 @@ async fn writes_arrive_immediate_unsolicited_and_by_r2t() {
     assert!(mrdsl >= 2048);
     let data: Vec<u8> = (0..64 * 512).map(|i| (i * 7 % 256) as u8).collect();
     // 1 KiB immediate, 3 KiB unsolicited in two PDUs, the rest by R2T.
-    let itt = c.command(&write10(8, 64), data.len() as u32, true, &data[..1024], false).await;
-    c.data_out(itt, RESERVED_TAG, 0, 1024, &data[1024..2048], false).await;
-    c.data_out(itt, RESERVED_TAG, 1, 2048, &data[2048..4096], true).await;
+    let itt = c
+        .command(
+            &write10(8, 64),
+            data.len() as u32,
+            true,
+            &data[..1024],
+            false,
+        )
+        .await;
+    c.data_out(itt, RESERVED_TAG, 0, 1024, &data[1024..2048], false)
+        .await;
+    c.data_out(itt, RESERVED_TAG, 1, 2048, &data[2048..4096], true)
+        .await;
     let (status, ..) = c.finish(itt, &data).await;
     assert_eq!(status, 0);
     assert_eq!(&s.dev.contents()[8 * 512..72 * 512], &data[..]);
@@ -320,13 +400,17 @@ async fn writes_arrive_immediate_unsolicited_and_by_r2t() {
     assert_eq!(c.read10(8, 64).await, data);
 
     // A write whose CDB asks more than the EDTL: only EDTL is written.
-    let itt = c.command(&write10(100, 2), 512, true, &data[..512], true).await;
+    let itt = c
+        .command(&write10(100, 2), 512, true, &data[..512], true)
+        .await;
     let (status, _, _, flags, residual) = c.finish(itt, &data).await;
     assert_eq!((status, flags, residual), (0, 0x04, 512));
 
     // SYNCHRONIZE CACHE reaches the device's flush.
     let before = s.dev.flushes();
-    let itt = c.command(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, false, &[], true).await;
+    let itt = c
+        .command(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, false, &[], true)
+        .await;
     assert_eq!(c.finish(itt, &[]).await.0, 0);
     assert_eq!(s.dev.flushes(), before + 1);
 }
@@ -379,7 +463,10 @@ async fn the_cmd_sn_window_drops_what_falls_outside() {
     c.cmd_sn += 1;
     c.send(&p).await;
     let r = c.recv().await;
-    assert_eq!((r.opcode(), r.itt(), &r.data[..]), (op::NOP_IN, itt, &b"ping"[..]));
+    assert_eq!(
+        (r.opcode(), r.itt(), &r.data[..]),
+        (op::NOP_IN, itt, &b"ping"[..])
+    );
     let exp = be32(&r.bhs[28..]);
     let max = be32(&r.bhs[32..]);
     assert_eq!(exp, c.cmd_sn);
@@ -392,7 +479,15 @@ async fn the_cmd_sn_window_drops_what_falls_outside() {
 async fn abort_task_stops_a_write_waiting_for_data() {
     let s = server_with(access()).await;
     let mut c = Client::connect(s.addr).await;
-    assert_eq!(c.login(INITIATOR, Some(IQN), &[("InitialR2T", "Yes"), ("ImmediateData", "No")]).await, 0);
+    assert_eq!(
+        c.login(
+            INITIATOR,
+            Some(IQN),
+            &[("InitialR2T", "Yes"), ("ImmediateData", "No")]
+        )
+        .await,
+        0
+    );
     let itt = c.command(&write10(0, 8), 4096, true, &[], true).await;
     let r = c.recv().await;
     assert_eq!(r.opcode(), op::R2T);
@@ -437,9 +532,12 @@ async fn malformed_pdus_close_only_their_connection() {
         let mut bad = TcpStream::connect(s.addr).await.unwrap();
         bad.write_all(&bytes).await.unwrap();
         let mut rest = Vec::new();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), bad.read_to_end(&mut rest))
-            .await
-            .expect("the server closes a garbage connection");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            bad.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the server closes a garbage connection");
     }
     // In full feature phase: a Data-Out nobody asked for, and a data
     // segment beyond MaxRecvDataSegmentLength.
@@ -460,9 +558,15 @@ async fn malformed_pdus_close_only_their_connection() {
             bad.s.write_all(&h).await.unwrap();
         }
         let mut rest = Vec::new();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), bad.s.read_to_end(&mut rest))
-            .await
-            .expect("the server closes the connection");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            bad.s.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the server closes the connection");
     }
-    assert_eq!(good.read10(1, 2).await, s.dev.contents()[512..1536].to_vec());
+    assert_eq!(
+        good.read10(1, 2).await,
+        s.dev.contents()[512..1536].to_vec()
+    );
 }

@@ -336,7 +336,10 @@ mod tests {
         assert_eq!(a("ImmediateData", "No").as_deref(), Some("No"));
         assert_eq!(a("MaxConnections", "8").as_deref(), Some("1"));
         assert_eq!(a("ErrorRecoveryLevel", "2").as_deref(), Some("0"));
-        assert_eq!(a("X-com.example.Foo", "1").as_deref(), Some("NotUnderstood"));
+        assert_eq!(
+            a("X-com.example.Foo", "1").as_deref(),
+            Some("NotUnderstood")
+        );
         assert_eq!(a("MaxBurstLength", "512"), None, "answered once");
         assert_eq!(n.params.send_data_segment_length, 65536);
         assert_eq!(n.params.first_burst_length, 8192);

@@ -167,7 +167,10 @@ fn judge(results: &[(String, CuOutcome, CuOutcome)]) {
         .filter(|(_, r, _)| *r == CuOutcome::Timeout)
         .map(|(t, _, _)| t.as_str())
         .collect();
-    assert!(behind.is_empty(), "tgtd passes but revive does not: {behind:?}");
+    assert!(
+        behind.is_empty(),
+        "tgtd passes but revive does not: {behind:?}"
+    );
     assert!(hung.is_empty(), "revive hung on: {hung:?}");
 }
 

@@ -9,7 +9,9 @@ use revive::block::iscsi::Access;
 
 use crate::support::client::run_tool_for;
 use crate::support::iscsi::{libiscsi_or_skip, InProcessTarget, PublishedDisk};
-use crate::support::qemu::{boot_image, fat_file_sha256, qemu_vm_peers_or_skip, wrote, Serial, MARKER};
+use crate::support::qemu::{
+    boot_image, fat_file_sha256, qemu_vm_peers_or_skip, wrote, Serial, MARKER,
+};
 use crate::support::vm::SampleVm;
 use crate::support::*;
 
@@ -41,7 +43,14 @@ async fn tools_report_the_lun_and_qemu_img_copies_the_backed_up_disk() {
     let vm = SampleVm::create(&tmp.path().join("src"), "db01", 40 << 20, 14);
     let repo = init_repo(tmp.path(), None);
     backup_json(&repo, &vm.dir, None);
-    let published = PublishedDisk::open(&repo, &tmp.path().join("ds"), "db01@latest", "db01", "db01-flat.vmdk").await;
+    let published = PublishedDisk::open(
+        &repo,
+        &tmp.path().join("ds"),
+        "db01@latest",
+        "db01",
+        "db01-flat.vmdk",
+    )
+    .await;
     // Taken once published: publishing pins the restore point.
     let before = snapshot_tree(&repo);
     let target = InProcessTarget::start(IQN, published.disk.clone(), anyone_local()).await;
@@ -50,28 +59,64 @@ async fn tools_report_the_lun_and_qemu_img_copies_the_backed_up_disk() {
 
     let ls = run_tool_for("iscsi-ls", &["-s", &portal], Duration::from_secs(60)).await;
     let ls = text(&ls);
-    assert!(ls.contains(&format!("Target:{IQN} Portal:{},1", target.addr)), "{ls}");
+    assert!(
+        ls.contains(&format!("Target:{IQN} Portal:{},1", target.addr)),
+        "{ls}"
+    );
     // iscsi-ls sizes from the last LBA: 40 MiB shows as 39M (tgtd's 64 MiB as 63M).
-    assert!(ls.contains("Lun:0") && ls.contains("DIRECT_ACCESS (Size:39M)"), "{ls}");
+    assert!(
+        ls.contains("Lun:0") && ls.contains("DIRECT_ACCESS (Size:39M)"),
+        "{ls}"
+    );
 
     let inq = text(&run_tool_for("iscsi-inq", &[&url], Duration::from_secs(60)).await);
-    assert!(inq.contains("Vendor:REVIVE") && inq.contains("Peripheral Device Type:DIRECT_ACCESS"), "{inq}");
-    let serial = text(&run_tool_for("iscsi-inq", &["-e", "1", "-c", "128", &url], Duration::from_secs(60)).await);
-    assert!(serial.contains(&hex::encode(revive::block::BlockDevice::stable_id(&*published.disk))), "{serial}");
+    assert!(
+        inq.contains("Vendor:REVIVE") && inq.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{inq}"
+    );
+    let serial = text(
+        &run_tool_for(
+            "iscsi-inq",
+            &["-e", "1", "-c", "128", &url],
+            Duration::from_secs(60),
+        )
+        .await,
+    );
+    assert!(
+        serial.contains(&hex::encode(revive::block::BlockDevice::stable_id(
+            &*published.disk
+        ))),
+        "{serial}"
+    );
 
     let cap = text(&run_tool_for("iscsi-readcapacity16", &[&url], Duration::from_secs(60)).await);
-    assert!(cap.contains(&format!("Total size:{}", 40u64 << 20)), "{cap}");
+    assert!(
+        cap.contains(&format!("Total size:{}", 40u64 << 20)),
+        "{cap}"
+    );
     assert!(cap.contains("LOGICAL BLOCK LENGTH IN BYTES:512"), "{cap}");
 
     let copy = tmp.path().join("copy.img");
     let out = run_tool_for(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &url, copy.to_str().expect("utf8")],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            copy.to_str().expect("utf8"),
+        ],
         Duration::from_secs(300),
     )
     .await;
     assert!(out.status.success(), "qemu-img convert: {}", text(&out));
-    assert_eq!(sha256_file(&copy), sha256_file(&vm.flat()), "iscsi:// equals the backed-up disk");
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(&vm.flat()),
+        "iscsi:// equals the backed-up disk"
+    );
 
     target.stop().await;
     drop(published);
@@ -84,7 +129,11 @@ fn qemu_has_iscsi_or_skip() -> bool {
         && std::process::Command::new("qemu-img")
             .arg("--help")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().any(|w| w == "iscsi"))
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .any(|w| w == "iscsi")
+            })
             .unwrap_or(false);
     if !ok {
         skip_missing_peer("qemu-img with the iscsi driver (qemu-block-extra)");
@@ -105,7 +154,14 @@ async fn a_tcg_guest_boots_from_iscsi() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let repo = init_repo(tmp.path(), None);
     backup_json(&repo, &image.vm_dir, Some("tiny"));
-    let published = PublishedDisk::open(&repo, &tmp.path().join("ds"), "tiny@latest", "tiny", "tiny-flat.vmdk").await;
+    let published = PublishedDisk::open(
+        &repo,
+        &tmp.path().join("ds"),
+        "tiny@latest",
+        "tiny",
+        "tiny-flat.vmdk",
+    )
+    .await;
     let before = snapshot_tree(&repo);
     let target = InProcessTarget::start(IQN, published.disk.clone(), anyone_local()).await;
     let url = target.url(IQN, 0);
@@ -113,9 +169,20 @@ async fn a_tcg_guest_boots_from_iscsi() {
     std::fs::create_dir_all(&run).expect("run folder");
     let serial = Serial::in_dir(&run);
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "128", "-nodefaults", "-display", "none", "-no-reboot"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-drive")
-        .arg(format!("file={url},format=raw,if=none,id=d0,cache=writeback"))
+        .arg(format!(
+            "file={url},format=raw,if=none,id=d0,cache=writeback"
+        ))
         .args(["-device", "virtio-blk-pci,drive=d0,bootindex=0"])
         .arg("-chardev")
         .arg(format!(
@@ -145,7 +212,15 @@ async fn a_tcg_guest_boots_from_iscsi() {
     let copy = tmp.path().join("after.img");
     let out = run_tool_for(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &url, copy.to_str().expect("utf8")],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            copy.to_str().expect("utf8"),
+        ],
         Duration::from_secs(300),
     )
     .await;

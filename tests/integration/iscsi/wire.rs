@@ -38,10 +38,21 @@ async fn an_initiator_not_on_the_list_is_refused_at_login() {
     let ok = run_tool_for("iscsi-inq", &["-i", TEST_INITIATORS[0], &url], limit).await;
     assert!(ok.status.success(), "allowed initiator: {}", text(&ok));
     let refused = run_tool_for("iscsi-inq", &["-i", INTRUDER, &url], limit).await;
-    assert!(!refused.status.success(), "intruder got in: {}", text(&refused));
-    assert!(text(&refused).to_lowercase().contains("login"), "{}", text(&refused));
+    assert!(
+        !refused.status.success(),
+        "intruder got in: {}",
+        text(&refused)
+    );
+    assert!(
+        text(&refused).to_lowercase().contains("login"),
+        "{}",
+        text(&refused)
+    );
     let t = target.targets.targets()[0].clone();
-    assert_eq!(t.metrics.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        t.metrics.refused.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // Discovery shows the target to the allowed initiator only.
     let portal = format!("iscsi://{}", target.addr);
     let seen = text(&run_tool_for("iscsi-ls", &["-i", TEST_INITIATORS[0], &portal], limit).await);
@@ -108,17 +119,30 @@ async fn malformed_pdus_close_only_their_connection() {
             p
         },
         // Random bytes.
-        (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect(),
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect(),
     ];
     for bytes in &cases {
         closed_after(target.addr, bytes).await;
     }
     // A login cut short: closed by the login timeout or our close; either
     // way the server goes on.
-    drop(TcpStream::connect(target.addr).await.expect("connect").write_all(&truncated).await);
+    drop(
+        TcpStream::connect(target.addr)
+            .await
+            .expect("connect")
+            .write_all(&truncated)
+            .await,
+    );
     let perf = perf.await.expect("iscsi-perf task");
     assert!(perf.status.success(), "iscsi-perf: {}", text(&perf));
-    let again = run_tool_for("iscsi-inq", &["-i", TEST_INITIATORS[1], &url], Duration::from_secs(60)).await;
+    let again = run_tool_for(
+        "iscsi-inq",
+        &["-i", TEST_INITIATORS[1], &url],
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(again.status.success(), "{}", text(&again));
     target.stop().await;
 }

@@ -32,11 +32,18 @@ pub const TEST_INITIATORS: [&str; 2] = [
 
 /// True when libiscsi's tools are installed; else a skip (a failure under CI).
 pub fn libiscsi_or_skip() -> bool {
-    let ok = ["iscsi-test-cu", "iscsi-ls", "iscsi-inq", "iscsi-readcapacity16"]
-        .iter()
-        .all(|t| have_tool(t));
+    let ok = [
+        "iscsi-test-cu",
+        "iscsi-ls",
+        "iscsi-inq",
+        "iscsi-readcapacity16",
+    ]
+    .iter()
+    .all(|t| have_tool(t));
     if !ok {
-        skip_missing_peer("libiscsi-bin (iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-readcapacity16)");
+        skip_missing_peer(
+            "libiscsi-bin (iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-readcapacity16)",
+        );
     }
     ok
 }
@@ -166,7 +173,18 @@ impl Tgtd {
         }
         assert!(t.adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", iqn]));
         let file = file.to_str().expect("utf8");
-        assert!(t.adm(&["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", file]));
+        assert!(t.adm(&[
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "-b",
+            file
+        ]));
         assert!(t.adm(&["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]));
         t
     }
@@ -265,7 +283,12 @@ pub fn run_cu(url: &str, test: &str, limit: Duration, log: &Path) -> CuOutcome {
     let row: Vec<u64> = text
         .lines()
         .find(|l| l.trim_start().starts_with("tests "))
-        .map(|l| l.split_whitespace().skip(1).filter_map(|w| w.parse().ok()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     match row.as_slice() {
         [_, ran, passed, failed, ..] if *ran > 0 && *failed == 0 && passed == ran => {
@@ -400,19 +423,41 @@ pub struct PublishedDisk {
 impl PublishedDisk {
     /// Opens the datastore of `repo` with its state and write caches under
     /// `dir`, publishes `point` as `folder` and opens its file `file`.
-    pub async fn open(repo: &Path, dir: &Path, point: &str, folder: &str, file: &str) -> PublishedDisk {
+    pub async fn open(
+        repo: &Path,
+        dir: &Path,
+        point: &str,
+        folder: &str,
+        file: &str,
+    ) -> PublishedDisk {
+        Self::open_with_cache(repo, dir, point, folder, file, 64 << 20).await
+    }
+
+    /// As [`PublishedDisk::open`], with a block cache of `cache_bytes`.
+    pub async fn open_with_cache(
+        repo: &Path,
+        dir: &Path,
+        point: &str,
+        folder: &str,
+        file: &str,
+        cache_bytes: usize,
+    ) -> PublishedDisk {
         let repository = Repository::open_local(repo).await.expect("open repository");
         let config = DatastoreConfig {
             state_dir: dir.join("state"),
             cache_root: dir.join("cache"),
-            block_cache_bytes: 64 << 20,
+            block_cache_bytes: cache_bytes,
             readahead_chunks: 4,
             exports: vec![ExportConfig {
                 path: "/revive".into(),
                 allowed_clients: vec![Ipv4Addr::LOCALHOST.into()],
             }],
         };
-        let ds = Arc::new(Datastore::open(repository, config).await.expect("open datastore"));
+        let ds = Arc::new(
+            Datastore::open(repository, config)
+                .await
+                .expect("open datastore"),
+        );
         let export = ds.export_by_path("/revive").expect("export").id;
         let published = ds.publications("/revive").await.expect("publications");
         let folder_id = if published.iter().any(|(n, _)| n == folder) {

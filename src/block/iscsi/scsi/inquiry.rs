@@ -10,7 +10,7 @@
 use bytes::Bytes;
 
 use super::{be16, be32, opcode, CmdResult, LogicalUnit, Nexus, Sense, BLOCK_SIZE};
-use super::{io::MAX_WRITE_SAME_BLOCKS, io::MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS};
+use super::{io::MAX_CAW_BLOCKS, io::MAX_WRITE_SAME_BLOCKS, MAX_TRANSFER_BLOCKS};
 
 /// Vendor identification (8 bytes, ASCII, space-padded).
 const VENDOR: &[u8; 8] = b"REVIVE  ";
@@ -334,7 +334,12 @@ pub fn report_supported_opcodes(cdb: &[u8]) -> CmdResult {
             });
             // Asking without a service action for a command that has one (or
             // the reverse) is an invalid field.
-            if (options == 1 && has_sa(req_op)) || (options == 2 && found.is_none() && !has_sa(req_op) && SUPPORTED.iter().any(|i| i.op == req_op)) {
+            if (options == 1 && has_sa(req_op))
+                || (options == 2
+                    && found.is_none()
+                    && !has_sa(req_op)
+                    && SUPPORTED.iter().any(|i| i.op == req_op))
+            {
                 return Err(Sense::INVALID_FIELD_IN_CDB.into());
             }
             let mut out = vec![0u8; 4];

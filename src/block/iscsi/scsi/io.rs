@@ -132,7 +132,11 @@ pub async fn verify(lu: &LogicalUnit, cdb: &[u8], data: Bytes) -> CmdResult {
     let expected: Vec<u8> = if bytchk == 1 {
         data.to_vec()
     } else {
-        data.iter().copied().cycle().take(n as usize * BLOCK_SIZE as usize).collect()
+        data.iter()
+            .copied()
+            .cycle()
+            .take(n as usize * BLOCK_SIZE as usize)
+            .collect()
     };
     if expected.len() != n as usize * BLOCK_SIZE as usize {
         return Err(Sense::INVALID_FIELD_IN_IU.into());
@@ -189,7 +193,9 @@ pub async fn write_same(lu: &LogicalUnit, cdb: &[u8], data: Bytes) -> CmdResult 
         return Ok(Bytes::new());
     }
     if ndob || data.iter().all(|b| *b == 0) {
-        dev.write_zeroes(offset, len, false).await.map_err(dev_err)?;
+        dev.write_zeroes(offset, len, false)
+            .await
+            .map_err(dev_err)?;
         return Ok(Bytes::new());
     }
     let chunk_len = (len as usize).min(PATTERN_CHUNK);

@@ -222,7 +222,13 @@ pub fn is_write(cdb: &[u8]) -> bool {
     use opcode::*;
     matches!(
         cdb[0],
-        WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16
+        WRITE_6
+            | WRITE_10
+            | WRITE_12
+            | WRITE_16
+            | WRITE_VERIFY_10
+            | WRITE_VERIFY_12
+            | WRITE_VERIFY_16
     )
 }
 
@@ -230,7 +236,8 @@ pub fn is_write(cdb: &[u8]) -> bool {
 /// know expect none (they fail with INVALID COMMAND OPERATION CODE).
 pub fn transfer(cdb: &[u8]) -> Transfer {
     use opcode::*;
-    let blocks = |n: u64| Transfer::Out((n * u64::from(BLOCK_SIZE)).min(u64::from(u32::MAX)) as u32);
+    let blocks =
+        |n: u64| Transfer::Out((n * u64::from(BLOCK_SIZE)).min(u64::from(u32::MAX)) as u32);
     match cdb[0] {
         WRITE_6 => blocks(if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) }),
         WRITE_10 | WRITE_VERIFY_10 => blocks(be16(&cdb[7..]).into()),
@@ -399,7 +406,9 @@ pub fn lba_and_blocks(cdb: &[u8]) -> (u64, u32) {
             let n = if cdb[4] == 0 { 256 } else { u32::from(cdb[4]) };
             (lba, n)
         }
-        READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 => (be32(&cdb[2..]).into(), be32(&cdb[6..])),
+        READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 => {
+            (be32(&cdb[2..]).into(), be32(&cdb[6..]))
+        }
         READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16 | ORWRITE_16 | PREFETCH_16
         | SYNC_CACHE_16 | WRITE_SAME_16 => (be64(&cdb[2..]), be32(&cdb[10..])),
         COMPARE_AND_WRITE => (be64(&cdb[2..]), cdb[13].into()),

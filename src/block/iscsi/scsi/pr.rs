@@ -313,12 +313,7 @@ impl Reservations {
                     return Err(Sense::INVALID_FIELD_IN_CDB.into());
                 }
                 match &self.hold {
-                    None => {
-                        self.hold = Some(Hold {
-                            port: me,
-                            kind: ty,
-                        })
-                    }
+                    None => self.hold = Some(Hold { port: me, kind: ty }),
                     Some(h) => {
                         let holder = all_registrants(h.kind) || h.port == me;
                         if !holder || h.kind != ty {

@@ -9,7 +9,10 @@ use crate::block::MemDevice;
 
 fn lu(size: usize) -> (LogicalUnit, Arc<MemDevice>) {
     let dev = Arc::new(MemDevice::new("disk", vec![0; size]));
-    (LogicalUnit::new(dev.clone(), "iqn.2024-01.dev.revive:t"), dev)
+    (
+        LogicalUnit::new(dev.clone(), "iqn.2024-01.dev.revive:t"),
+        dev,
+    )
 }
 
 fn nexus(id: u64) -> Nexus {
@@ -45,7 +48,13 @@ async fn identity_is_stable_and_capacity_is_in_512_byte_blocks() {
     assert_eq!(&pages.data[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
     let rc = run(&a, &n, &[0x25], &[]).await;
     assert_eq!(&rc.data[..], &[0, 0, 0x07, 0xff, 0, 0, 2, 0]);
-    let rc16 = run(&a, &n, &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32], &[]).await;
+    let rc16 = run(
+        &a,
+        &n,
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32],
+        &[],
+    )
+    .await;
     assert_eq!(rc16.data[14] & 0xc0, 0xc0, "LBPME and LBPRZ");
     let bad = run(&a, &n, &[0x12, 0, 0x80, 0, 255, 0], &[]).await;
     assert_eq!(sense_of(&bad), (5, 0x24));
@@ -64,12 +73,26 @@ async fn unmap_write_same_and_lba_status() {
     list.extend_from_slice(&8u64.to_be_bytes());
     list.extend_from_slice(&8u32.to_be_bytes());
     list.extend_from_slice(&[0; 4]);
-    assert!(run(&lu, &n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list).await.ok());
+    assert!(run(&lu, &n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list)
+        .await
+        .ok());
     assert!(dev.contents()[8 * 512..16 * 512].iter().all(|b| *b == 0));
-    let st = run(&lu, &n, &[0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], &[]).await;
+    let st = run(
+        &lu,
+        &n,
+        &[0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0],
+        &[],
+    )
+    .await;
     let descs: Vec<(u64, u32, u8)> = st.data[8..]
         .chunks(16)
-        .map(|d| (u64::from_be_bytes(d[..8].try_into().unwrap()), u32::from_be_bytes(d[8..12].try_into().unwrap()), d[12]))
+        .map(|d| {
+            (
+                u64::from_be_bytes(d[..8].try_into().unwrap()),
+                u32::from_be_bytes(d[8..12].try_into().unwrap()),
+                d[12],
+            )
+        })
         .collect();
     assert_eq!(descs[..3], [(0, 8, 0), (8, 8, 1), (16, 48, 0)]);
     // WRITE SAME(16) of a pattern over blocks 100..110.
@@ -98,7 +121,11 @@ async fn compare_and_write_and_verify_report_the_first_difference() {
     let miss = run(&lu, &n, &caw, &data).await;
     assert_eq!(sense_of(&miss), (0x0e, 0x1d));
     let s = miss.sense.unwrap();
-    assert_eq!((s[0] & 0x80, s[6]), (0x80, 0), "INFORMATION: byte 0 differs");
+    assert_eq!(
+        (s[0] & 0x80, s[6]),
+        (0x80, 0),
+        "INFORMATION: byte 0 differs"
+    );
     let mut v = [0u8; 10];
     v[0] = 0x2f;
     v[1] = 0x02;
@@ -117,8 +144,14 @@ async fn reservations_fence_other_initiators() {
     let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
     let write = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
     assert!(run(&lu, &a, &[0x16], &[]).await.ok());
-    assert_eq!(run(&lu, &b, &read, &[]).await.status, status::RESERVATION_CONFLICT);
-    assert!(run(&lu, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await.ok(), "INQUIRY passes");
+    assert_eq!(
+        run(&lu, &b, &read, &[]).await.status,
+        status::RESERVATION_CONFLICT
+    );
+    assert!(
+        run(&lu, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await.ok(),
+        "INQUIRY passes"
+    );
     lu.nexus_lost(&a);
     assert!(run(&lu, &b, &read, &[]).await.ok());
 
@@ -133,7 +166,10 @@ async fn reservations_fence_other_initiators() {
     assert!(run(&lu, &a, &pr_out(0, 0), &params(0, 0xaa)).await.ok());
     assert!(run(&lu, &a, &pr_out(1, 1), &params(0xaa, 0)).await.ok());
     assert!(run(&lu, &b, &read, &[]).await.ok());
-    assert_eq!(run(&lu, &b, &write, &[0; 512]).await.status, status::RESERVATION_CONFLICT);
+    assert_eq!(
+        run(&lu, &b, &write, &[0; 512]).await.status,
+        status::RESERVATION_CONFLICT
+    );
     assert!(run(&lu, &a, &write, &[0; 512]).await.ok());
     let keys = run(&lu, &b, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 64, 0], &[]).await;
     assert_eq!(&keys.data[4..16], &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0xaa]);
@@ -141,7 +177,10 @@ async fn reservations_fence_other_initiators() {
     assert!(run(&lu, &b, &pr_out(0, 0), &params(0, 0xbb)).await.ok());
     assert!(run(&lu, &b, &pr_out(4, 1), &params(0xbb, 0xaa)).await.ok());
     assert!(run(&lu, &b, &write, &[0; 512]).await.ok());
-    assert_eq!(run(&lu, &a, &write, &[0; 512]).await.status, status::RESERVATION_CONFLICT);
+    assert_eq!(
+        run(&lu, &a, &write, &[0; 512]).await.status,
+        status::RESERVATION_CONFLICT
+    );
 }
 
 #[tokio::test]
@@ -154,7 +193,11 @@ async fn mode_select_sets_software_write_protect() {
     page[4] |= 0x08;
     let mut params = vec![0, 0, 0, 0];
     params.extend(page);
-    assert!(run(&lu, &n, &[0x15, 0x10, 0, 0, params.len() as u8, 0], &params).await.ok());
+    assert!(
+        run(&lu, &n, &[0x15, 0x10, 0, 0, params.len() as u8, 0], &params)
+            .await
+            .ok()
+    );
     let w = run(&lu, &n, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0; 512]).await;
     assert_eq!(sense_of(&w), (7, 0x27));
     let after = run(&lu, &n, &[0x1a, 0x08, 0x3f, 0, 255, 0], &[]).await;
