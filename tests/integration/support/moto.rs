@@ -217,11 +217,11 @@ impl TestRepo {
                 .find(|(key, _)| key == k)
                 .map(|(_, v)| v.clone())
         };
-        o.endpoint = get("AWS_ENDPOINT_URL");
-        o.access_key_id = get("AWS_ACCESS_KEY_ID");
-        o.secret_access_key = get("AWS_SECRET_ACCESS_KEY");
-        o.region = get("AWS_REGION");
-        o.allow_http = Some(true);
+        o.settings.endpoint = get("AWS_ENDPOINT_URL");
+        o.settings.access_key_id = get("AWS_ACCESS_KEY_ID");
+        o.settings.secret_access_key = get("AWS_SECRET_ACCESS_KEY");
+        o.settings.region = get("AWS_REGION");
+        o.settings.allow_http = Some(true);
         revive::store::S3Store::open(o).ok()
     }
 }
