@@ -1,5 +1,18 @@
-//! `repo`: backup chains of VM folders in a deduplicated, content-addressed
-//! repository.
+//! `repo`: backup chains of VM folders and folder trees in a deduplicated,
+//! content-addressed repository.
+//!
+//! # Restore points
+//! A restore point is a VM folder (flat files with roles, manifest version 1)
+//! or a folder tree (every folder, file and symlink with mode, owner and
+//! mtime, manifest version 2; a PostgreSQL data folder): see [`manifest`].
+//! [`backup`] picks the kind ([`BackupOptions::tree`]); [`Repository::restore`]
+//! writes either back. Readers present any point the same way:
+//! - [`RestorePoint::tree`] gives a [`Tree`]: every [`TreeEntry`] (path,
+//!   [`EntryKind`], mode, uid, gid, mtime in ns, size, symlink target, chunk
+//!   index), lookup by path, the children of a folder. A VM point is a flat
+//!   tree.
+//! - [`FileReader::new`]`(repo, point, path)` reads a file by its path in the
+//!   tree (by its name in a VM point), any offset in O(1) whatever the chain.
 //!
 //! # Layout (on any [`Store`])
 //! ```text
@@ -44,6 +57,10 @@ mod pins;
 mod reader;
 mod restore;
 pub mod source;
+pub mod tree;
+mod tree_backup;
+mod tree_restore;
+mod tree_scan;
 mod verify;
 
 pub use backup::{backup, BackupOptions};
@@ -51,8 +68,9 @@ pub use block_cache::BlockCache;
 pub use chunk::ChunkId;
 pub use gc::{GcOptions, GcReport};
 pub use index::{IndexPage, PageId};
-pub use manifest::{BackupStats, FileEntry, FileKind, RestorePoint};
+pub use manifest::{BackupStats, FileEntry, FileKind, PointKind, RestorePoint};
 pub use reader::FileReader;
+pub use tree::{ChunkIndex, EntryContent, EntryCounts, EntryKind, IndexRef, Tree, TreeEntry};
 pub use verify::{Problem, ProblemKind, VerifyReport};
 
 use std::num::NonZeroUsize;
@@ -154,6 +172,23 @@ pub enum RepoError {
     /// A file name not found in a restore point.
     #[error("restore point {point} has no file '{name}'")]
     NoSuchFile { point: String, name: String },
+    /// A path of a tree point that is not a regular file.
+    #[error("restore point {point}: '{path}' is a {kind}, not a file")]
+    NotAFile {
+        point: String,
+        path: String,
+        kind: &'static str,
+    },
+    /// A manifest written by a newer revive.
+    #[error(
+        "restore point {point} has manifest version {found}; this revive reads versions up to \
+         {supported} (upgrade revive)"
+    )]
+    ManifestVersion {
+        point: String,
+        found: u32,
+        supported: u32,
+    },
     /// A store that accepted a second put-if-absent of the same key: it
     /// ignores conditional writes, so two writers could overwrite each other.
     #[error(
@@ -367,10 +402,27 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        serde_json::from_slice(&raw).map_err(|e| RepoError::CorruptObject {
-            key,
-            reason: e.to_string(),
-        })
+        // The version first: a newer manifest may not parse as this one.
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let corrupt = |reason: String| RepoError::CorruptObject {
+            key: key.clone(),
+            reason,
+        };
+        let version: Version = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+        if version.format_version > manifest::MANIFEST_VERSION {
+            return Err(RepoError::ManifestVersion {
+                point: id.to_string(),
+                found: version.format_version,
+                supported: manifest::MANIFEST_VERSION,
+            });
+        }
+        let point: RestorePoint =
+            serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+        point.check().map_err(corrupt)?;
+        Ok(point)
     }
 
     /// Resolves a full id, a unique id prefix, or `VM@latest`.

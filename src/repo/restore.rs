@@ -1,4 +1,5 @@
-//! Restore: writes a restore point back as an ordinary VM folder.
+//! Restore: writes a restore point back as an ordinary VM folder (this file)
+//! or folder tree (`tree_restore.rs`).
 //!
 //! Files are written under a temporary name and renamed when complete, so a
 //! failed restore (a corrupt chunk, a full disk) leaves no file that looks
@@ -13,7 +14,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use tracing::info;
 
 use super::index::chunk_count;
-use super::manifest::RestorePoint;
+use super::manifest::{PointKind, RestorePoint};
 use super::reader::FileReader;
 use super::{RepoError, Repository};
 use crate::progress::Progress;
@@ -22,7 +23,8 @@ use crate::progress::Progress;
 const CHUNKS_IN_FLIGHT: usize = 4;
 
 impl Repository {
-    /// Restores every file of `point` into the folder `dest` (created if needed).
+    /// Restores every file of `point` into the folder `dest` (created if
+    /// needed); a tree point with its folders, symlinks and metadata.
     ///
     /// # Errors
     /// [`RepoError::DestinationExists`] before writing anything if a file would
@@ -41,6 +43,9 @@ impl Repository {
                 source,
             }
         };
+        if point.kind == PointKind::Tree {
+            return self.restore_tree(point, dest, progress).await;
+        }
         fs::create_dir_all(dest).map_err(restore_err("create folder", dest))?;
         for f in &point.files {
             let target = dest.join(&f.name);
@@ -90,12 +95,32 @@ impl Repository {
         file.set_len(reader.size())
             .map_err(to_restore_err("set length of"))?;
         let file = Arc::new(file);
+        self.write_chunks(&reader, &file, partial, progress).await?;
+        let file: &File = &file;
+        file.sync_all().map_err(to_restore_err("sync"))?;
+        Ok(())
+    }
+
+    /// Writes every chunk of `reader` that is not a hole into `file` (already
+    /// of the right length, so holes stay holes: sparse); `path` names the
+    /// file in errors.
+    pub(super) async fn write_chunks(
+        &self,
+        reader: &FileReader,
+        file: &Arc<File>,
+        path: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), RepoError> {
         let chunk_size = reader.chunk_size();
         stream::iter(0..chunk_count(reader.size(), chunk_size as u32))
             .map(|i| {
-                let reader = &reader;
                 let file = file.clone();
-                let err = to_restore_err("write");
+                let path = path.to_path_buf();
+                let err = move |source| RepoError::Restore {
+                    action: "write",
+                    path,
+                    source,
+                };
                 async move {
                     let id = reader.chunk_id(i).await?;
                     let len = chunk_size.min(reader.size() - i * chunk_size);
@@ -116,9 +141,6 @@ impl Repository {
             })
             .buffer_unordered(CHUNKS_IN_FLIGHT)
             .try_collect::<()>()
-            .await?;
-        let file: &File = &file;
-        file.sync_all().map_err(to_restore_err("sync"))?;
-        Ok(())
+            .await
     }
 }
