@@ -9,4 +9,5 @@ mod repo_cli;
 mod s3;
 mod sessions;
 mod support;
+mod trees;
 mod vsphere;

@@ -6,8 +6,10 @@
 pub mod client;
 pub mod memfs;
 pub mod moto;
+pub mod postgres;
 pub mod qemu;
 pub mod server;
+pub mod tree;
 pub mod vcsim;
 pub mod vm;
 
