@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::index::PageId;
 use super::tree::{self, EntryCounts, IndexRef, Tree, TreeEntry};
+use super::RepoError;
 
 /// Newest manifest version this code reads (and writes, for tree points).
 pub const MANIFEST_VERSION: u32 = 2;
@@ -157,6 +158,35 @@ impl RestorePoint {
         format!("points/{id}.json")
     }
 
+    /// Parses and checks a manifest read from the store at `key`.
+    ///
+    /// # Errors
+    /// [`RepoError::ManifestVersion`] for a manifest of a newer revive,
+    /// [`RepoError::CorruptObject`] for one that does not parse or check.
+    pub fn parse(id: &str, key: &str, raw: &[u8]) -> Result<RestorePoint, RepoError> {
+        // The version first: a newer manifest may not parse as this one.
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let corrupt = |reason: String| RepoError::CorruptObject {
+            key: key.to_string(),
+            reason,
+        };
+        let version: Version = serde_json::from_slice(raw).map_err(|e| corrupt(e.to_string()))?;
+        if version.format_version > MANIFEST_VERSION {
+            return Err(RepoError::ManifestVersion {
+                point: id.to_string(),
+                found: version.format_version,
+                supported: MANIFEST_VERSION,
+            });
+        }
+        let point: RestorePoint =
+            serde_json::from_slice(raw).map_err(|e| corrupt(e.to_string()))?;
+        point.check().map_err(corrupt)?;
+        Ok(point)
+    }
+
     /// Sum of file sizes.
     pub fn logical_size(&self) -> u64 {
         match self.kind {
@@ -280,6 +310,70 @@ impl RestorePoint {
                 tree::check_entries(&self.entries, self.chunk_size)
             }
         }
+    }
+}
+
+/// Resolves a point spec among already loaded points.
+pub fn resolve_in<'a>(
+    points: &'a [RestorePoint],
+    spec: &str,
+) -> Result<&'a RestorePoint, RepoError> {
+    pick(points, spec, |p| (&p.id, &p.vm, p.created))
+}
+
+/// The fields of a manifest that resolving a spec needs. Parsing only these
+/// skips building a tree point's entries (serde skips unknown fields
+/// without allocating).
+#[derive(Debug, Clone, Deserialize)]
+pub(super) struct PointSummary {
+    pub id: String,
+    pub vm: String,
+    pub created: DateTime<Utc>,
+}
+
+impl PointSummary {
+    /// Parses the summary of the manifest stored at `key`.
+    pub(super) fn parse(key: &str, raw: &[u8]) -> Result<PointSummary, RepoError> {
+        serde_json::from_slice(raw).map_err(|e| RepoError::CorruptObject {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Picks the item a spec names: `NAME@latest` (newest by creation time,
+/// then id), a full id, or a unique id prefix. `fields` gives an item's id,
+/// name and creation time.
+pub(super) fn pick<'a, T>(
+    items: &'a [T],
+    spec: &str,
+    fields: impl Fn(&T) -> (&str, &str, DateTime<Utc>),
+) -> Result<&'a T, RepoError> {
+    let id = |t: &T| fields(t).0.to_string();
+    if let Some(name) = spec.strip_suffix("@latest") {
+        return items
+            .iter()
+            .filter(|t| fields(t).1 == name)
+            .max_by(|a, b| {
+                let (a, b) = (fields(a), fields(b));
+                a.2.cmp(&b.2).then(a.0.cmp(b.0))
+            })
+            .ok_or_else(|| RepoError::PointNotFound { spec: spec.into() });
+    }
+    if let Some(t) = items.iter().find(|t| fields(t).0 == spec) {
+        return Ok(t);
+    }
+    let matches: Vec<&T> = items
+        .iter()
+        .filter(|t| !spec.is_empty() && fields(t).0.starts_with(spec))
+        .collect();
+    match matches.as_slice() {
+        [] => Err(RepoError::PointNotFound { spec: spec.into() }),
+        [one] => Ok(one),
+        many => Err(RepoError::AmbiguousPoint {
+            spec: spec.into(),
+            candidates: many.iter().map(|t| id(t)).collect::<Vec<_>>().join(", "),
+        }),
     }
 }
 

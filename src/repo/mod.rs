@@ -54,6 +54,7 @@ mod gc;
 pub mod index;
 pub mod manifest;
 mod pins;
+mod points;
 mod reader;
 mod restore;
 pub mod source;
@@ -68,7 +69,7 @@ pub use block_cache::BlockCache;
 pub use chunk::ChunkId;
 pub use gc::{GcOptions, GcReport};
 pub use index::{IndexPage, PageId};
-pub use manifest::{BackupStats, FileEntry, FileKind, PointKind, RestorePoint};
+pub use manifest::{resolve_in, BackupStats, FileEntry, FileKind, PointKind, RestorePoint};
 pub use reader::FileReader;
 pub use tree::{ChunkIndex, EntryContent, EntryCounts, EntryKind, IndexRef, Tree, TreeEntry};
 pub use verify::{Problem, ProblemKind, VerifyReport};
@@ -370,67 +371,6 @@ impl Repository {
         Ok(self.store.try_lock(mode).await?)
     }
 
-    /// Every restore point, oldest first.
-    pub async fn points(&self) -> Result<Vec<RestorePoint>, RepoError> {
-        let mut out = Vec::new();
-        for meta in self.store.list("points/").await? {
-            let Some(id) = meta
-                .key
-                .strip_prefix("points/")
-                .and_then(|k| k.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            match self.point(id).await {
-                Ok(p) => out.push(p),
-                // Forgotten between list and get: not an error.
-                Err(RepoError::PointNotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
-        Ok(out)
-    }
-
-    /// Loads one manifest by its full id.
-    pub async fn point(&self, id: &str) -> Result<RestorePoint, RepoError> {
-        let key = RestorePoint::key_of(id);
-        let raw = match self.store.get(&key).await {
-            Ok(raw) => raw,
-            Err(StoreError::NotFound { .. }) | Err(StoreError::InvalidKey { .. }) => {
-                return Err(RepoError::PointNotFound { spec: id.into() })
-            }
-            Err(e) => return Err(e.into()),
-        };
-        // The version first: a newer manifest may not parse as this one.
-        #[derive(Deserialize)]
-        struct Version {
-            format_version: u32,
-        }
-        let corrupt = |reason: String| RepoError::CorruptObject {
-            key: key.clone(),
-            reason,
-        };
-        let version: Version = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
-        if version.format_version > manifest::MANIFEST_VERSION {
-            return Err(RepoError::ManifestVersion {
-                point: id.to_string(),
-                found: version.format_version,
-                supported: manifest::MANIFEST_VERSION,
-            });
-        }
-        let point: RestorePoint =
-            serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
-        point.check().map_err(corrupt)?;
-        Ok(point)
-    }
-
-    /// Resolves a full id, a unique id prefix, or `VM@latest`.
-    pub async fn resolve(&self, spec: &str) -> Result<RestorePoint, RepoError> {
-        let points = self.points().await?;
-        resolve_in(&points, spec).cloned()
-    }
-
     /// Drops a restore point; its chunks stay until `gc`.
     ///
     /// A server may publish the point at the same moment: it writes its pin
@@ -519,39 +459,6 @@ impl Repository {
     fn lock_pages(&self) -> std::sync::MutexGuard<'_, LruCache<PageId, Arc<IndexPage>>> {
         // A panic while holding the lock cannot leave the LRU inconsistent for us.
         self.pages.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Resolves a point spec among already loaded points.
-pub fn resolve_in<'a>(
-    points: &'a [RestorePoint],
-    spec: &str,
-) -> Result<&'a RestorePoint, RepoError> {
-    if let Some(vm) = spec.strip_suffix("@latest") {
-        return points
-            .iter()
-            .filter(|p| p.vm == vm)
-            .max_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)))
-            .ok_or_else(|| RepoError::PointNotFound { spec: spec.into() });
-    }
-    if let Some(p) = points.iter().find(|p| p.id == spec) {
-        return Ok(p);
-    }
-    let matches: Vec<&RestorePoint> = points
-        .iter()
-        .filter(|p| !spec.is_empty() && p.id.starts_with(spec))
-        .collect();
-    match matches.as_slice() {
-        [] => Err(RepoError::PointNotFound { spec: spec.into() }),
-        [one] => Ok(one),
-        many => Err(RepoError::AmbiguousPoint {
-            spec: spec.into(),
-            candidates: many
-                .iter()
-                .map(|p| p.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }),
     }
 }
 
