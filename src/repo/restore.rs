@@ -28,7 +28,7 @@ const SPARSE_BLOCK: usize = 4096;
 
 /// Writes `data` at `offset` (a multiple of [`SPARSE_BLOCK`]) of a file
 /// whose length is already set, skipping all-zero blocks: they stay holes.
-fn write_sparse(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+pub(super) fn write_sparse(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
     let mut run_start = None;
     for (n, block) in data.chunks(SPARSE_BLOCK).enumerate() {
         let at = n * SPARSE_BLOCK;

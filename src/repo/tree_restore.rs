@@ -36,13 +36,16 @@ use tracing::{info, warn};
 use super::backup::join;
 use super::manifest::RestorePoint;
 use super::reader::FileReader;
+use super::restore::write_sparse;
 use super::tree::{EntryContent, TreeEntry};
 use super::{RepoError, Repository};
 use crate::progress::Progress;
 
 /// Files restored at once: small files are one chunk each, so this is what
-/// keeps a thousand small files from being restored one round trip at a time.
-const FILES_IN_FLIGHT: usize = 8;
+/// keeps a thousand small files from being restored one round trip at a
+/// time; each waits mostly on file system metadata (create, rename), so more
+/// than the cores.
+const FILES_IN_FLIGHT: usize = 16;
 
 fn restore_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RepoError {
     let path = path.to_path_buf();
@@ -128,38 +131,72 @@ impl Repository {
             path: folder.join(format!(".revive-partial-{n}")),
             done: false,
         };
-        let (path, size) = (partial.path.clone(), entry.size);
-        let file = join(tokio::task::spawn_blocking(move || {
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(restore_err("create", &path))?;
-            file.set_len(size)
-                .map_err(restore_err("set length of", &path))?;
-            Ok::<_, RepoError>(file)
-        }))
-        .await??;
-        let file = Arc::new(file);
-        self.write_chunks(&reader, &file, &partial.path, progress)
-            .await?;
         let (path, meta) = (partial.path.clone(), entry.clone());
-        join(tokio::task::spawn_blocking(move || {
-            if as_root {
-                fchown(&*file, Some(meta.uid), Some(meta.gid))
-                    .map_err(restore_err("set owner of", &path))?;
-            }
-            // After chown, which clears setuid and setgid bits.
-            file.set_permissions(fs::Permissions::from_mode(meta.mode))
-                .map_err(restore_err("set mode of", &path))?;
-            set_fd_mtime(&file, meta.mtime_ns).map_err(restore_err("set mtime of", &path))?;
-            drop(file);
-            fs::rename(&path, &target).map_err(restore_err("rename", &target))
-        }))
-        .await??;
+        if reader.chunk_count() <= 1 {
+            // Most files of a PostgreSQL data folder are one chunk: fetch it,
+            // then create, write, set metadata and rename in one blocking task.
+            let data = match reader.chunk_count() {
+                0 => None,
+                _ => Some(reader.chunk(0).await?),
+            };
+            join(tokio::task::spawn_blocking(move || {
+                let file = create_partial(&path, meta.size)?;
+                if let Some(data) = data {
+                    write_sparse(&file, &data, 0).map_err(restore_err("write", &path))?;
+                }
+                finish_file(file, &path, &target, &meta, as_root)
+            }))
+            .await??;
+            progress.advance(entry.size);
+        } else {
+            let p = path.clone();
+            let file = join(tokio::task::spawn_blocking(move || {
+                create_partial(&p, meta.size)
+            }))
+            .await??;
+            let file = Arc::new(file);
+            self.write_chunks(&reader, &file, &path, progress).await?;
+            let meta = entry.clone();
+            join(tokio::task::spawn_blocking(move || {
+                finish_file(&*file, &path, &target, &meta, as_root)
+            }))
+            .await??;
+        }
         partial.done = true;
         Ok(())
     }
+}
+
+/// Creates a partial file of `size` bytes (a hole until written).
+fn create_partial(path: &Path, size: u64) -> Result<File, RepoError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(restore_err("create", path))?;
+    file.set_len(size)
+        .map_err(restore_err("set length of", path))?;
+    Ok(file)
+}
+
+/// Sets a written partial file's owner, mode and mtime through its
+/// descriptor, then renames it to `target`.
+fn finish_file(
+    file: impl std::borrow::Borrow<File>,
+    path: &Path,
+    target: &Path,
+    meta: &TreeEntry,
+    as_root: bool,
+) -> Result<(), RepoError> {
+    let file = file.borrow();
+    if as_root {
+        fchown(file, Some(meta.uid), Some(meta.gid)).map_err(restore_err("set owner of", path))?;
+    }
+    // After chown, which clears setuid and setgid bits.
+    file.set_permissions(fs::Permissions::from_mode(meta.mode))
+        .map_err(restore_err("set mode of", path))?;
+    set_fd_mtime(file, meta.mtime_ns).map_err(restore_err("set mtime of", path))?;
+    fs::rename(path, target).map_err(restore_err("rename", target))
 }
 
 /// Step 1 and 2 of the module doc. Returns whether the destination takes
