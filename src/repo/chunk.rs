@@ -7,6 +7,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::format::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
 use super::RepoError;
@@ -61,6 +62,22 @@ impl fmt::Display for ChunkId {
 impl fmt::Debug for ChunkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ChunkId({})", &self.to_hex()[..16])
+    }
+}
+
+/// Chunk ids are 64 lower-case hex digits in JSON (tree manifests list the
+/// chunks of small files inline).
+impl Serialize for ChunkId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ChunkId::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("chunk id is not 64 hex digits"))
     }
 }
 

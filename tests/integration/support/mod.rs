@@ -7,9 +7,11 @@ pub mod browser;
 pub mod client;
 pub mod memfs;
 pub mod moto;
+pub mod postgres;
 pub mod qemu;
 pub mod server;
 pub mod slowfs;
+pub mod tree;
 pub mod vcsim;
 pub mod vm;
 
