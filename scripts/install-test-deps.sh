@@ -20,6 +20,10 @@
 #                                               (tests/integration/web.rs), driven by
 #   selenium          (pip, in /opt/revive-venv)  Selenium through Debian's chromedriver
 #                                                 (never a browser downloaded by a tool)
+#   postgresql-15     initdb, pg_ctl, pg_basebackup, pg_verifybackup, psql in
+#                     /usr/lib/postgresql/15/bin   (tests/integration/trees/postgres.rs);
+#                     installed without the default cluster (create_main_cluster = false),
+#                     so nothing listens on 5432: tests start their own clusters
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
@@ -58,13 +62,23 @@ install_selenium() {
 }
 browser() { have chromium && have chromedriver && [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; }
 
+PG_BIN=/usr/lib/postgresql/15/bin
+have_pg() { [ -x "$PG_BIN/pg_verifybackup" ] && [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/psql" ]; }
+install_postgres() {
+    have_pg && return 0
+    apt-get install -y --no-install-recommends postgresql-common
+    sed -ri 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' \
+        /etc/postgresql-common/createcluster.conf
+    apt-get install -y --no-install-recommends postgresql-15
+}
+
 HERE=$(dirname "$0")
 
 # vcsim first: it installs its own packages, and is a no-op when built.
 "$HERE/build-vcsim.sh" >/dev/null
 
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have moto_server && have qemu-system-x86_64 && boot_tools && browser && have_selenium; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools && browser && have_selenium && have_pg; then
     "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
@@ -80,5 +94,6 @@ if ! qemu_nfs || ! have qemu-system-x86_64; then
 fi
 install_moto
 install_selenium
+install_postgres
 "$HERE/build-boot-image.sh" >/dev/null
 echo "install-test-deps: done"

@@ -17,8 +17,9 @@
 //! - [`cache`]: the write cache of a published file: sparse data file,
 //!   persistent bitmap, write-ahead journal, group commit, crash-safe
 //!   ordering.
-//! - [`repo`]: backup chains of VM folders: restore points, chunk indexes,
-//!   backup, restore, verify, gc, block cache.
+//! - [`repo`]: backup chains of VM folders and folder trees: restore points
+//!   (a [`repo::Tree`] of entries with metadata), chunk indexes, backup,
+//!   restore, verify, gc, block cache.
 //! - [`store`]: where the repository's bytes live (local folder, S3).
 //! - [`progress`]: how long operations report progress.
 //! - [`config`]: the TOML configuration file.

@@ -101,6 +101,7 @@ async fn points_are_listed_with_their_backup_figures() {
     std::fs::write(vm.join("disk.img"), &disk).unwrap();
     let options = BackupOptions {
         vm: Some("<script>alert(1)</script>".into()),
+        ..Default::default()
     };
     let point = backup(state.datastore.repo(), &vm, &options, &NoProgress)
         .await

@@ -416,37 +416,13 @@ impl FileOps for Datastore {
     async fn fsstat(&self, export: ExportId) -> DsResult<FsStat> {
         let state = self.state(export)?.clone();
         let files = state.ns.read().await.len() as u64;
-        let mut path = self.config.cache_root.clone();
-        while !path.exists() {
-            match path.parent() {
-                Some(p) => path = p.to_path_buf(),
-                None => break,
-            }
-        }
-        let st = statvfs(&path)?;
+        let root = self.config.cache_root.clone();
+        let st = tokio::task::spawn_blocking(move || crate::fsutil::space_of_nearest(&root))
+            .await
+            .map_err(|e| DatastoreError::Io(std::io::Error::other(e)))??;
         Ok(FsStat {
             total_files: st.total_files.max(files),
             ..st
         })
     }
-}
-
-fn statvfs(path: &std::path::Path) -> DsResult<FsStat> {
-    use std::os::unix::ffi::OsStrExt;
-    let c =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| DatastoreError::Invalid)?;
-    let mut out: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `out` a valid statvfs buffer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut out) } != 0 {
-        return Err(DatastoreError::Io(std::io::Error::last_os_error()));
-    }
-    let frsize = out.f_frsize as u64;
-    Ok(FsStat {
-        total_bytes: out.f_blocks as u64 * frsize,
-        free_bytes: out.f_bfree as u64 * frsize,
-        avail_bytes: out.f_bavail as u64 * frsize,
-        total_files: out.f_files as u64,
-        free_files: out.f_ffree as u64,
-        avail_files: out.f_favail as u64,
-    })
 }

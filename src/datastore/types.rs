@@ -184,21 +184,7 @@ pub struct DirPage {
 }
 
 /// Space figures for FSSTAT: the real numbers of where writes land.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FsStat {
-    /// Total bytes.
-    pub total_bytes: u64,
-    /// Free bytes.
-    pub free_bytes: u64,
-    /// Free bytes available to the caller.
-    pub avail_bytes: u64,
-    /// Total file slots.
-    pub total_files: u64,
-    /// Free file slots.
-    pub free_files: u64,
-    /// Free file slots available to the caller.
-    pub avail_files: u64,
-}
+pub use crate::fsutil::Space as FsStat;
 
 /// What a datastore operation can fail with; the NFS layer maps each to one
 /// `nfsstat3` in one place.
