@@ -31,7 +31,7 @@ fn unix_nanos(t: SystemTime) -> u64 {
 }
 
 /// The backup under a presented file, as the write cache reads it.
-struct Base<'a>(&'a FileReader);
+pub(super) struct Base<'a>(pub(super) &'a FileReader);
 
 impl BaseRead for Base<'_> {
     async fn read_base(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
@@ -54,7 +54,7 @@ fn repo_io(e: &RepoError) -> std::io::Error {
 
 /// A repository failure as the datastore's error: transient store failures
 /// become JUKEBOX (retry later), everything else EIO.
-fn repo_err(e: &RepoError) -> DatastoreError {
+pub(super) fn repo_err(e: &RepoError) -> DatastoreError {
     let io = repo_io(e);
     if io.kind() == std::io::ErrorKind::TimedOut {
         DatastoreError::Jukebox

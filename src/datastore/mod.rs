@@ -20,6 +20,7 @@
 //! <cache_root>/<publication>/          write caches of a publication (default location)
 //! ```
 
+mod extents;
 mod io;
 pub mod namespace;
 mod ops;
@@ -40,6 +41,7 @@ use tracing::{info, warn};
 
 use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
+pub use extents::FileExtent;
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
 pub use types::*;
