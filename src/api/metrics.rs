@@ -213,5 +213,69 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore, controller: &Contro
     for (state, n) in controller.state_counts() {
         let _ = writeln!(out, "revive_sessions{{state=\"{state}\"}} {n}");
     }
+    render_block(&mut out, controller);
     out
+}
+
+/// Per block export: bytes, requests, errors, connections.
+fn render_block(out: &mut String, controller: &Controller) {
+    let exports = controller.block_exports().all();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    type Pick = fn(&crate::block::BlockMetrics) -> &std::sync::atomic::AtomicU64;
+    let families: [(&str, &str, &str, Pick); 7] = [
+        (
+            "revive_block_read_bytes_total",
+            "counter",
+            "Bytes block clients read.",
+            |m| &m.bytes_read,
+        ),
+        (
+            "revive_block_written_bytes_total",
+            "counter",
+            "Bytes block clients wrote (into write caches).",
+            |m| &m.bytes_written,
+        ),
+        (
+            "revive_block_requests_total",
+            "counter",
+            "Block requests answered.",
+            |m| &m.requests,
+        ),
+        (
+            "revive_block_errors_total",
+            "counter",
+            "Block requests answered with an error.",
+            |m| &m.errors,
+        ),
+        (
+            "revive_block_connections_total",
+            "counter",
+            "Connections that chose the export.",
+            |m| &m.connections,
+        ),
+        (
+            "revive_block_connections_open",
+            "gauge",
+            "Connections serving the export now.",
+            |m| &m.connections_open,
+        ),
+        (
+            "revive_block_refused_total",
+            "counter",
+            "Clients refused by the export's allow-list.",
+            |m| &m.refused,
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        family(out, name, kind, help);
+        for e in &exports {
+            let _ = writeln!(
+                out,
+                "{name}{{export=\"{}\",protocol=\"{}\"}} {}",
+                e.name,
+                e.protocol,
+                load(pick(&e.metrics))
+            );
+        }
+    }
 }

@@ -167,7 +167,10 @@ async fn run_step(
     let driver = driver_of(inner, session);
     match step {
         SessionState::Validating => validate(inner, handle, session, &driver?).await,
-        SessionState::Publishing => publish(inner, session).await,
+        SessionState::Publishing => publish(inner, session)
+            .await
+            .map(|next| super::block::after_publish(session, next)),
+        SessionState::Exporting => super::block::export(inner, handle, session).await,
         SessionState::RegisteringDatastore => {
             let driver = driver?;
             let lock = host_lock(inner, &session.host);
@@ -304,6 +307,7 @@ async fn validate(
             name: f.name.clone(),
             size: f.size,
             disk: f.kind.is_disk(),
+            url: None,
         });
         if f.name.ends_with(".vmx") && f.size <= 1 << 20 {
             let reader = FileReader::new(repo, &point, &f.name)?;
@@ -311,13 +315,14 @@ async fn validate(
             memory_mib = vmx_memsize(&String::from_utf8_lossy(&text));
         }
     }
-    let spec = VmSpec {
+    let mut spec = VmSpec {
         name: session.name.clone(),
         source_vm: session.vm.clone(),
         folder: session.name.clone(),
         files,
         memory_mib,
     };
+    let block_disk = super::block::validate(inner, session, &mut spec)?;
     match driver.validate(&spec).await {
         Ok(_) => {}
         Err(e) if e.is_transient() => return Err(e.into()),
@@ -332,6 +337,7 @@ async fn validate(
     update(inner, handle, |s| {
         s.point = point_id;
         s.vm_spec = Some(spec);
+        super::block::set_disk(s, block_disk);
         Ok(())
     })?;
     Ok(SessionState::Publishing)
@@ -506,6 +512,8 @@ async fn switch_over(
     if let Some(vm) = &session.vm_ref {
         driver.power_off(vm).await?;
     }
+    // No block client may write once the last ranges are copied.
+    super::block::unexport(inner, handle, session).await?;
     let folder = copy::final_pass(inner, handle, session, &migration).await?;
     if let Some(vm) = &session.vm_ref {
         driver.unregister_vm(vm).await?;
@@ -542,6 +550,7 @@ async fn release(
             })?;
         }
     }
+    super::block::unexport(inner, handle, session).await?;
     match inner
         .datastore
         .unpublish(&session.export, &session.name)
