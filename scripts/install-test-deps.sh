@@ -16,11 +16,16 @@
 #                                                 into /usr/local/bin
 #   golang-go + golang-github-vmware-govmomi-dev  vcsim, built by scripts/build-vcsim.sh
 #                                               (tests/integration/vsphere.rs; VCSIM=<binary>)
+#   libnbd-bin        nbdinfo, nbdcopy, nbdfuse  (tests/integration/nbd.rs)
+#   fuse3, e2fsprogs  fusermount3, mkfs.ext4     (nbdfuse + loop mount of an ext4 image)
+#   nbdkit, fio       reference NBD server and fio's nbd engine (scripts/bench-block.sh)
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
 have() { command -v "$1" >/dev/null 2>&1; }
 qemu_nfs() { have qemu-img && qemu-img --help 2>/dev/null | grep -qw nfs; }
+nbd_tools() { have nbdinfo && have nbdcopy && have nbdfuse && have nbdkit && have fio \
+    && have fusermount3 && have mkfs.ext4; }
 boot_tools() { have busybox && have syslinux && have mcopy && have mkfs.fat && have cpio \
     && dpkg -s busybox-static >/dev/null 2>&1; }
 
@@ -51,7 +56,7 @@ HERE=$(dirname "$0")
 "$HERE/build-vcsim.sh" >/dev/null
 
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have moto_server && have qemu-system-x86_64 && boot_tools; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools && nbd_tools; then
     "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
@@ -60,6 +65,7 @@ fi
 apt-get update
 apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3 python3-venv
 apt-get install -y --no-install-recommends busybox-static syslinux syslinux-common mtools dosfstools cpio
+apt-get install -y --no-install-recommends libnbd-bin nbdkit fio fuse3 e2fsprogs
 if ! qemu_nfs || ! have qemu-system-x86_64; then
     apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra \
         qemu-system-x86

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod memfs;
 pub mod moto;
+pub mod nbd;
 pub mod qemu;
 pub mod server;
 pub mod vcsim;
