@@ -41,7 +41,7 @@ async fn flushed_and_fua_writes_survive_kill_9() {
     let write = |i: u64, fua: bool| {
         let (offset, fill) = block(i, blocks);
         let flag = if fua { "-f " } else { "" };
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             // Two sectors in the middle of the block: copy-on-write.
             format!("write {flag}-P {fill} {} 1k", offset + 1024)
         } else {
@@ -66,7 +66,7 @@ async fn flushed_and_fua_writes_survive_kill_9() {
     let mut lost = Vec::new();
     for i in 0..FLUSHED + FUA {
         let (offset, fill) = block(i, blocks);
-        let range = if i % 3 == 0 {
+        let range = if i.is_multiple_of(3) {
             (offset + 1024) as usize..(offset + 2048) as usize
         } else {
             offset as usize..(offset + BLOCK) as usize
