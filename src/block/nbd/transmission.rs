@@ -334,6 +334,7 @@ pub(super) async fn serve(
             let read = tokio::select! {
                 p = requests.payload(req.len as usize) => p,
                 () = closed.closed() => break,
+                () = stopped(&mut stop) => break,
             };
             match read {
                 Ok(p) => p,
