@@ -203,7 +203,10 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     tracing::info!(export = %name, client = %peer, "nbd export refused or unknown: closing");
                     return Ok(None);
                 };
-                let flags = transmission_flags(&export, false);
+                // Structured replies and metadata contexts negotiated
+                // before apply here as after NBD_OPT_GO.
+                let flags = transmission_flags(&export, structured);
+                let block_status = matches!(&meta, Some((n, true)) if n == name) && structured;
                 let mut b = BytesMut::with_capacity(134);
                 b.put_u64(export.device.size());
                 b.put_u16(flags);
@@ -213,8 +216,8 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 stream.write_all(&b).await?;
                 return Ok(Some(Negotiated {
                     export,
-                    structured: false,
-                    block_status: false,
+                    structured,
+                    block_status,
                     flags,
                 }));
             }

@@ -414,3 +414,19 @@ async fn requests_in_flight_run_in_parallel_and_all_get_answers() {
     c.0.read_exact(&mut data).await.unwrap();
     assert!(data.iter().all(|b| *b == 31));
 }
+
+#[tokio::test]
+async fn export_name_after_structured_replies_keeps_them() {
+    let (addr, _, _) = server().await;
+    let mut c = Client::connect(addr).await;
+    c.option(OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(c.reply(OPT_STRUCTURED_REPLY).await.0, REP_ACK);
+    c.option(OPT_EXPORT_NAME, b"disk").await;
+    assert_eq!(c.0.read_u64().await.unwrap(), SIZE as u64);
+    let flags = c.0.read_u16().await.unwrap();
+    assert_ne!(flags & TFLAG_SEND_DF, 0);
+    c.request(CMD_READ, 0, 3, 8192, 2, &[]).await;
+    let (_, kind, handle, data) = c.chunk().await;
+    assert_eq!((kind, handle), (REPLY_TYPE_OFFSET_DATA, 3));
+    assert_eq!(&data[8..], &[0x5a, 0x5a]);
+}

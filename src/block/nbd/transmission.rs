@@ -5,21 +5,24 @@
 //! connection's byte budget was reserved). A request alone on the
 //! connection (a queue-depth-1 client) is answered in the reader task; any
 //! other gets its own task, so a client's whole queue runs in parallel
-//! against the device. Replies go out under a lock on the socket, each in
-//! one piece, in completion order (handles let replies overtake each other).
+//! against the device. Replies go out in completion order (handles let
+//! replies overtake each other) through a queue: whichever task finds the
+//! socket free writes everything queued in one vectored write, so a client's
+//! burst of small replies costs a few system calls, and a lone request's
+//! reply leaves from its own task without a hand-off.
 //!
 //! A request that breaks the framing (bad magic, a WRITE longer than
 //! [`MAX_REQUEST`]) closes this connection only; a request that is merely
 //! invalid (range, flags, unknown command) is answered NBD_EINVAL.
 
 use std::io::IoSlice;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{watch, Mutex, Semaphore};
+use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use super::proto::*;
@@ -37,6 +40,9 @@ const UNIT: u32 = 64 * 1024;
 
 /// Zeros for NBD_CMD_WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE, shared.
 const ZERO_PIECE: usize = 1 << 20;
+
+/// Buffers per vectored write (the kernel's IOV_MAX is 1024).
+const MAX_IOV: usize = 1024;
 
 /// Splits the stream into request headers and WRITE payloads.
 struct RequestReader<R> {
@@ -97,16 +103,53 @@ struct Ctx {
     export: Arc<BlockExport>,
     structured: bool,
     block_status: bool,
+    /// Replies waiting for the socket, each with the budget its request
+    /// holds until the reply is written.
+    queue: std::sync::Mutex<Vec<(Reply, OwnedSemaphorePermit)>>,
+    /// The socket; its holder writes the queue.
     writer: Mutex<OwnedWriteHalf>,
+    /// Writing failed (the client is gone): replies are dropped.
+    broken: AtomicBool,
 }
 
 impl Ctx {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<(Reply, OwnedSemaphorePermit)>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Answers one request and sends the reply.
-    async fn handle(&self, req: Request, payload: Bytes) {
+    async fn handle(&self, req: Request, payload: Bytes, permit: OwnedSemaphorePermit) {
         let reply = self.answer(req, payload).await;
-        let mut w = self.writer.lock().await;
-        if let Err(e) = write_reply(&mut w, &reply).await {
-            tracing::debug!(cause = %e, "writing a reply failed");
+        self.send(reply, permit).await;
+    }
+
+    /// Queues a reply, and writes the queue unless another task is writing
+    /// it. The writer looks at the queue again after letting the socket go,
+    /// so a reply queued meanwhile is never left behind.
+    async fn send(&self, reply: Reply, permit: OwnedSemaphorePermit) {
+        self.queue().push((reply, permit));
+        loop {
+            let Ok(mut w) = self.writer.try_lock() else {
+                return;
+            };
+            loop {
+                let batch = std::mem::take(&mut *self.queue());
+                if batch.is_empty() {
+                    break;
+                }
+                if !self.broken.load(Ordering::Relaxed) {
+                    if let Err(e) = write_batch(&mut w, &batch).await {
+                        tracing::debug!(cause = %e, "writing replies failed");
+                        self.broken.store(true, Ordering::Relaxed);
+                    }
+                }
+                // Written: the budget of these requests is free again.
+                drop(batch);
+            }
+            drop(w);
+            if self.queue().is_empty() {
+                return;
+            }
         }
     }
 
@@ -250,24 +293,44 @@ async fn write_zeros(
     Ok(())
 }
 
-/// Writes one whole reply.
-async fn write_reply(w: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
-    if reply.data.is_empty() {
-        return w.write_all(&reply.head).await;
+/// Writes whole replies, with as few system calls as the socket allows.
+async fn write_batch(
+    w: &mut OwnedWriteHalf,
+    batch: &[(Reply, OwnedSemaphorePermit)],
+) -> std::io::Result<()> {
+    if let [(reply, _)] = batch {
+        if reply.data.is_empty() {
+            return w.write_all(&reply.head).await;
+        }
     }
-    let (mut head, mut data) = (reply.head.clone(), reply.data.clone());
-    while !head.is_empty() {
-        let n = w
-            .write_vectored(&[IoSlice::new(&head), IoSlice::new(&data)])
-            .await?;
+    let mut bufs: Vec<Bytes> = batch
+        .iter()
+        .flat_map(|(r, _)| [r.head.clone(), r.data.clone()])
+        .filter(|b| !b.is_empty())
+        .collect();
+    let mut first = 0;
+    while first < bufs.len() {
+        let slices: Vec<IoSlice<'_>> = bufs[first..]
+            .iter()
+            .take(MAX_IOV)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        let from_head = n.min(head.len());
-        head.advance(from_head);
-        data.advance(n - from_head);
+        while n > 0 && first < bufs.len() {
+            let len = bufs[first].len();
+            if n >= len {
+                n -= len;
+                first += 1;
+            } else {
+                bufs[first].advance(n);
+                n = 0;
+            }
+        }
     }
-    w.write_all(&data).await
+    Ok(())
 }
 
 /// Budget units a request holds while in flight.
@@ -296,7 +359,9 @@ pub(super) async fn serve(
         export: negotiated.export,
         structured: negotiated.structured,
         block_status: negotiated.block_status,
+        queue: std::sync::Mutex::new(Vec::new()),
         writer: Mutex::new(wr),
+        broken: AtomicBool::new(false),
     });
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let mut requests = RequestReader::new(rd);
@@ -349,19 +414,18 @@ pub(super) async fn serve(
         let alone = budget.available_permits() + need as usize == BUDGET_UNITS as usize
             && !requests.has_buffered();
         if alone {
-            ctx.handle(req, payload).await;
-            drop(permit);
+            ctx.handle(req, payload, permit).await;
         } else {
             let ctx = ctx.clone();
             let user = export_use.clone();
             tokio::spawn(async move {
-                ctx.handle(req, payload).await;
-                drop(permit);
+                ctx.handle(req, payload, permit).await;
                 drop(user);
             });
         }
     }
-    // Every request in flight is answered before the connection closes.
+    // Every request in flight is answered (its reply written, or dropped
+    // when the client is gone) before the connection closes.
     let _ = budget.acquire_many(BUDGET_UNITS).await;
     let _ = ctx.writer.lock().await.shutdown().await;
     drop(export_use);
