@@ -100,7 +100,8 @@ impl NbdServer {
     }
 }
 
-#[tracing::instrument(name = "nbd", skip_all, fields(peer = %peer))]
+// Debug level: an enabled span is entered on every poll of the connection.
+#[tracing::instrument(level = "debug", name = "nbd", skip_all, fields(peer = %peer))]
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,

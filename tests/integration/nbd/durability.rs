@@ -87,3 +87,55 @@ async fn flushed_and_fua_writes_survive_kill_9() {
     assert!(after == expected, "bytes other than the writes changed");
     assert_eq!(repo_objects(&repo), repo_before, "the repository changed");
 }
+
+/// Multi-conn, as advertised: writes answered on one connection (no FUA,
+/// no flush there, the connection still open) are made durable by a flush
+/// on another connection, and survive `kill -9` (without that flush they
+/// are lost: checked by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_on_one_connection_covers_writes_answered_on_another() {
+    if !nbd_peers_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = init_repo(tmp.path(), None);
+    let vm = SampleVm::create(&tmp.path().join("src"), "app02", 8 * MIB, 29);
+    backup_json(&repo, &vm.dir, None);
+    let mut server = ReviveServer::start(
+        &tmp.path().join("server"),
+        ServerSpec::new(&repo).block_export("app02", "app02@latest", None, &["127.0.0.1"]),
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.nbd_port.expect("nbd port")));
+    let mut writer = RawNbd::connect(addr, "app02").await;
+    let mut flusher = RawNbd::connect(addr, "app02").await;
+    let blocks: Vec<(u64, u8)> = (0..40u64)
+        .map(|i| ((i * 131 + 3) % 2048 * BLOCK, i as u8 + 1))
+        .collect();
+    for (offset, fill) in &blocks {
+        assert_eq!(writer.write(*offset, &[*fill; BLOCK as usize]).await, 0);
+    }
+    assert_eq!(flusher.flush().await, 0);
+    server.kill9();
+    drop(writer);
+    server.restart();
+    let copy = tmp.path().join("after.img");
+    tool_ok(
+        "nbdcopy",
+        &[&server.nbd_url("app02"), copy.to_str().expect("utf8")],
+    )
+    .await;
+    let after = std::fs::read(&copy).expect("read copy");
+    let lost: Vec<u64> = blocks
+        .iter()
+        .filter(|(offset, fill)| {
+            after[*offset as usize..(*offset + BLOCK) as usize]
+                .iter()
+                .any(|b| b != fill)
+        })
+        .map(|(offset, _)| *offset)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "writes of one connection lost despite another's flush: {lost:?}"
+    );
+}

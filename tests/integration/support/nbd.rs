@@ -81,3 +81,69 @@ pub async fn qemu_io(url: &str, commands: &[String]) -> String {
     }
     tool_ok("qemu-io", &args).await
 }
+
+/// A minimal NBD client on the wire (NBD_OPT_EXPORT_NAME, simple replies),
+/// for what the tools cannot do: hold a connection open with unflushed
+/// writes while another connection flushes.
+pub struct RawNbd {
+    stream: tokio::net::TcpStream,
+    handle: u64,
+}
+
+impl RawNbd {
+    /// Connects to `addr` and enters transmission on `export`.
+    pub async fn connect(addr: std::net::SocketAddr, export: &str) -> RawNbd {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut greeting = [0u8; 18];
+        stream.read_exact(&mut greeting).await.expect("greeting");
+        // Fixed newstyle, no zeroes.
+        stream.write_u32(3).await.expect("client flags");
+        let mut opt = Vec::new();
+        opt.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+        opt.extend_from_slice(&1u32.to_be_bytes());
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        stream.write_all(&opt).await.expect("NBD_OPT_EXPORT_NAME");
+        let mut size_flags = [0u8; 10];
+        stream
+            .read_exact(&mut size_flags)
+            .await
+            .expect("export size and flags");
+        RawNbd { stream, handle: 0 }
+    }
+
+    /// One request (with data for a write); returns the reply's error.
+    async fn request(&mut self, kind: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> u32 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.handle += 1;
+        let mut req = Vec::with_capacity(28 + data.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&flags.to_be_bytes());
+        req.extend_from_slice(&kind.to_be_bytes());
+        req.extend_from_slice(&self.handle.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(data);
+        self.stream.write_all(&req).await.expect("request");
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply).await.expect("reply");
+        assert_eq!(
+            &reply[..4],
+            &0x6744_6698u32.to_be_bytes(),
+            "simple reply magic"
+        );
+        assert_eq!(&reply[8..], &self.handle.to_be_bytes(), "reply handle");
+        u32::from_be_bytes(reply[4..8].try_into().expect("4 bytes"))
+    }
+
+    /// NBD_CMD_WRITE, without FUA; returns the reply's error.
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> u32 {
+        self.request(1, 0, offset, data.len() as u32, data).await
+    }
+
+    /// NBD_CMD_FLUSH; returns the reply's error.
+    pub async fn flush(&mut self) -> u32 {
+        self.request(3, 0, 0, 0, &[]).await
+    }
+}
