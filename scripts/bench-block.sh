@@ -315,13 +315,15 @@ echo "$TABLE"
 
 if [ -n "$MD" ]; then
     CPU=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)
+    LIBNBD_VERSION=$(dpkg-query -W -f '${Version}' libnbd0 2>/dev/null || echo unknown)
+    NBDKIT_VERSION=$(dpkg-query -W -f '${Version}' nbdkit 2>/dev/null || echo unknown)
     cat >"$MD" <<EOF
 # Block benchmark: revive's NBD exports vs nbdkit, and vs revive's NFS
 
 Produced by \`$CMDLINE\` on $(date -u '+%Y-%m-%d %H:%M UTC'), revive \`$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)\`.
 
 Machine: $(nproc) cores ($CPU), $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r); load average before the run: $LOAD_BEFORE, after: $LOAD_AFTER.
-fio $(fio --version | sed 's/^fio-//') (nbd engine, libnbd $(dpkg-query -W -f '\${Version}' libnbd0 2>/dev/null); nfs engine from scripts/build-fio-nfs.sh), nbdkit $(dpkg-query -W -f '\${Version}' nbdkit) (file plugin).
+fio $(fio --version | sed 's/^fio-//') (nbd engine, libnbd $LIBNBD_VERSION; nfs engine from scripts/build-fio-nfs.sh), nbdkit $NBDKIT_VERSION (file plugin).
 
 $TABLE
 
