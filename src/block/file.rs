@@ -1,10 +1,10 @@
 //! [`FileDevice`]: the [`BlockDevice`] of a block export, one presented file
-//! of a publication served through the datastore's own file operations:
-//! reads through `Datastore::read` (write cache first, else the backup),
-//! writes through `Datastore::write` (FUA = FILE_SYNC stability), flush =
-//! `Datastore::commit` (the journal sync of an NFS COMMIT), write zeroes and
-//! trim = `Datastore::punch`, extents = `Datastore::extents`. There is no
-//! second read path, and the repository is never written.
+//! of a publication served through the datastore's one operation surface,
+//! [`FileOps`]: reads through `read` (write cache first, else the backup),
+//! writes through `write` (FUA = FILE_SYNC stability), flush = `commit` (the
+//! journal sync of an NFS COMMIT), write zeroes and trim = `punch`, extents
+//! = `extents`. There is no second read path, and the repository is never
+//! written.
 //!
 //! A flush commits the file's one write cache, which every connection to
 //! the export (and NFS clients of the same file) writes into: it covers
@@ -17,13 +17,12 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use super::device::{check_range, BlockDevice, BlockError, BlockResult, Extent, ExtentKind};
-use crate::datastore::{Datastore, DatastoreError, ExportId, FileId, Stability};
+use crate::datastore::{DatastoreError, FileAt, FileOps, Stability};
 
 /// A presented file as a disk.
 pub struct FileDevice {
-    datastore: Arc<Datastore>,
-    export: ExportId,
-    file: FileId,
+    datastore: Arc<dyn FileOps>,
+    at: FileAt,
     name: String,
     size: u64,
     stable_id: [u8; 16],
@@ -31,32 +30,30 @@ pub struct FileDevice {
 }
 
 impl FileDevice {
-    /// The file `file` of NFS export `export` as a disk named `name`, of the
-    /// file's current size (fixed for the life of the device).
+    /// The file `at` as a disk named `name`, of the file's current size
+    /// (fixed for the life of the device).
     ///
     /// # Errors
     /// The datastore's, when the file cannot be looked up.
     pub async fn open(
-        datastore: Arc<Datastore>,
-        export: ExportId,
-        file: FileId,
+        datastore: Arc<dyn FileOps>,
+        at: FileAt,
         name: &str,
         read_only: bool,
     ) -> Result<FileDevice, DatastoreError> {
-        let attr = datastore.getattr(export, file).await?;
+        let attr = datastore.getattr(at).await?;
         let instance = datastore
-            .export(export)
+            .export(at.export)
             .map(|e| e.instance)
             .ok_or(DatastoreError::Stale)?;
         // Export instance and file id are persisted: the same disk keeps its
         // identity across restarts (iSCSI VPD 0x83 and serial numbers).
         let mut stable_id = [0u8; 16];
-        let hash = blake3::hash(format!("revive-block:{instance:016x}:{file}").as_bytes());
+        let hash = blake3::hash(format!("revive-block:{instance:016x}:{}", at.id).as_bytes());
         stable_id.copy_from_slice(&hash.as_bytes()[..16]);
         Ok(FileDevice {
             datastore,
-            export,
-            file,
+            at,
             name: name.to_string(),
             size: attr.size,
             stable_id,
@@ -65,8 +62,8 @@ impl FileDevice {
     }
 
     /// The file served.
-    pub fn file(&self) -> (ExportId, FileId) {
-        (self.export, self.file)
+    pub fn file(&self) -> FileAt {
+        self.at
     }
 
     fn check_write(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -109,7 +106,7 @@ impl BlockDevice for FileDevice {
         check_range(offset, len.into(), self.size)?;
         let reply = self
             .datastore
-            .read(self.export, self.file, offset, len)
+            .read(self.at, offset, len)
             .await
             .map_err(block_err)?;
         if reply.data.len() == len as usize {
@@ -131,7 +128,7 @@ impl BlockDevice for FileDevice {
             Stability::Unstable
         };
         self.datastore
-            .write(self.export, self.file, offset, data, stability)
+            .write(self.at, offset, data, stability)
             .await
             .map_err(block_err)?;
         Ok(())
@@ -141,28 +138,32 @@ impl BlockDevice for FileDevice {
         if self.read_only {
             return Ok(());
         }
-        self.datastore
-            .commit(self.export, self.file)
-            .await
-            .map_err(block_err)
+        self.datastore.commit(self.at).await.map_err(block_err)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> BlockResult<()> {
         self.check_write(offset, len)?;
         // A punch is durable on return: FUA holds either way.
         self.datastore
-            .punch(self.export, self.file, offset, len)
+            .punch(self.at, offset, len)
             .await
             .map_err(block_err)
     }
 
     async fn extents(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
         check_range(offset, len, self.size)?;
-        let extents = self
-            .datastore
-            .extents(self.export, self.file, offset, len)
-            .await
-            .map_err(block_err)?;
+        let extents = match self.datastore.extents(self.at, offset, len).await {
+            Ok(extents) => extents,
+            // Surfaces that cannot tell: all data, which is never wrong.
+            Err(DatastoreError::NotSupported) => {
+                return Ok(vec![Extent {
+                    offset,
+                    len,
+                    kind: ExtentKind::Data,
+                }])
+            }
+            Err(e) => return Err(block_err(e)),
+        };
         Ok(extents
             .into_iter()
             .map(|e| Extent {

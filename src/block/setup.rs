@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::config::BlockExportConfig;
 use super::file::FileDevice;
 use super::registry::{BlockExport, BlockExports, BlockProtocol, RegistryError};
-use crate::datastore::{Datastore, DatastoreError};
+use crate::datastore::{Datastore, DatastoreError, FileAt, FileKind, FileOps};
 
 /// What creating a block export can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -136,15 +136,26 @@ pub async fn export_file(
             })?
         }
     };
-    let (export, _) = ds
+    let (export, folder) = ds
         .publication_folder(req.nfs_export, req.publication)
         .await
         .map_err(ds_err("find the folder"))?;
-    let files = ds
-        .publication_files(req.nfs_export, req.publication)
-        .await
-        .map_err(ds_err("list the files"))?;
-    let Some(found) = files.iter().find(|f| f.name == file && !f.is_dir) else {
+    // A name the folder cannot hold (a path, `..`) is simply not there.
+    let plain = !file.is_empty() && !file.contains(['/', '\0']) && file != "." && file != "..";
+    let found = if plain {
+        match ds.lookup(&FileAt::new(export, folder).child(&file)).await {
+            Ok(attr) if attr.kind == FileKind::Regular => Some(attr.fileid),
+            Ok(_) | Err(DatastoreError::NotFound) => None,
+            Err(e) => return Err(ds_err("look up the file")(e)),
+        }
+    } else {
+        None
+    };
+    let Some(found) = found else {
+        let files = ds
+            .publication_files(req.nfs_export, req.publication)
+            .await
+            .map_err(ds_err("list the files"))?;
         let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
         return Err(SetupError::Invalid {
             name: req.name.to_string(),
@@ -155,7 +166,8 @@ pub async fn export_file(
             ),
         });
     };
-    let device = FileDevice::open(ds.clone(), export, found.id, req.name, req.read_only)
+    let ops: Arc<dyn FileOps> = ds.clone();
+    let device = FileDevice::open(ops, FileAt::new(export, found), req.name, req.read_only)
         .await
         .map_err(ds_err("open the file"))?;
     Ok(registry.add(BlockExport::new(

@@ -188,7 +188,7 @@ pub(super) async fn export(
         addr.port(),
         target.export
     );
-    super::steps::update(inner, handle, |s| {
+    super::runner::update(inner, handle, |s| {
         if let Some(t) = s.block.as_mut() {
             t.url = Some(url.clone());
             t.exported = true;
@@ -203,7 +203,8 @@ pub(super) async fn export(
             }
         }
         Ok(())
-    })?;
+    })
+    .await?;
     info!(session = %session.id, url = %url, "disk exported");
     Ok(SessionState::RegisteringVm)
 }
@@ -222,12 +223,13 @@ pub(super) async fn unexport(
         info!(session = %session.id, export = %target.export, "block export removed");
     }
     if target.exported {
-        super::steps::update(inner, handle, |s| {
+        super::runner::update(inner, handle, |s| {
             if let Some(t) = s.block.as_mut() {
                 t.exported = false;
             }
             Ok(())
-        })?;
+        })
+        .await?;
     }
     Ok(())
 }

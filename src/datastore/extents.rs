@@ -10,7 +10,8 @@
 //! truncate) and beyond the end of the file, everything reads as zeros.
 
 use super::io::{cache_err, repo_err, Base};
-use super::{Datastore, DsResult, ExportId, FileId, FileState};
+use super::surface::FileAt;
+use super::{Datastore, DsResult, FileState};
 use crate::cache::NoBase;
 
 /// One run of a file that either holds data or reads as zeros.
@@ -82,15 +83,14 @@ impl Datastore {
     ///
     /// # Errors
     /// `Stale`, `IsDir`, or a backup index page that cannot be read.
-    pub async fn extents(
+    pub(super) async fn file_extents(
         &self,
-        export: ExportId,
-        id: FileId,
+        at: FileAt,
         offset: u64,
         len: u64,
     ) -> DsResult<Vec<FileExtent>> {
         let end = offset.saturating_add(len);
-        let (_, node, st) = self.regular(export, id).await?;
+        let (_, node, st) = self.regular(at.export, at.id).await?;
         let size = st.size(&node);
         let data_end = end.min(size);
         let mut ext = Extents::new(offset);
@@ -123,8 +123,8 @@ impl Datastore {
     ///
     /// # Errors
     /// As WRITE.
-    pub async fn punch(&self, export: ExportId, id: FileId, offset: u64, len: u64) -> DsResult<()> {
-        let (state, node, st) = self.regular(export, id).await?;
+    pub(super) async fn punch_range(&self, at: FileAt, offset: u64, len: u64) -> DsResult<()> {
+        let (state, node, st) = self.regular(at.export, at.id).await?;
         let cache = self.ensure_cache(&state, &node, &st).await?;
         match &st.base {
             Some(base) => cache.punch(offset, len, &Base(base)).await,
@@ -180,7 +180,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::datastore::{DatastoreConfig, ExportConfig, SetAttr, Stability};
+    use crate::datastore::{DatastoreConfig, ExportConfig, FileOps, SetAttr, Stability};
     use crate::progress::NoProgress;
     use crate::repo::{backup, BackupOptions, Repository};
     use crate::store::LocalStore;
@@ -190,7 +190,7 @@ mod tests {
     /// A datastore over a backed-up image of 16 chunks (less 1000 bytes)
     /// whose chunks 2, 3 and 10 are zeros; returns it with the image and the
     /// published file.
-    async fn setup(dir: &std::path::Path) -> (Datastore, Vec<u8>, ExportId, FileId) {
+    async fn setup(dir: &std::path::Path) -> (Datastore, Vec<u8>, FileAt) {
         let size = 16 * CHUNK - 1000;
         let mut image: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
         for zero in [2u64, 3, 10] {
@@ -223,8 +223,12 @@ mod tests {
             .await
             .unwrap();
         let export = ds.export_by_path("/revive").unwrap().id;
-        let file = ds.lookup(export, folder, "disk.img").await.unwrap().fileid;
-        (ds, image, export, file)
+        let file = ds
+            .lookup(&FileAt::new(export, folder).child("disk.img"))
+            .await
+            .unwrap()
+            .fileid;
+        (ds, image, FileAt::new(export, file))
     }
 
     fn kinds(ext: &[FileExtent]) -> Vec<(u64, u64, bool)> {
@@ -233,24 +237,14 @@ mod tests {
 
     /// Every extent said to be zeros reads as zeros, and the extents are
     /// consecutive from `offset`.
-    async fn check_against_reads(
-        ds: &Datastore,
-        export: ExportId,
-        file: FileId,
-        ext: &[FileExtent],
-        offset: u64,
-    ) {
+    async fn check_against_reads(ds: &Datastore, at: FileAt, ext: &[FileExtent], offset: u64) {
         let mut next = offset;
         for e in ext {
             assert_eq!(e.offset, next, "{ext:?}");
             assert!(e.len > 0);
             next += e.len;
             if e.zero {
-                let data = ds
-                    .read(export, file, e.offset, e.len as u32)
-                    .await
-                    .unwrap()
-                    .data;
+                let data = ds.read(at, e.offset, e.len as u32).await.unwrap().data;
                 assert!(data.iter().all(|b| *b == 0), "zero extent {e:?} holds data");
             }
         }
@@ -259,9 +253,9 @@ mod tests {
     #[tokio::test]
     async fn extents_follow_backup_holes_cache_blocks_and_the_end_of_file() {
         let dir = tempfile::tempdir().unwrap();
-        let (ds, image, export, file) = setup(dir.path()).await;
+        let (ds, image, at) = setup(dir.path()).await;
         let size = image.len() as u64;
-        let ext = ds.extents(export, file, 0, size).await.unwrap();
+        let ext = ds.extents(at, 0, size).await.unwrap();
         assert_eq!(
             kinds(&ext),
             vec![
@@ -272,9 +266,9 @@ mod tests {
                 (11 * CHUNK, size - 11 * CHUNK, false),
             ]
         );
-        check_against_reads(&ds, export, file, &ext, 0).await;
+        check_against_reads(&ds, at, &ext, 0).await;
         // Unaligned, reaching past the end of the file: zeros there.
-        let ext = ds.extents(export, file, 2 * CHUNK + 5, size).await.unwrap();
+        let ext = ds.extents(at, 2 * CHUNK + 5, size).await.unwrap();
         assert_eq!(
             ext[0],
             FileExtent {
@@ -291,18 +285,14 @@ mod tests {
 
         // A write inside a zero chunk makes its cache block data.
         ds.write(
-            export,
-            file,
+            at,
             2 * CHUNK + 4096,
             Bytes::from(vec![7u8; 100]),
             Stability::Unstable,
         )
         .await
         .unwrap();
-        let ext = ds
-            .extents(export, file, 2 * CHUNK, 2 * CHUNK)
-            .await
-            .unwrap();
+        let ext = ds.extents(at, 2 * CHUNK, 2 * CHUNK).await.unwrap();
         assert_eq!(
             kinds(&ext),
             vec![
@@ -312,36 +302,34 @@ mod tests {
             ]
         );
         // A punch reads as zeros; its blocks are cache blocks (data).
-        ds.punch(export, file, 5 * CHUNK + 100, CHUNK)
-            .await
-            .unwrap();
+        ds.punch(at, 5 * CHUNK + 100, CHUNK).await.unwrap();
         let data = ds
-            .read(export, file, 5 * CHUNK + 100, CHUNK as u32)
+            .read(at, 5 * CHUNK + 100, CHUNK as u32)
             .await
             .unwrap()
             .data;
         assert!(data.iter().all(|b| *b == 0));
         assert_eq!(
-            ds.read(export, file, 5 * CHUNK + 99, 1).await.unwrap().data[0],
+            ds.read(at, 5 * CHUNK + 99, 1).await.unwrap().data[0],
             image[(5 * CHUNK + 99) as usize]
         );
-        let ext = ds.extents(export, file, 0, size).await.unwrap();
-        check_against_reads(&ds, export, file, &ext, 0).await;
+        let ext = ds.extents(at, 0, size).await.unwrap();
+        check_against_reads(&ds, at, &ext, 0).await;
 
         // A truncate hides the backup beyond the new end for good.
         let set = SetAttr {
             size: Some(3 * CHUNK),
             ..SetAttr::default()
         };
-        ds.setattr(export, file, &set, None).await.unwrap();
+        ds.setattr(at, &set, None).await.unwrap();
         let set = SetAttr {
             size: Some(size),
             ..SetAttr::default()
         };
-        ds.setattr(export, file, &set, None).await.unwrap();
-        let ext = ds.extents(export, file, 0, size).await.unwrap();
+        ds.setattr(at, &set, None).await.unwrap();
+        let ext = ds.extents(at, 0, size).await.unwrap();
         assert_eq!(ext.last().unwrap().offset, 2 * CHUNK + 8192);
         assert!(ext.last().unwrap().zero);
-        check_against_reads(&ds, export, file, &ext, 0).await;
+        check_against_reads(&ds, at, &ext, 0).await;
     }
 }
