@@ -56,6 +56,11 @@ pub struct Config {
     /// Hypervisor hosts sessions can run VMs on (`[[host]]`).
     #[serde(rename = "host")]
     pub hosts: Vec<HostConfig>,
+    /// Presented files served as disks (`[[block_export]]`).
+    #[serde(rename = "block_export")]
+    pub block_exports: Vec<crate::block::BlockExportConfig>,
+    /// The NBD server (`[nbd]`).
+    pub nbd: crate::block::NbdSection,
 }
 
 /// `[sessions]`
@@ -373,6 +378,8 @@ mod tests {
             config.hosts[0].driver,
             crate::drivers::DriverConfig::None(Default::default())
         );
+        assert_eq!(config.nbd, crate::block::NbdSection::default());
+        assert!(config.block_exports.is_empty());
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub enum Command {
         /// Restore point: full id, unique prefix, or VM@latest.
         point: String,
     },
-    /// Serve the NFSv3 datastore: published restore points as VM folders.
+    /// Serve the NFSv3 datastore (published restore points as VM folders) and block exports (NBD).
     Serve {
         /// Configuration file (default: $REVIVE_CONFIG, else built-in defaults).
         #[arg(long, env = revive::config::CONFIG_ENV, value_name = "FILE")]
@@ -165,6 +165,12 @@ pub enum Command {
         /// Power the VM on once registered.
         #[arg(long)]
         power_on: bool,
+        /// vm: the VM folder on the NFS datastore; block: a disk as a block export (NBD).
+        #[arg(long, value_enum, default_value = "vm")]
+        kind: KindArg,
+        /// Disk file to export with --kind block (default: the only disk).
+        #[arg(long, value_name = "FILE")]
+        disk: Option<String>,
         /// Wait until the sessions run (or need attention).
         #[arg(long)]
         wait: bool,
@@ -252,6 +258,24 @@ impl Command {
         match self {
             Command::Serve { .. } => "info",
             _ => "warn",
+        }
+    }
+}
+
+/// `--kind` of `revive recover`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KindArg {
+    /// The VM folder on the NFS datastore, registered with the host.
+    Vm,
+    /// One disk served as a block export (NBD); a QEMU host boots it from nbd://.
+    Block,
+}
+
+impl From<KindArg> for revive::controller::RecoveryKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Vm => revive::controller::RecoveryKind::Vm,
+            KindArg::Block => revive::controller::RecoveryKind::Block,
         }
     }
 }
@@ -346,6 +370,8 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             cache,
             name,
             power_on,
+            kind,
+            disk,
             wait,
             json,
         } => {
@@ -357,6 +383,9 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
                 cache,
                 name,
                 power_on,
+                kind: kind.into(),
+                disk,
+                protocol: None,
             };
             sessions::recover(&api, req, wait, json).await
         }

@@ -16,6 +16,7 @@
 //! - Drivers are called through [`crate::drivers::Driver`] only, and every
 //!   call is idempotent, so a step may be run again after a crash.
 
+mod block;
 mod copy;
 mod error;
 mod hosts;
@@ -35,10 +36,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+pub use block::{BlockTarget, RecoveryKind};
 pub use error::ControllerError;
 pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
 
+use crate::block::{BlockExports, BlockProtocol};
 use crate::datastore::Datastore;
 use crate::drivers::{self, DatastoreSpec, Driver, DriverConfig, HostConfig, NoneConfig};
 
@@ -95,6 +98,15 @@ pub struct RecoverRequest {
     /// Power the VMs on once registered.
     #[serde(default)]
     pub power_on: bool,
+    /// A VM folder on the NFS datastore (default) or a disk as a block export.
+    #[serde(default)]
+    pub kind: RecoveryKind,
+    /// Disk to export (`kind` block; default: the only disk).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Protocol of the block export (`kind` block; default nbd).
+    #[serde(default)]
+    pub protocol: Option<BlockProtocol>,
 }
 
 /// A `migrate` request.
@@ -154,6 +166,8 @@ impl SessionHandle {
 struct Inner {
     config: ControllerConfig,
     datastore: Arc<Datastore>,
+    /// Block exports being served (block sessions add theirs).
+    blocks: Arc<BlockExports>,
     store: SessionStore,
     drivers: HashMap<String, Result<Arc<dyn Driver>, String>>,
     sessions: DashMap<String, Arc<SessionHandle>>,
@@ -171,10 +185,22 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Loads every session record and resumes the unfinished ones.
+    /// Loads every session record and resumes the unfinished ones, without
+    /// a block export server (block sessions fail validation).
     pub async fn start(
         config: ControllerConfig,
         datastore: Arc<Datastore>,
+    ) -> Result<Controller, ControllerError> {
+        Self::start_with(config, datastore, BlockExports::new()).await
+    }
+
+    /// As [`Controller::start`], with the block exports `revive serve`
+    /// serves: block sessions add theirs there, and those of sessions
+    /// already exported are re-created now.
+    pub async fn start_with(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        blocks: Arc<BlockExports>,
     ) -> Result<Controller, ControllerError> {
         let store = SessionStore::open(&config.state_dir)?;
         let mut drivers = HashMap::new();
@@ -192,6 +218,7 @@ impl Controller {
         let inner = Arc::new(Inner {
             config,
             datastore,
+            blocks,
             store,
             drivers,
             sessions: DashMap::new(),
@@ -201,6 +228,7 @@ impl Controller {
         });
         let controller = Controller { inner };
         for session in controller.inner.store.load_all()? {
+            block::restore(&controller.inner, &session).await;
             let resume = !session.state.is_terminal();
             if resume {
                 info!(session = %session.id, name = %session.name, state = %session.state, "resuming session");
@@ -229,6 +257,11 @@ impl Controller {
     /// Counters for `/metrics`.
     pub fn metrics(&self) -> &ControllerMetrics {
         &self.inner.metrics
+    }
+
+    /// The block exports being served (for `/metrics`).
+    pub fn block_exports(&self) -> &Arc<BlockExports> {
+        &self.inner.blocks
     }
 
     /// Number of sessions in each state.
@@ -260,6 +293,16 @@ impl Controller {
         if vms.len() > 1 && (req.name.is_some() || req.point.is_some()) {
             return Err(ControllerError::BadRequest(
                 "--name and --point apply to a single VM; recover several VMs from their latest points without them".into(),
+            ));
+        }
+        if req.kind != RecoveryKind::Block && (req.disk.is_some() || req.protocol.is_some()) {
+            return Err(ControllerError::BadRequest(
+                "--disk and --protocol apply to --kind block".into(),
+            ));
+        }
+        if vms.len() > 1 && req.disk.is_some() {
+            return Err(ControllerError::BadRequest(
+                "--disk applies to a single VM".into(),
             ));
         }
         let host = self.pick_host(req.host.as_deref(), req.driver.as_deref())?;
@@ -308,6 +351,13 @@ impl Controller {
                 .unwrap_or_else(|| self.inner.config.cache_root.clone())
                 .join(&name);
             let now = Utc::now();
+            let block = (req.kind == RecoveryKind::Block).then(|| {
+                BlockTarget::new(
+                    &name,
+                    req.disk.clone(),
+                    req.protocol.unwrap_or(BlockProtocol::Nbd),
+                )
+            });
             let session = Session {
                 id: new_id(),
                 request: request.clone(),
@@ -331,6 +381,7 @@ impl Controller {
                 vm_ref: None,
                 vm_spec: None,
                 datastore_attached: false,
+                block,
                 migration: None,
                 created: now,
                 updated: now,

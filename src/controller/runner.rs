@@ -178,7 +178,10 @@ async fn run_step(
     let driver = driver_of(inner, session);
     match step {
         SessionState::Validating => validate(inner, handle, session, &driver?).await,
-        SessionState::Publishing => publish(inner, session).await,
+        SessionState::Publishing => publish(inner, session)
+            .await
+            .map(|next| super::block::after_publish(session, next)),
+        SessionState::Exporting => super::block::export(inner, handle, session).await,
         SessionState::RegisteringDatastore => {
             let driver = driver?;
             let lock = host_lock(inner, &session.host);

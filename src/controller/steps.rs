@@ -107,6 +107,7 @@ pub(super) async fn validate(
             name: f.name.clone(),
             size: f.size,
             disk: f.kind.is_disk(),
+            url: None,
         });
         if f.name.ends_with(".vmx") && f.size <= 1 << 20 {
             let reader = FileReader::new(repo, &point, &f.name)?;
@@ -114,13 +115,14 @@ pub(super) async fn validate(
             memory_mib = vmx_memsize(&String::from_utf8_lossy(&text));
         }
     }
-    let spec = VmSpec {
+    let mut spec = VmSpec {
         name: session.name.clone(),
         source_vm: session.vm.clone(),
         folder: session.name.clone(),
         files,
         memory_mib,
     };
+    let block_disk = super::block::validate(inner, session, &mut spec)?;
     match driver.validate(&spec).await {
         Ok(_) => {}
         Err(e) if e.is_transient() => return Err(e.into()),
@@ -135,6 +137,7 @@ pub(super) async fn validate(
     update(inner, handle, |s| {
         s.point = point_id;
         s.vm_spec = Some(spec);
+        super::block::set_disk(s, block_disk);
         Ok(())
     })
     .await?;
@@ -306,6 +309,8 @@ pub(super) async fn switch_over(
     if let Some(vm) = &session.vm_ref {
         driver.power_off(vm).await?;
     }
+    // No block client may write once the last ranges are copied.
+    super::block::unexport(inner, handle, session).await?;
     let folder = copy::final_pass(inner, handle, session, &migration).await?;
     if let Some(vm) = &session.vm_ref {
         driver.unregister_vm(vm).await?;
@@ -344,6 +349,7 @@ pub(super) async fn release(
             .await?;
         }
     }
+    super::block::unexport(inner, handle, session).await?;
     match inner
         .datastore
         .unpublish(&session.export, &session.name)

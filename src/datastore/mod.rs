@@ -21,6 +21,7 @@
 //! <cache_root>/<publication>/          write caches of a publication (default location)
 //! ```
 
+mod extents;
 mod io;
 pub mod namespace;
 mod nslog;
@@ -43,6 +44,7 @@ use tracing::{info, warn};
 
 use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
+pub use extents::FileExtent;
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
 pub use surface::{FileAt, FileOps, NameAt};

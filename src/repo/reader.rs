@@ -139,6 +139,47 @@ impl FileReader {
         }
     }
 
+    /// For chunks `chunks` (clipped to the file), whether each is a hole
+    /// (an all-zero chunk the backup did not store), in order. Reads each
+    /// index page once, never a chunk: what block status queries need.
+    ///
+    /// # Errors
+    /// A page that cannot be read or does not cover a chunk it should.
+    pub async fn holes(&self, chunks: std::ops::Range<u64>) -> Result<Vec<bool>, RepoError> {
+        let end = chunks.end.min(self.chunk_count());
+        let mut out = Vec::with_capacity(end.saturating_sub(chunks.start) as usize);
+        let mut index = chunks.start;
+        let corrupt = |index: u64| RepoError::CorruptObject {
+            key: format!("index of '{}'", self.path),
+            reason: format!("no entry for chunk {index}"),
+        };
+        let pages = match &self.index {
+            ChunkIndex::Inline(ids) => {
+                for i in index..end {
+                    out.push(ids.get(i as usize).ok_or_else(|| corrupt(i))?.is_hole());
+                }
+                return Ok(out);
+            }
+            ChunkIndex::Pages(pages) => pages,
+        };
+        while index < end {
+            let (page_no, slot) = locate(index);
+            let page_id = pages.get(page_no).ok_or_else(|| corrupt(index))?;
+            let page = self.repo.page(page_id).await?;
+            let take = (page.entries.len().saturating_sub(slot) as u64).min(end - index);
+            if take == 0 {
+                return Err(corrupt(index));
+            }
+            out.extend(
+                page.entries[slot..slot + take as usize]
+                    .iter()
+                    .map(ChunkId::is_hole),
+            );
+            index += take;
+        }
+        Ok(out)
+    }
+
     /// Plain bytes of chunk number `index`, verified; zeros for a hole.
     pub async fn chunk(&self, index: u64) -> Result<Bytes, RepoError> {
         let id = self.chunk_id(index).await?;

@@ -4,6 +4,7 @@
 
 mod datastore;
 mod iscsi;
+mod nbd;
 mod nfs_proto;
 mod qemu;
 mod repo_cli;

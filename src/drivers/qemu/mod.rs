@@ -280,10 +280,13 @@ impl Driver for QemuDriver {
             .disks()
             .map(|d| DiskState {
                 name: d.name.clone(),
-                location: format!(
-                    "nfs://{}{}/{}/{}",
-                    datastore.remote_host, export, vm.folder, d.name
-                ),
+                // A block session's disk is opened from its block export.
+                location: d.url.clone().unwrap_or_else(|| {
+                    format!(
+                        "nfs://{}{}/{}/{}",
+                        datastore.remote_host, export, vm.folder, d.name
+                    )
+                }),
                 format: process::format_for(&d.name).into(),
                 size: d.size,
             })

@@ -8,6 +8,7 @@ pub mod client;
 pub mod iscsi;
 pub mod memfs;
 pub mod moto;
+pub mod nbd;
 pub mod postgres;
 pub mod qemu;
 pub mod server;

@@ -61,6 +61,8 @@ pub struct ServerSpec {
     pub repository_extra: String,
     /// Body of `[repository.s3]`.
     pub s3_section: String,
+    /// Serve NBD (`[nbd]`) on a free loopback port.
+    pub nbd: bool,
 }
 
 /// The API token of test servers.
@@ -83,7 +85,33 @@ impl ServerSpec {
             env: Vec::new(),
             repository_extra: String::new(),
             s3_section: String::new(),
+            nbd: false,
         }
+    }
+
+    /// Serves NBD on a free loopback port (`[nbd] enabled`), for block
+    /// exports and block sessions.
+    pub fn with_nbd(mut self) -> Self {
+        self.nbd = true;
+        self
+    }
+
+    /// A `[[block_export]]` over NBD of `file` (default: the only disk) of
+    /// restore point `point`, for `allowed` clients; serves NBD.
+    pub fn block_export(
+        mut self,
+        name: &str,
+        point: &str,
+        file: Option<&str>,
+        allowed: &[&str],
+    ) -> Self {
+        self.nbd = true;
+        let file = file.map_or(String::new(), |f| format!("file = {f:?}\n"));
+        self.extra_toml += &format!(
+            "\n[[block_export]]\nname = {name:?}\npoint = {point:?}\n{file}protocol = \"nbd\"\n\
+             allowed_clients = {allowed:?}\n"
+        );
+        self
     }
 
     /// Logs at `level` (e.g. "revive=info") to `serve.log`, for tests that read it.
@@ -165,6 +193,8 @@ pub struct ReviveServer {
     pub portmap_port: Option<u16>,
     /// API port of the current boot, when the spec asks for the API.
     pub api_port: Option<u16>,
+    /// NBD port of the current boot, when NBD is served.
+    pub nbd_port: Option<u16>,
     /// Spawn to ports line, of the last boot.
     pub startup: Duration,
 }
@@ -187,6 +217,7 @@ impl ReviveServer {
             mount_port: 0,
             portmap_port: None,
             api_port: None,
+            nbd_port: None,
             startup: Duration::ZERO,
         };
         let ports = s.spec.ports;
@@ -245,6 +276,9 @@ impl ReviveServer {
         );
         if self.spec.api {
             text += &format!("\n[api]\nbind = \"127.0.0.1:0\"\ntoken = {API_TOKEN:?}\n");
+        }
+        if self.spec.nbd {
+            text += "\n[nbd]\nenabled = true\nbind = \"127.0.0.1\"\nport = 0\n";
         }
         for (path, allowed) in &self.spec.exports {
             text += &format!("\n[[export]]\npath = {path:?}\nallowed_clients = {allowed:?}\n");
@@ -325,8 +359,31 @@ impl ReviveServer {
         self.mount_port = port("mount_port").ok_or("no mount_port")?;
         self.portmap_port = port("portmap_port");
         self.api_port = port("api_port");
+        self.nbd_port = port("nbd_port");
         self.child = Some(child);
         Ok(())
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME` of a block export of this boot.
+    pub fn nbd_url(&self, name: &str) -> String {
+        let port = self.nbd_port.expect("server started without NBD");
+        format!("nbd://127.0.0.1:{port}/{name}")
+    }
+
+    /// The API's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let port = self.api_port.expect("server started without the API");
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .error_for_status()
+            .expect("metrics status")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// `revive` with `--api` and `--token` of this server, for the session commands.
