@@ -61,6 +61,8 @@ pub struct Config {
     pub block_exports: Vec<crate::block::BlockExportConfig>,
     /// The NBD server (`[nbd]`).
     pub nbd: crate::block::NbdSection,
+    /// The iSCSI target (`[iscsi]`).
+    pub iscsi: crate::block::IscsiSection,
 }
 
 /// `[sessions]`
@@ -379,6 +381,7 @@ mod tests {
             crate::drivers::DriverConfig::None(Default::default())
         );
         assert_eq!(config.nbd, crate::block::NbdSection::default());
+        assert_eq!(config.iscsi, crate::block::IscsiSection::default());
         assert!(config.block_exports.is_empty());
     }
 

@@ -7,7 +7,7 @@
 //!   datastore's file operations.
 //! - [`registry`]: [`BlockExports`], the exports being served, by name, with
 //!   their allow-lists, protocols and counters.
-//! - [`config`]: `[[block_export]]` and `[nbd]`.
+//! - [`config`]: `[[block_export]]`, `[nbd]` and `[iscsi]`.
 //! - [`setup`]: creating exports from the configuration or a session.
 //! - [`nbd`]: the NBD server.
 //! - [`iscsi`]: the iSCSI target.
@@ -32,7 +32,9 @@ pub mod nbd;
 pub mod registry;
 pub mod setup;
 
-pub use config::{BlockExportConfig, BlockProtocolConfig, NbdSection};
+pub use config::{
+    BlockExportConfig, BlockProtocolConfig, IscsiExportConfig, IscsiSection, NbdSection,
+};
 pub use device::{BlockDevice, BlockError, BlockResult, Extent, ExtentKind, MemDevice};
 pub use file::FileDevice;
 pub use registry::{BlockExport, BlockExports, BlockMetrics, BlockProtocol, ExportUse};

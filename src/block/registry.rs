@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use super::config::BlockProtocolConfig;
 use super::device::BlockDevice;
 
 /// The block protocols revive serves.
@@ -24,6 +25,8 @@ use super::device::BlockDevice;
 pub enum BlockProtocol {
     /// Network Block Device (fixed newstyle, structured replies).
     Nbd,
+    /// iSCSI (one target per export, the disk as LUN 0).
+    Iscsi,
 }
 
 impl BlockProtocol {
@@ -31,6 +34,7 @@ impl BlockProtocol {
     pub fn as_str(self) -> &'static str {
         match self {
             BlockProtocol::Nbd => "nbd",
+            BlockProtocol::Iscsi => "iscsi",
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct BlockExport {
     pub name: String,
     /// The protocol serving it.
     pub protocol: BlockProtocol,
+    /// The protocol's settings for it (the iSCSI target name, initiators).
+    pub settings: BlockProtocolConfig,
     /// The disk.
     pub device: Arc<dyn BlockDevice>,
     /// Client addresses allowed; an empty list allows nobody.
@@ -131,12 +137,31 @@ impl BlockExport {
         BlockExport {
             name: name.to_string(),
             protocol,
+            settings: BlockProtocolConfig::default_for(protocol),
             device,
             allowed_clients,
             metrics: BlockMetrics::default(),
             closed: watch::channel(false).0,
             users: Mutex::new(Some(users)),
             drained: tokio::sync::Mutex::new(drained),
+        }
+    }
+
+    /// The export with `settings` for its protocol (which it takes).
+    pub fn with_settings(mut self, settings: BlockProtocolConfig) -> BlockExport {
+        self.protocol = settings.protocol();
+        self.settings = settings;
+        self
+    }
+
+    /// How a client at `host` reaches the export served on `port`:
+    /// `nbd://HOST:PORT/NAME` or `iscsi://HOST:PORT/IQN/0` (QEMU's forms).
+    pub fn url(&self, host: &str, port: u16) -> String {
+        match &self.settings {
+            BlockProtocolConfig::Nbd(_) => format!("nbd://{host}:{port}/{}", self.name),
+            BlockProtocolConfig::Iscsi(c) => {
+                format!("iscsi://{host}:{port}/{}/0", c.iqn(&self.name))
+            }
         }
     }
 

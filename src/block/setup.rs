@@ -6,9 +6,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::config::BlockExportConfig;
+use super::config::{BlockExportConfig, BlockProtocolConfig};
 use super::file::FileDevice;
-use super::registry::{BlockExport, BlockExports, BlockProtocol, RegistryError};
+use super::registry::{BlockExport, BlockExports, RegistryError};
 use crate::datastore::{Datastore, DatastoreError, FileAt, FileKind, FileOps};
 
 /// What creating a block export can fail with.
@@ -53,8 +53,8 @@ pub struct ExportRequest<'a> {
     pub allowed_clients: Vec<IpAddr>,
     /// Refuse writes.
     pub read_only: bool,
-    /// Protocol serving it.
-    pub protocol: BlockProtocol,
+    /// Protocol serving it, with its settings for the export.
+    pub protocol: BlockProtocolConfig,
 }
 
 /// The disk files (flat extents, images) of a publication's restore point.
@@ -170,12 +170,15 @@ pub async fn export_file(
     let device = FileDevice::open(ops, FileAt::new(export, found), req.name, req.read_only)
         .await
         .map_err(ds_err("open the file"))?;
-    Ok(registry.add(BlockExport::new(
-        req.name,
-        req.protocol,
-        Arc::new(device),
-        req.allowed_clients.clone(),
-    ))?)
+    Ok(registry.add(
+        BlockExport::new(
+            req.name,
+            req.protocol.protocol(),
+            Arc::new(device),
+            req.allowed_clients.clone(),
+        )
+        .with_settings(req.protocol.clone()),
+    )?)
 }
 
 /// Creates the configured block exports that are not served yet, publishing
@@ -232,7 +235,7 @@ pub async fn export_configured(
                 file: c.file.as_deref(),
                 allowed_clients: c.allowed_clients.clone(),
                 read_only: c.read_only,
-                protocol: c.protocol.protocol(),
+                protocol: c.protocol.clone(),
             },
         )
         .await?;

@@ -165,12 +165,15 @@ pub enum Command {
         /// Power the VM on once registered.
         #[arg(long)]
         power_on: bool,
-        /// vm: the VM folder on the NFS datastore; block: a disk as a block export (NBD).
+        /// vm: the VM folder on the NFS datastore; block: a disk as a block export (NBD or iSCSI).
         #[arg(long, value_enum, default_value = "vm")]
         kind: KindArg,
         /// Disk file to export with --kind block (default: the only disk).
         #[arg(long, value_name = "FILE")]
         disk: Option<String>,
+        /// Protocol of the block export with --kind block (default: nbd).
+        #[arg(long, value_enum)]
+        protocol: Option<ProtocolArg>,
         /// Wait until the sessions run (or need attention).
         #[arg(long)]
         wait: bool,
@@ -267,8 +270,26 @@ impl Command {
 pub enum KindArg {
     /// The VM folder on the NFS datastore, registered with the host.
     Vm,
-    /// One disk served as a block export (NBD); a QEMU host boots it from nbd://.
+    /// One disk served as a block export (NBD or iSCSI); a QEMU host boots it from nbd:// or iscsi://.
     Block,
+}
+
+/// `--protocol` of `revive recover --kind block`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProtocolArg {
+    /// NBD (`[nbd]`).
+    Nbd,
+    /// iSCSI (`[iscsi]`): one target per export, the disk as LUN 0.
+    Iscsi,
+}
+
+impl From<ProtocolArg> for revive::block::BlockProtocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Nbd => revive::block::BlockProtocol::Nbd,
+            ProtocolArg::Iscsi => revive::block::BlockProtocol::Iscsi,
+        }
+    }
 }
 
 impl From<KindArg> for revive::controller::RecoveryKind {
@@ -372,6 +393,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             power_on,
             kind,
             disk,
+            protocol,
             wait,
             json,
         } => {
@@ -385,7 +407,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
                 power_on,
                 kind: kind.into(),
                 disk,
-                protocol: None,
+                protocol: protocol.map(Into::into),
             };
             sessions::recover(&api, req, wait, json).await
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use revive::api::ApiState;
+use revive::block::iscsi::{ExportTargets, IscsiServer};
 use revive::block::nbd::NbdServer;
 use revive::block::{BlockExports, BlockProtocol};
 use revive::config::Config;
@@ -57,7 +58,7 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
     publish_configured(&datastore, &config).await?;
     let blocks = BlockExports::new();
     // Bound (and recorded in the registry) before sessions resume: a block
-    // session's steps need to know where NBD is served.
+    // session's steps need to know where NBD and iSCSI are served.
     let nbd_listener = if config.nbd.serves(&config.block_exports) {
         let listener = tokio::net::TcpListener::bind((config.nbd.bind, config.nbd.port))
             .await
@@ -67,7 +68,18 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
     } else {
         None
     };
+    let iscsi_listener = if config.iscsi.serves(&config.block_exports) {
+        let (bind, port) = (config.iscsi.bind, config.iscsi.port);
+        let listener = tokio::net::TcpListener::bind((bind, port))
+            .await
+            .with_context(|| format!("bind iSCSI port {bind}:{port}"))?;
+        blocks.set_listening(BlockProtocol::Iscsi, listener.local_addr()?);
+        Some(listener)
+    } else {
+        None
+    };
     export_blocks(&datastore, &blocks, &config).await?;
+    let iscsi_port = blocks.listening(BlockProtocol::Iscsi).map(|a| a.port());
     let nbd_port = blocks.listening(BlockProtocol::Nbd).map(|a| a.port());
     let controller = Controller::start_with(
         config.controller_config(),
@@ -124,6 +136,7 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
             "api_port": api_port,
             "exports": datastore.exports().iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
             "nbd_port": nbd_port,
+            "iscsi_port": iscsi_port,
             "block_exports": blocks.all().iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
         })
     )?;
@@ -155,10 +168,17 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
     });
     let nbd = nbd_listener
         .map(|listener| tokio::spawn(NbdServer::new(blocks.clone()).serve(listener, stopped())));
+    let iscsi = iscsi_listener.map(|listener| {
+        let targets = ExportTargets::new(blocks.clone());
+        tokio::spawn(IscsiServer::new(targets).serve(listener, stopped()))
+    });
     server.serve(listeners, stopped()).await?;
     if let Some(nbd) = nbd {
         // Block clients' requests in flight are answered before the flush.
         nbd.await.context("NBD server task")??;
+    }
+    if let Some(iscsi) = iscsi {
+        iscsi.await.context("iSCSI server task")??;
     }
     // UNSTABLE writes not yet committed by a client are made durable on a
     // clean stop: libnfs clients (QEMU, fio) do not resend them.

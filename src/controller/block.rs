@@ -1,14 +1,14 @@
 //! Block recovery sessions (`revive recover --kind block`): the session
 //! publishes the restore point as usual, then serves one of its disks as a
-//! block export (NBD) instead of registering an NFS datastore:
+//! block export (NBD or iSCSI) instead of registering an NFS datastore:
 //!
 //! ```text
 //! validating → publishing → exporting → registering_vm → (powering_on) → running
 //! ```
 //!
 //! With the publish-only host the disk is simply served (a database host
-//! attaches it with nbdfuse or qemu); with a QEMU host the guest boots from
-//! `nbd://ADDR:PORT/NAME`. A `copy` migration is the ordinary one, plus one
+//! attaches it with nbdfuse, qemu or an iSCSI initiator); with a QEMU host
+//! the guest boots from `nbd://ADDR:PORT/NAME` or `iscsi://ADDR:PORT/IQN/0`. A `copy` migration is the ordinary one, plus one
 //! step: at switchover the export is removed (its connections closed and
 //! their requests in flight finished) before the last written ranges are
 //! copied, so no write can land after the copy.
@@ -22,7 +22,7 @@ use tracing::{error, info};
 
 use super::{ControllerError, Inner, Session, SessionHandle, SessionState};
 use crate::block::setup::{self, choose_disk, ExportRequest, SetupError};
-use crate::block::BlockProtocol;
+use crate::block::{BlockProtocol, BlockProtocolConfig};
 use crate::drivers::VmSpec;
 
 /// What a recovery presents: a VM folder (NFS datastore) or a disk (block export).
@@ -45,7 +45,8 @@ pub struct BlockTarget {
     pub protocol: BlockProtocol,
     /// Export name clients ask for (the session name).
     pub export: String,
-    /// How clients reach it once exported, e.g. `nbd://127.0.0.1:10809/web01-ir`.
+    /// How clients reach it once exported, e.g. `nbd://127.0.0.1:10809/web01-ir`
+    /// or `iscsi://127.0.0.1:3260/iqn.2024-01.dev.revive:web01-ir/0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// The export was created (and is re-created after a restart).
@@ -155,7 +156,7 @@ async fn create(
             file: target.disk.as_deref(),
             allowed_clients: allowed,
             read_only: false,
-            protocol: target.protocol,
+            protocol: BlockProtocolConfig::default_for(target.protocol),
         },
     )
     .await
@@ -181,13 +182,15 @@ pub(super) async fn export(
         });
     };
     create(inner, session, &target).await?;
-    let url = format!(
-        "{}://{}:{}/{}",
-        target.protocol,
-        session.datastore.remote_host,
-        addr.port(),
-        target.export
-    );
+    let url = match inner.blocks.get(&target.export, target.protocol) {
+        Some(export) => export.url(&session.datastore.remote_host, addr.port()),
+        None => {
+            return Err(ControllerError::Validation {
+                check: "block export",
+                reason: format!("block export '{}' vanished while created", target.export),
+            })
+        }
+    };
     super::runner::update(inner, handle, |s| {
         if let Some(t) = s.block.as_mut() {
             t.url = Some(url.clone());

@@ -3,8 +3,8 @@
 //! malformed PDUs, and (in `iscsi/`) whole-system tests over a published
 //! restore point.
 
-mod bench;
 mod conformance;
 mod crash;
 mod published;
+mod sessions;
 mod wire;

@@ -21,7 +21,7 @@ use crate::support::snapshot_tree;
 
 /// The repository's files except `pins/`, which a running server keeps for
 /// its publications.
-fn repo_objects(repo: &Path) -> BTreeMap<PathBuf, String> {
+pub(crate) fn repo_objects(repo: &Path) -> BTreeMap<PathBuf, String> {
     let pins = repo.join("pins");
     snapshot_tree(repo)
         .into_iter()

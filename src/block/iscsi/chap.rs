@@ -15,14 +15,16 @@
 use md5::{Digest, Md5};
 use rand::RngCore;
 
-/// CHAP credentials of a target.
-#[derive(Clone, PartialEq, Eq)]
+/// CHAP credentials of a target (`chap = { user, secret, mutual = [user, secret] }`).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChapConfig {
     /// The user name initiators must send (CHAP_N).
     pub user: String,
     /// The initiator's secret.
     pub secret: String,
     /// For mutual CHAP: the target's user name and secret.
+    #[serde(default)]
     pub mutual: Option<(String, String)>,
 }
 

@@ -234,7 +234,7 @@ async fn run(
         let mut data = (sense.len() as u16).to_be_bytes().to_vec();
         data.extend(sense);
         if let Some(t) = &conn.target {
-            t.metrics.request(false);
+            t.metrics().request(false);
         }
         conn.send(scsi_response(
             cmd.itt,
@@ -323,13 +323,13 @@ async fn run(
         None => no_lun(&cmd.cdb),
     };
     if let Some(t) = &conn.target {
-        t.metrics.request(resp.ok());
+        t.metrics().request(resp.ok());
         if resp.ok() {
-            t.metrics
+            t.metrics()
                 .bytes_written
                 .fetch_add(written, Ordering::Relaxed);
             let read = (resp.data.len() as u64).min(cmd.edtl.into());
-            t.metrics.bytes_read.fetch_add(read, Ordering::Relaxed);
+            t.metrics().bytes_read.fetch_add(read, Ordering::Relaxed);
         }
     }
     if entry.aborted.load(Ordering::Acquire) {

@@ -20,6 +20,7 @@ use super::pdu::{op, OutPdu, Stamp, BHS_LEN, RESERVED_TAG};
 use super::scsi::{Nexus, Response};
 use super::target::IscsiTarget;
 use super::text::Params;
+use crate::block::registry::ExportUse;
 
 /// Commands an initiator may have outstanding: MaxCmdSN runs this far ahead
 /// of the oldest command not yet answered.
@@ -122,6 +123,9 @@ pub struct Collect {
 pub struct Conn {
     /// The target (normal sessions).
     pub target: Option<Arc<IscsiTarget>>,
+    /// The use of the target's export, released when the connection and
+    /// every command holding it (through `Arc<Conn>`) are gone.
+    pub export_use: Option<ExportUse>,
     /// The I_T nexus.
     pub nexus: Nexus,
     /// Negotiated parameters.
@@ -146,6 +150,7 @@ impl Conn {
     /// A connection in full feature phase.
     pub fn new(
         target: Option<Arc<IscsiTarget>>,
+        export_use: Option<ExportUse>,
         nexus: Nexus,
         params: Params,
         cmd_sn: u32,
@@ -154,6 +159,7 @@ impl Conn {
     ) -> Conn {
         Conn {
             target,
+            export_use,
             nexus,
             params,
             window: Arc::new(Window::new(cmd_sn)),

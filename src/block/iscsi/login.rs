@@ -215,7 +215,7 @@ where
                         .take()
                         .ok_or(PduError::Malformed("login without a session type"))?;
                     if let SessionKind::Normal(t) = &kind {
-                        t.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                        t.metrics().connections.fetch_add(1, Ordering::Relaxed);
                     }
                     return Ok(Login {
                         kind,
@@ -230,7 +230,7 @@ where
             Err((code, reason)) => {
                 if code == status::FORBIDDEN || code == status::AUTH_FAILED {
                     if let Some(SessionKind::Normal(t)) = &st.kind {
-                        t.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                        t.metrics().refused.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 return Err(send_refusal(w, &pdu, stat_sn, cmd_sn, code, &reason).await);
@@ -325,7 +325,7 @@ async fn step(st: &mut State<'_>, pdu: &Pdu, data: &[u8], transit: bool, csg: u8
                     .filter(|t| !t.is_closed())
                     .ok_or((status::NOT_FOUND, format!("no target '{name}'")))?;
                 if !target.access.allows(&st.initiator, st.peer) {
-                    target.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                    target.metrics().refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         initiator = %st.initiator,
                         peer = %st.peer,

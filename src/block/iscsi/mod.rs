@@ -14,7 +14,8 @@
 //!  ├─ command  SCSI Command + Data-Out: immediate/unsolicited data, R2T
 //!  ├─ conn     shared connection state, Data-In/status, the writer task
 //!  ├─ pdu      BHS/AHS/data segment framing, lengths checked first
-//!  ├─ target   IscsiTarget (IQN, LUN 0, allow-lists), TargetSet
+//!  ├─ target   IscsiTarget (an export's IQN, LUN 0, allow-lists),
+//!  │           TargetSet, ExportTargets (the registry's iSCSI exports)
 //!  └─ scsi/    the direct-access device: INQUIRY/VPD, MODE SENSE/SELECT,
 //!              READ/WRITE/UNMAP/..., reservations, sense data
 //! ```
@@ -64,7 +65,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 pub use chap::ChapConfig;
-pub use target::{Access, IscsiTarget, TargetMetrics, TargetSet, Targets};
+pub use target::{export_of, Access, ExportTargets, IscsiTarget, TargetSet};
 pub use text::Limits;
 
 use login::SessionKind;
@@ -206,10 +207,23 @@ impl IscsiServer {
             target = target.as_ref().map_or("(discovery)", |t| t.iqn.as_str()),
             "iscsi: session started"
         );
+        // Held by the connection and (through it) every command in flight:
+        // removing the export closes the session and waits for them.
+        let export_use = match &target {
+            Some(t) => match t.export.start_use() {
+                Some(u) => Some(u),
+                None => {
+                    tracing::info!(%peer, target = %t.iqn, "iscsi: target removed during login");
+                    return;
+                }
+            },
+            None => None,
+        };
         let _open = target.as_ref().map(|t| OpenGuard::new(t.clone()));
         let (tx, rx) = conn::channel();
         let c = Arc::new(conn::Conn::new(
             target,
+            export_use,
             nexus,
             login.params,
             login.cmd_sn,
@@ -248,7 +262,7 @@ struct OpenGuard(Arc<IscsiTarget>);
 
 impl OpenGuard {
     fn new(t: Arc<IscsiTarget>) -> OpenGuard {
-        t.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        t.metrics().connections_open.fetch_add(1, Ordering::Relaxed);
         OpenGuard(t)
     }
 }
@@ -256,7 +270,7 @@ impl OpenGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0
-            .metrics
+            .metrics()
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);
     }

@@ -23,6 +23,7 @@ use super::conn::{reject, Conn, TaskEntry};
 use super::pdu::{op, read_pdu, reject as reason, OutPdu, Pdu, PduError, Stamp, RESERVED_TAG};
 use super::target::{IscsiTarget, TargetSet};
 use super::text;
+use crate::block::registry::ExportUse;
 
 /// How long a logout waits for commands in flight.
 const LOGOUT_DRAIN: Duration = Duration::from_secs(30);
@@ -68,7 +69,7 @@ pub async fn run<R: AsyncRead + Unpin>(
     discovery: Discovery,
     mut stop: watch::Receiver<bool>,
 ) -> End {
-    let mut target_closed = conn.target.as_ref().map(|t| t.closed());
+    let mut target_closed = conn.export_use.clone();
     let mut pending: Option<Pending> = None;
     let max = conn.params.recv_data_segment_length;
     let end = loop {
@@ -103,11 +104,9 @@ pub async fn run<R: AsyncRead + Unpin>(
     end
 }
 
-async fn closed(rx: &mut Option<watch::Receiver<bool>>) {
-    match rx {
-        Some(rx) => {
-            let _ = rx.wait_for(|c| *c).await;
-        }
+async fn closed(export_use: &mut Option<ExportUse>) {
+    match export_use {
+        Some(u) => u.closed().await,
         None => std::future::pending().await,
     }
 }

@@ -1,45 +1,19 @@
-//! [`IscsiTarget`]: one target (IQN) serving one disk as LUN 0, with who may
-//! log in to it; [`TargetSet`]: how the server finds targets when an
-//! initiator names one (login) or asks for the list (SendTargets).
+//! [`IscsiTarget`]: the iSCSI view of one block export: its target name
+//! (IQN), its disk as LUN 0, who may log in to it; [`TargetSet`]: how the
+//! server finds targets when an initiator names one (login) or asks for the
+//! list (SendTargets). [`ExportTargets`] is the set of `revive serve`: the
+//! iSCSI exports of the block export registry, so exports come and go with
+//! the configuration and block recovery sessions like NBD's.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-
-use tokio::sync::watch;
+use std::sync::{Arc, Mutex};
 
 use super::chap::ChapConfig;
 use super::scsi::LogicalUnit;
-use crate::block::BlockDevice;
-
-/// Counters of one target, for `/metrics` and tests.
-#[derive(Debug, Default)]
-pub struct TargetMetrics {
-    /// Bytes returned to initiators by reads.
-    pub bytes_read: AtomicU64,
-    /// Bytes initiators wrote (write same and unmap not included).
-    pub bytes_written: AtomicU64,
-    /// SCSI commands answered.
-    pub requests: AtomicU64,
-    /// SCSI commands answered with CHECK CONDITION or another error status.
-    pub errors: AtomicU64,
-    /// Sessions that logged in (normal sessions).
-    pub connections: AtomicU64,
-    /// Sessions logged in now.
-    pub connections_open: AtomicU64,
-    /// Logins refused by the allow-list or CHAP.
-    pub refused: AtomicU64,
-}
-
-impl TargetMetrics {
-    /// Counts one answered command.
-    pub fn request(&self, ok: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
+use crate::block::config::IscsiExportConfig;
+use crate::block::registry::{BlockExport, BlockExports, BlockMetrics, BlockProtocol};
+use crate::block::{BlockDevice, BlockProtocolConfig};
 
 /// Who may log in to a target.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -75,7 +49,7 @@ fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
-/// One iSCSI target: an IQN, its disk as LUN 0, its access rules.
+/// One iSCSI target: an IQN, its export's disk as LUN 0, its access rules.
 pub struct IscsiTarget {
     /// The target name initiators log in to (`iqn.2024-01.org.example:db01`).
     pub iqn: String,
@@ -83,45 +57,64 @@ pub struct IscsiTarget {
     pub lu: LogicalUnit,
     /// Who may log in.
     pub access: Access,
-    /// Counters.
-    pub metrics: TargetMetrics,
-    /// Set when the target is removed: its sessions close.
-    closed: watch::Sender<bool>,
+    /// The block export served: its device, counters and removal.
+    pub export: Arc<BlockExport>,
 }
 
 impl IscsiTarget {
-    /// A target named `iqn` serving `device` as LUN 0.
-    pub fn new(iqn: &str, device: Arc<dyn BlockDevice>, access: Access) -> IscsiTarget {
+    /// The target of `export` (an iSCSI export of the registry).
+    pub fn of_export(export: Arc<BlockExport>) -> IscsiTarget {
+        let settings = match &export.settings {
+            BlockProtocolConfig::Iscsi(c) => c.clone(),
+            _ => IscsiExportConfig::default(),
+        };
+        let iqn = settings.iqn(&export.name);
         IscsiTarget {
-            iqn: iqn.to_string(),
-            lu: LogicalUnit::new(device, iqn),
-            access,
-            metrics: TargetMetrics::default(),
-            closed: watch::channel(false).0,
+            lu: LogicalUnit::new(export.device.clone(), &iqn),
+            access: Access {
+                allowed_clients: export.allowed_clients.clone(),
+                allowed_initiators: settings.allowed_initiators,
+                chap: settings.chap,
+            },
+            iqn,
+            export,
         }
     }
 
-    /// Closes every session of the target (it is being removed).
-    pub fn close(&self) {
-        self.closed.send_replace(true);
+    /// A target named `iqn` serving `device` as LUN 0 with `access`, as an
+    /// export of its own (outside any registry: protocol tests).
+    pub fn new(iqn: &str, device: Arc<dyn BlockDevice>, access: Access) -> IscsiTarget {
+        IscsiTarget::of_export(Arc::new(export_of(iqn, device, access)))
     }
 
-    /// Completes when the target is closed.
-    pub fn closed(&self) -> watch::Receiver<bool> {
-        self.closed.subscribe()
-    }
-
-    /// Whether the target was closed.
+    /// Whether the export was removed (no new session may start).
     pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+        self.export.start_use().is_none_or(|u| u.is_closed())
     }
+
+    /// Its counters (the export's).
+    pub fn metrics(&self) -> &BlockMetrics {
+        &self.export.metrics
+    }
+}
+
+/// The block export that serves `device` as the target `iqn` with `access`
+/// (named after the IQN).
+pub fn export_of(iqn: &str, device: Arc<dyn BlockDevice>, access: Access) -> BlockExport {
+    BlockExport::new(iqn, BlockProtocol::Iscsi, device, access.allowed_clients).with_settings(
+        BlockProtocolConfig::Iscsi(IscsiExportConfig {
+            target: Some(iqn.to_string()),
+            allowed_initiators: access.allowed_initiators,
+            chap: access.chap,
+        }),
+    )
 }
 
 impl std::fmt::Debug for IscsiTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IscsiTarget")
             .field("iqn", &self.iqn)
-            .field("device", &self.lu.device().name())
+            .field("export", &self.export.name)
             .finish()
     }
 }
@@ -139,50 +132,43 @@ pub trait TargetSet: Send + Sync + 'static {
     }
 }
 
-/// A [`TargetSet`] held in memory: add and remove targets at any time.
-#[derive(Default)]
-pub struct Targets {
-    list: RwLock<Vec<Arc<IscsiTarget>>>,
+/// The iSCSI exports of a [`BlockExports`] registry as targets. A target
+/// keeps its SCSI state (reservations, mode pages) as long as its export
+/// is the same; a removed export's target disappears (its sessions were
+/// closed by the removal).
+pub struct ExportTargets {
+    exports: Arc<BlockExports>,
+    /// Targets by export name, with the export they were made for.
+    made: Mutex<HashMap<String, Arc<IscsiTarget>>>,
 }
 
-/// Adding a target whose name is taken.
-#[derive(Debug, thiserror::Error)]
-#[error("add iscsi target '{0}' - the name is taken")]
-pub struct NameTaken(pub String);
-
-impl Targets {
-    /// An empty set.
-    pub fn new() -> Arc<Targets> {
-        Arc::new(Targets::default())
-    }
-
-    /// Adds `target`.
-    ///
-    /// # Errors
-    /// [`NameTaken`] when a target of that IQN exists.
-    pub fn add(&self, target: IscsiTarget) -> Result<Arc<IscsiTarget>, NameTaken> {
-        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
-        if list.iter().any(|t| t.iqn.eq_ignore_ascii_case(&target.iqn)) {
-            return Err(NameTaken(target.iqn));
-        }
-        let t = Arc::new(target);
-        list.push(t.clone());
-        Ok(t)
-    }
-
-    /// Removes the target named `iqn` and closes its sessions.
-    pub fn remove(&self, iqn: &str) -> Option<Arc<IscsiTarget>> {
-        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
-        let pos = list.iter().position(|t| t.iqn.eq_ignore_ascii_case(iqn))?;
-        let t = list.remove(pos);
-        t.close();
-        Some(t)
+impl ExportTargets {
+    /// The targets of `exports`.
+    pub fn new(exports: Arc<BlockExports>) -> Arc<ExportTargets> {
+        Arc::new(ExportTargets {
+            exports,
+            made: Mutex::new(HashMap::new()),
+        })
     }
 }
 
-impl TargetSet for Targets {
+impl TargetSet for ExportTargets {
     fn targets(&self) -> Vec<Arc<IscsiTarget>> {
-        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let exports = self.exports.of(BlockProtocol::Iscsi);
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        made.retain(|name, t| {
+            exports
+                .iter()
+                .any(|e| e.name == *name && Arc::ptr_eq(e, &t.export))
+        });
+        exports
+            .into_iter()
+            .map(|e| {
+                made.entry(e.name.clone())
+                    .or_insert_with(|| Arc::new(IscsiTarget::of_export(e)))
+                    .clone()
+            })
+            .collect()
     }
 }
 
@@ -218,14 +204,40 @@ mod tests {
             !Access::default().allows("iqn.x", lo),
             "empty allows nobody"
         );
+    }
 
-        let set = Targets::new();
+    #[tokio::test]
+    async fn targets_follow_the_registry() {
+        let reg = BlockExports::new();
+        let set = ExportTargets::new(reg.clone());
         let dev = Arc::new(MemDevice::new("d", vec![0; 4096]));
-        set.add(IscsiTarget::new("iqn.a:1", dev.clone(), access.clone()))
-            .unwrap();
-        assert!(set.add(IscsiTarget::new("IQN.A:1", dev, access)).is_err());
-        let t = set.find("iqn.A:1").unwrap();
-        assert!(set.remove("iqn.a:1").is_some());
-        assert!(t.is_closed() && set.find("iqn.a:1").is_none());
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        reg.add(BlockExport::new(
+            "DB 01",
+            BlockProtocol::Iscsi,
+            dev.clone(),
+            vec![lo],
+        ))
+        .unwrap();
+        reg.add(BlockExport::new(
+            "n",
+            BlockProtocol::Nbd,
+            dev.clone(),
+            vec![lo],
+        ))
+        .unwrap();
+        let access = Access {
+            allowed_clients: vec![lo],
+            ..Access::default()
+        };
+        reg.add(export_of("iqn.a:1", dev, access)).unwrap();
+        let names: Vec<String> = set.targets().iter().map(|t| t.iqn.clone()).collect();
+        assert_eq!(names, ["iqn.2024-01.dev.revive:db-01", "iqn.a:1"]);
+        let t = set.find("IQN.A:1").unwrap();
+        assert!(Arc::ptr_eq(&t, &set.find("iqn.a:1").unwrap()), "kept");
+        assert!(t.access.allows("iqn.x", lo));
+        assert!(reg.remove("iqn.a:1").await);
+        assert!(set.find("iqn.a:1").is_none());
+        assert!(t.export.start_use().is_none(), "removed: no new session");
     }
 }

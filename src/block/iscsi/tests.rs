@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::chap::decode_binary;
 use super::pdu::{be32, op, read_pdu, OutPdu, Pdu, Stamp, RESERVED_TAG};
 use super::*;
-use crate::block::MemDevice;
+use crate::block::{BlockExports, MemDevice};
 
 const IQN: &str = "iqn.2024-01.dev.revive:t1";
 const INITIATOR: &str = "iqn.2024-01.dev.revive:host1";
@@ -30,7 +30,8 @@ fn access() -> Access {
 struct Server {
     addr: std::net::SocketAddr,
     dev: Arc<MemDevice>,
-    targets: Arc<Targets>,
+    targets: Arc<ExportTargets>,
+    registry: Arc<BlockExports>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -39,10 +40,9 @@ async fn server_with(access: Access) -> Server {
         "t1",
         (0..1 << 20).map(|i| (i % 251) as u8).collect(),
     ));
-    let targets = Targets::new();
-    targets
-        .add(IscsiTarget::new(IQN, dev.clone(), access))
-        .unwrap();
+    let registry = BlockExports::new();
+    registry.add(export_of(IQN, dev.clone(), access)).unwrap();
+    let targets = ExportTargets::new(registry.clone());
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -55,6 +55,7 @@ async fn server_with(access: Access) -> Server {
         addr,
         dev,
         targets,
+        registry,
         _stop: tx,
     }
 }
@@ -238,6 +239,26 @@ fn write10(lba: u32, blocks: u16) -> [u8; 10] {
     cdb
 }
 
+/// Removing the export (a session's switchover) closes its iSCSI sessions,
+/// returns once they are gone, and no new login finds the target.
+#[tokio::test]
+async fn removing_the_export_closes_its_sessions() {
+    let s = server_with(access()).await;
+    let mut c = Client::connect(s.addr).await;
+    assert_eq!(c.login(INITIATOR, Some(IQN), &[]).await, 0);
+    assert_eq!(c.read10(0, 1).await, s.dev.contents()[..512]);
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.registry.remove(IQN))
+        .await
+        .expect("removal waits only for the session to close");
+    let mut byte = [0u8; 1];
+    assert_eq!(c.s.read(&mut byte).await.unwrap_or(0), 0, "session closed");
+    let mut c = Client::connect(s.addr).await;
+    assert_eq!(
+        c.login(INITIATOR, Some(IQN), &[]).await,
+        login::status::NOT_FOUND
+    );
+}
+
 #[tokio::test]
 async fn login_checks_the_allow_lists_and_the_target_name() {
     let s = server_with(access()).await;
@@ -255,7 +276,9 @@ async fn login_checks_the_allow_lists_and_the_target_name() {
     );
     let t = s.targets.find(IQN).unwrap();
     assert_eq!(
-        t.metrics.refused.load(std::sync::atomic::Ordering::Relaxed),
+        t.metrics()
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
 

@@ -5,18 +5,17 @@
 //! (`REVIVE_ISCSI_SUITE=full`, the ignored test below).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
-
-use revive::block::MemDevice;
 
 use crate::support::iscsi::{
     cu_log, libiscsi_or_skip, loopback_access, run_cu, suite_tests, tgtd_or_skip, CuOutcome,
-    InProcessTarget, Tgtd,
+    InProcessTarget, PublishedDisk, Tgtd,
 };
+use crate::support::vm::SampleVm;
+use crate::support::{backup_json, init_repo};
 
-/// The disk both targets serve: 64 MiB, like tgtd's backing file.
-const DISK: usize = 64 << 20;
+/// The disk both targets serve: 64 MiB.
+const DISK: u64 = 64 << 20;
 
 /// Longest run of one test (the CmdSN tests wait 3 s for a timeout, the
 /// task management ones up to 5 s).
@@ -105,12 +104,22 @@ async fn run(tests: &[String]) -> Vec<(String, CuOutcome, CuOutcome)> {
         .unwrap_or_else(|| dir.path().to_path_buf());
     std::fs::create_dir_all(&logs).expect("log folder");
     let iqn = "iqn.2024-01.dev.revive:conformance";
-    let dev = Arc::new(MemDevice::new("conformance", vec![0; DISK]));
-    let revive = InProcessTarget::start(iqn, dev, loopback_access()).await;
+    // revive serves a restore point's disk through the block layer's
+    // device of a presented file; tgtd a plain copy of the same disk.
+    let vm = SampleVm::create(&dir.path().join("src"), "conf", DISK, 5);
+    let repo = init_repo(dir.path(), None);
+    backup_json(&repo, &vm.dir, None);
+    let published = PublishedDisk::open(
+        &repo,
+        &dir.path().join("ds"),
+        "conf@latest",
+        "conf",
+        "conf-flat.vmdk",
+    )
+    .await;
+    let revive = InProcessTarget::start(iqn, published.disk.clone(), loopback_access()).await;
     let file = dir.path().join("tgtd.img");
-    std::fs::File::create(&file)
-        .and_then(|f| f.set_len(DISK as u64))
-        .expect("tgtd disk");
+    std::fs::copy(vm.flat(), &file).expect("tgtd disk");
     let tgtd = Tgtd::start(&file, "iqn.2024-01.dev.revive:tgtd", &logs.join("tgtd.log"));
     let revive_url = revive.url(iqn, 0);
     let tgtd_url = tgtd.url();

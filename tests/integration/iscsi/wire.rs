@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use revive::block::iscsi::TargetSet;
 use revive::block::MemDevice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,7 +47,7 @@ async fn an_initiator_not_on_the_list_is_refused_at_login() {
         "{}",
         text(&refused)
     );
-    let t = target.targets.targets()[0].clone();
+    let t = target.exports.all()[0].clone();
     assert_eq!(
         t.metrics.refused.load(std::sync::atomic::Ordering::Relaxed),
         1

@@ -9,14 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use revive::block::device::check_range;
-use revive::block::iscsi::{Access, IscsiServer, IscsiTarget, Targets};
-use revive::block::{BlockDevice, BlockError, BlockResult, Extent, ExtentKind};
-use revive::datastore::{
-    Datastore, DatastoreConfig, DatastoreError, ExportConfig, FileAt, FileOps, Stability,
-};
+use revive::block::iscsi::{export_of, Access, ExportTargets, IscsiServer};
+use revive::block::{BlockDevice, BlockExports, FileDevice};
+use revive::datastore::{Datastore, DatastoreConfig, ExportConfig, FileAt, FileOps};
 use revive::repo::Repository;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -66,12 +61,13 @@ pub fn loopback_access() -> Access {
     }
 }
 
-/// revive's iSCSI target running in this process on 127.0.0.1.
+/// revive's iSCSI target running in this process on 127.0.0.1, serving
+/// the iSCSI exports of a block export registry.
 pub struct InProcessTarget {
     /// Listening address.
     pub addr: SocketAddr,
-    /// The targets served (add and remove at will).
-    pub targets: Arc<Targets>,
+    /// The block exports served (add and remove at will).
+    pub exports: Arc<BlockExports>,
     stop: Option<oneshot::Sender<()>>,
     join: JoinHandle<std::io::Result<()>>,
 }
@@ -79,27 +75,27 @@ pub struct InProcessTarget {
 impl InProcessTarget {
     /// Serves one target `iqn` of `device` with `access`, on a free port.
     pub async fn start(iqn: &str, device: Arc<dyn BlockDevice>, access: Access) -> InProcessTarget {
-        let targets = Targets::new();
-        targets
-            .add(IscsiTarget::new(iqn, device, access))
-            .expect("add target");
-        Self::serve(targets).await
+        let exports = BlockExports::new();
+        exports
+            .add(export_of(iqn, device, access))
+            .expect("add export");
+        Self::serve(exports).await
     }
 
-    /// Serves `targets` on a free port.
-    pub async fn serve(targets: Arc<Targets>) -> InProcessTarget {
+    /// Serves the iSCSI exports of `exports` on a free port.
+    pub async fn serve(exports: Arc<BlockExports>) -> InProcessTarget {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let server = IscsiServer::new(targets.clone());
+        let server = IscsiServer::new(ExportTargets::new(exports.clone()));
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(server.serve(listener, async move {
             let _ = rx.await;
         }));
         InProcessTarget {
             addr,
-            targets,
+            exports,
             stop: Some(tx),
             join,
         }
@@ -307,117 +303,13 @@ pub fn cu_log(dir: &Path, who: &str, test: &str) -> PathBuf {
     dir.join(format!("{who}-{test}.log"))
 }
 
-/// A published disk file as a `BlockDevice`, over the datastore's
-/// `FileOps`: the test stand-in for the block layer's own device of a
-/// presented file (reads from the write cache else the backup, writes into
-/// the write cache, flush = COMMIT). It has no punch and no extents: zeroing
-/// writes zeros, and the whole disk reports as data.
-pub struct FileDisk {
-    ds: Arc<dyn FileOps>,
-    at: FileAt,
-    name: String,
-    size: u64,
-    id: [u8; 16],
-}
-
-impl FileDisk {
-    /// The file `at` of `ds`, named `name`.
-    pub async fn open(ds: Arc<dyn FileOps>, at: FileAt, name: &str) -> FileDisk {
-        let size = ds.getattr(at).await.expect("getattr disk").size;
-        let instance = ds.export(at.export).expect("export").instance;
-        let hash = blake3::hash(format!("{instance:016x}:{}", at.id).as_bytes());
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&hash.as_bytes()[..16]);
-        FileDisk {
-            ds,
-            at,
-            name: name.to_string(),
-            size,
-            id,
-        }
-    }
-}
-
-fn io_err(e: DatastoreError) -> BlockError {
-    match e {
-        DatastoreError::NoSpace => BlockError::NoSpace,
-        DatastoreError::Jukebox => BlockError::Retry,
-        other => BlockError::Io(other.to_string()),
-    }
-}
-
-#[async_trait]
-impl BlockDevice for FileDisk {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn stable_id(&self) -> [u8; 16] {
-        self.id
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
-        check_range(offset, len.into(), self.size)?;
-        let r = self.ds.read(self.at, offset, len).await.map_err(io_err)?;
-        if r.data.len() == len as usize {
-            return Ok(r.data);
-        }
-        let mut data = r.data.to_vec();
-        data.resize(len as usize, 0);
-        Ok(Bytes::from(data))
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
-        check_range(offset, data.len() as u64, self.size)?;
-        let stability = if fua {
-            Stability::FileSync
-        } else {
-            Stability::Unstable
-        };
-        self.ds
-            .write(self.at, offset, data, stability)
-            .await
-            .map_err(io_err)?;
-        Ok(())
-    }
-
-    async fn flush(&self) -> BlockResult<()> {
-        self.ds.commit(self.at).await.map_err(io_err)
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
-        check_range(offset, len, self.size)?;
-        let zeros = Bytes::from(vec![0u8; 1 << 20]);
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(zeros.len() as u64) as usize;
-            self.write(offset + at, zeros.slice(..n), fua).await?;
-            at += n as u64;
-        }
-        Ok(())
-    }
-
-    async fn extents(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
-        check_range(offset, len, self.size)?;
-        Ok(vec![Extent {
-            offset,
-            len,
-            kind: ExtentKind::Data,
-        }])
-    }
-}
-
 /// A repository holding one backed-up VM, opened as a datastore in this
 /// process with the VM's restore point published in `/revive`.
 pub struct PublishedDisk {
     /// The datastore.
     pub ds: Arc<Datastore>,
-    /// The flat disk, as a block device.
-    pub disk: Arc<FileDisk>,
+    /// The flat disk, as the block layer's device of a presented file.
+    pub disk: Arc<FileDevice>,
 }
 
 impl PublishedDisk {
@@ -476,7 +368,10 @@ impl PublishedDisk {
             .await
             .expect("disk file");
         let ops: Arc<dyn FileOps> = ds.clone();
-        let disk = Arc::new(FileDisk::open(ops, FileAt::new(export, attr.fileid), file).await);
+        let disk = FileDevice::open(ops, FileAt::new(export, attr.fileid), file, false)
+            .await
+            .expect("open the disk's device");
+        let disk = Arc::new(disk);
         PublishedDisk { ds, disk }
     }
 }

@@ -63,6 +63,8 @@ pub struct ServerSpec {
     pub s3_section: String,
     /// Serve NBD (`[nbd]`) on a free loopback port.
     pub nbd: bool,
+    /// Serve iSCSI (`[iscsi]`) on a free loopback port.
+    pub iscsi: bool,
 }
 
 /// The API token of test servers.
@@ -86,7 +88,15 @@ impl ServerSpec {
             repository_extra: String::new(),
             s3_section: String::new(),
             nbd: false,
+            iscsi: false,
         }
+    }
+
+    /// Serves iSCSI on a free loopback port (`[iscsi] enabled`), for block
+    /// exports and block sessions.
+    pub fn with_iscsi(mut self) -> Self {
+        self.iscsi = true;
+        self
     }
 
     /// Serves NBD on a free loopback port (`[nbd] enabled`), for block
@@ -195,6 +205,8 @@ pub struct ReviveServer {
     pub api_port: Option<u16>,
     /// NBD port of the current boot, when NBD is served.
     pub nbd_port: Option<u16>,
+    /// iSCSI port, when served.
+    pub iscsi_port: Option<u16>,
     /// Spawn to ports line, of the last boot.
     pub startup: Duration,
 }
@@ -218,6 +230,7 @@ impl ReviveServer {
             portmap_port: None,
             api_port: None,
             nbd_port: None,
+            iscsi_port: None,
             startup: Duration::ZERO,
         };
         let ports = s.spec.ports;
@@ -279,6 +292,9 @@ impl ReviveServer {
         }
         if self.spec.nbd {
             text += "\n[nbd]\nenabled = true\nbind = \"127.0.0.1\"\nport = 0\n";
+        }
+        if self.spec.iscsi {
+            text += "\n[iscsi]\nenabled = true\nbind = \"127.0.0.1\"\nport = 0\n";
         }
         for (path, allowed) in &self.spec.exports {
             text += &format!("\n[[export]]\npath = {path:?}\nallowed_clients = {allowed:?}\n");
@@ -360,6 +376,7 @@ impl ReviveServer {
         self.portmap_port = port("portmap_port");
         self.api_port = port("api_port");
         self.nbd_port = port("nbd_port");
+        self.iscsi_port = port("iscsi_port");
         self.child = Some(child);
         Ok(())
     }
@@ -368,6 +385,12 @@ impl ReviveServer {
     pub fn nbd_url(&self, name: &str) -> String {
         let port = self.nbd_port.expect("server started without NBD");
         format!("nbd://127.0.0.1:{port}/{name}")
+    }
+
+    /// `iscsi://127.0.0.1:PORT/IQN/0`, LUN 0 of target `iqn` of this boot.
+    pub fn iscsi_url(&self, iqn: &str) -> String {
+        let port = self.iscsi_port.expect("server started without iSCSI");
+        format!("iscsi://127.0.0.1:{port}/{iqn}/0")
     }
 
     /// The API's Prometheus text.
