@@ -118,7 +118,7 @@ fn identification(lu: &LogicalUnit, _nexus: &Nexus) -> Vec<u8> {
     // SCSI name string of the target device (UTF-8, NUL-padded to 4).
     let mut name = lu.target_name().as_bytes().to_vec();
     name.push(0);
-    while name.len() % 4 != 0 {
+    while !name.len().is_multiple_of(4) {
         name.push(0);
     }
     name.truncate(252);
