@@ -46,9 +46,12 @@ fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd engine"
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 PIDS=()
+TGTD_PID=""
 cleanup() {
     set +e
     local p
+    # tgtd ignores SIGTERM while it has targets.
+    [ -n "$TGTD_PID" ] && kill -KILL "$TGTD_PID" 2>/dev/null
     for p in "${PIDS[@]}"; do
         kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null
     done
@@ -129,6 +132,7 @@ TGT_CONTROL=$((1000 + TGT_PORT % 30000))
 TGT_IQN=iqn.2024-01.dev.revive:bench-tgtd
 mkdir -p /var/run/tgtd
 tgtd -f -C "$TGT_CONTROL" --iscsi "portal=127.0.0.1:$TGT_PORT" >"$WORK/tgtd.log" 2>&1 &
+TGTD_PID=$!
 PIDS+=($!)
 adm() { tgtadm -C "$TGT_CONTROL" --lld iscsi "$@"; }
 for i in $(seq 100); do
