@@ -104,6 +104,13 @@ pub struct Publication {
     pub cache_dir: PathBuf,
     /// Id of the publication's folder.
     pub folder: FileId,
+    /// The cache folder was made, with its marker file, when this was
+    /// published (or adopted at start by a revive that knows markers):
+    /// from then on a missing folder or marker means the storage is not
+    /// there, and the publication is refused rather than served from an
+    /// empty cache. False only in state written by an older revive.
+    #[serde(default)]
+    pub cache_marked: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -8,7 +8,20 @@ use super::namespace::{Content, Node, ROOT_ID};
 use super::{
     Attr, CreateMode, Datastore, DatastoreError, DirEntry, DirPage, DsResult, ExportId, ExportState,
 };
-use super::{FileId, FileKind, FileState, FsStat, SetAttr, SetTime};
+use super::{FileId, FileKind, FileState, FsStat, SetAttr, SetTime, MAX_FILE_SIZE};
+
+/// Cookie of the `.` entry of a listing.
+pub const DOT_COOKIE: u64 = 1;
+/// Cookie of the `..` entry; an entry's cookie is its file id plus this.
+pub const DOTDOT_COOKIE: u64 = 2;
+
+/// Refuses a size beyond [`MAX_FILE_SIZE`] (NFS3ERR_FBIG).
+fn check_size(set: &SetAttr) -> DsResult<()> {
+    match set.size {
+        Some(size) if size > MAX_FILE_SIZE => Err(DatastoreError::TooBig),
+        _ => Ok(()),
+    }
+}
 
 fn resolve_time(t: SetTime, current: SystemTime) -> SystemTime {
     match t {
@@ -60,6 +73,7 @@ impl Datastore {
             return Ok(self.attr_of(node, None));
         }
         let st = self.file_state(export, node).await?;
+        self.ensure_usage(&st).await;
         Ok(self.attr_of(node, Some(&st)))
     }
 
@@ -91,13 +105,16 @@ impl Datastore {
     ) -> DsResult<Attr> {
         let state = self.state(export)?.clone();
         let node = state.ns.read().await.get(id)?.clone();
+        // Every check comes before the first change: an error reply leaves
+        // the file as it was.
         if guard.is_some_and(|g| g != node.ctime) {
             return Err(DatastoreError::NotSync);
         }
+        check_size(set)?;
+        if set.size.is_some() && node.is_dir() {
+            return Err(DatastoreError::IsDir);
+        }
         if let Some(size) = set.size {
-            if node.is_dir() {
-                return Err(DatastoreError::IsDir);
-            }
             let st = self.file_state(&state, &node).await?;
             if size != st.size(&node) {
                 let cache = self.ensure_cache(&state, &node, &st).await?;
@@ -141,6 +158,7 @@ impl Datastore {
         attrs: &SetAttr,
     ) -> DsResult<Attr> {
         let state = self.state(export)?.clone();
+        check_size(attrs)?;
         let existing = {
             let ns = state.ns.read().await;
             match ns.lookup(dir, name) {
@@ -299,8 +317,11 @@ impl Datastore {
         Ok(())
     }
 
-    /// READDIR(PLUS): entries after `cookie` in file id order; the cookie of an
-    /// entry is its file id, so listings resume correctly while the folder changes.
+    /// READDIR(PLUS): `.` and `..` first, as Linux's and other NFS servers
+    /// list them, then the entries in file id order. Cookies: [`DOT_COOKIE`]
+    /// after `.`, [`DOTDOT_COOKIE`] after `..`, and the file id plus
+    /// [`DOTDOT_COOKIE`] after an entry; ids are never reused, so a listing
+    /// resumes correctly while the folder changes.
     pub async fn readdir(
         &self,
         export: ExportId,
@@ -309,38 +330,81 @@ impl Datastore {
         max_entries: usize,
     ) -> DsResult<DirPage> {
         let state = self.state(export)?.clone();
-        let nodes: Vec<Node> = {
+        let (dots, nodes) = {
             let ns = state.ns.read().await;
-            ns.children(dir)?
+            let nodes: Vec<Node> = ns
+                .children(dir)?
                 .into_iter()
-                .filter(|n| n.id > cookie)
+                .filter(|n| n.id.saturating_add(DOTDOT_COOKIE) > cookie)
                 .cloned()
-                .collect()
+                .collect();
+            let this = ns.get(dir)?;
+            let mut dots = Vec::new();
+            if cookie < DOT_COOKIE {
+                dots.push((".", this.clone(), DOT_COOKIE));
+            }
+            if cookie < DOTDOT_COOKIE {
+                dots.push(("..", ns.get(this.parent)?.clone(), DOTDOT_COOKIE));
+            }
+            (dots, nodes)
         };
-        let eof = nodes.len() <= max_entries;
-        let mut entries = Vec::with_capacity(nodes.len().min(max_entries));
-        for node in nodes.into_iter().take(max_entries) {
+        let eof = dots.len() + nodes.len() <= max_entries;
+        let mut entries = Vec::with_capacity((dots.len() + nodes.len()).min(max_entries));
+        for (name, node, cookie) in dots.into_iter().take(max_entries) {
+            entries.push(DirEntry {
+                name: name.to_string(),
+                cookie,
+                attr: self.attr_of(&node, None),
+            });
+        }
+        for node in nodes.into_iter().take(max_entries - entries.len()) {
             entries.push(DirEntry {
                 name: node.name.clone(),
-                cookie: node.id,
+                cookie: node.id + DOTDOT_COOKIE,
                 attr: self.attr_by_node(&state, &node).await?,
             });
         }
         Ok(DirPage { entries, eof })
     }
 
-    /// FSSTAT: the real size and free space of where this export's writes land.
+    /// FSSTAT: the real size and free space of where this export's writes
+    /// land: its publications' write cache locations (each may be on its
+    /// own file system), else the default cache location. With several
+    /// file systems, the one with the least space available, where
+    /// clients run out first.
     pub async fn fsstat(&self, export: ExportId) -> DsResult<FsStat> {
         let state = self.state(export)?.clone();
-        let files = state.ns.read().await.len() as u64;
-        let mut path = self.config.cache_root.clone();
-        while !path.exists() {
-            match path.parent() {
-                Some(p) => path = p.to_path_buf(),
-                None => break,
-            }
+        let (files, mut dirs) = {
+            let ns = state.ns.read().await;
+            let dirs: Vec<_> = ns.publications().map(|p| p.cache_dir.clone()).collect();
+            (ns.len() as u64, dirs)
+        };
+        if dirs.is_empty() {
+            dirs.push(self.config.cache_root.clone());
         }
-        let st = statvfs(&path)?;
+        // statvfs can block (a cache on a hung mount): off the async threads.
+        let st = tokio::task::spawn_blocking(move || {
+            let mut least: Option<FsStat> = None;
+            let mut first_err = None;
+            for dir in dirs {
+                // A folder not made yet is on its nearest existing ancestor.
+                let path = dir
+                    .ancestors()
+                    .find(|p| p.exists())
+                    .unwrap_or(std::path::Path::new("/"))
+                    .to_path_buf();
+                match statvfs(&path) {
+                    Ok(st) if least.is_none_or(|l| st.avail_bytes < l.avail_bytes) => {
+                        least = Some(st)
+                    }
+                    Ok(_) => {}
+                    Err(e) => first_err = first_err.or(Some(e)),
+                }
+            }
+            least.ok_or_else(|| first_err.unwrap_or(DatastoreError::Invalid))
+        })
+        .await
+        .map_err(|e| DatastoreError::Io(std::io::Error::other(e)))??;
         Ok(FsStat {
             total_files: st.total_files.max(files),
             ..st
