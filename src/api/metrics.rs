@@ -104,6 +104,16 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore, controller: &Contro
             &nfs.connections_accepted,
         ),
         (
+            "revive_nfs_connections_refused_total",
+            "TCP connections closed at accept: from an address on no allow-list, or over a connection cap.",
+            &nfs.connections_refused,
+        ),
+        (
+            "revive_nfs_connections_timed_out_total",
+            "TCP connections closed for idling or for a call sent too slowly.",
+            &nfs.connections_timed_out,
+        ),
+        (
             "revive_nfs_read_bytes_total",
             "Bytes returned to NFS clients by READ.",
             &nfs.bytes_read,
@@ -204,6 +214,41 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore, controller: &Contro
             .unwrap_or(0);
         let _ = writeln!(out, "revive_publications{{export=\"{}\"}} {n}", export.path);
     }
+    family(
+        &mut out,
+        "revive_write_cache_missing",
+        "gauge",
+        "1 while a publication's write cache folder is missing (its files are refused with JUKEBOX).",
+    );
+    for (export, publication, missing) in datastore.cache_states().await {
+        let _ = writeln!(
+            out,
+            "revive_write_cache_missing{{export=\"{export}\",publication=\"{publication}\"}} {}",
+            u8::from(missing)
+        );
+    }
+    family(
+        &mut out,
+        "revive_write_caches_open",
+        "gauge",
+        "Write caches with open files (at most revive_write_caches_open_max).",
+    );
+    let _ = writeln!(
+        out,
+        "revive_write_caches_open {}",
+        crate::cache::open_caches()
+    );
+    family(
+        &mut out,
+        "revive_write_caches_open_max",
+        "gauge",
+        "Most write caches with open files at once (a tenth of the open file limit).",
+    );
+    let _ = writeln!(
+        out,
+        "revive_write_caches_open_max {}",
+        crate::cache::max_open_caches()
+    );
     family(
         &mut out,
         "revive_sessions",

@@ -63,6 +63,11 @@ pub enum ControllerError {
     /// The step was interrupted by `revive stop`.
     #[error("cancelled")]
     Cancelled,
+    /// The session's write cache folder is not there (its storage not
+    /// mounted): the publication is refused until it is back, or until
+    /// `revive discard-cache` starts an empty one.
+    #[error("{0}; the VM's files are refused until it is back (or `revive discard-cache` starts an empty one)")]
+    CacheMissing(String),
 }
 
 impl ControllerError {
@@ -75,6 +80,7 @@ impl ControllerError {
             // The datastore reports a repository it could not reach as I/O.
             ControllerError::Datastore(DatastoreError::Io(_)) => true,
             ControllerError::Destination { .. } => true,
+            ControllerError::CacheMissing(_) => true,
             _ => false,
         }
     }
