@@ -60,7 +60,7 @@ async fn run_isolated(test: &str, fs: SmallFs) {
         skip_missing_peer("root and unshare (to mount a small file system for the write cache)");
         return;
     }
-    rerun_unshared(
+    let out = rerun_unshared(
         &["--mount"],
         test,
         &["--nocapture", "--test-threads=1"],
@@ -68,6 +68,9 @@ async fn run_isolated(test: &str, fs: SmallFs) {
         std::time::Duration::from_secs(300),
     )
     .await;
+    for line in out.lines().filter(|l| l.contains("filled with")) {
+        eprintln!("{line}");
+    }
 }
 
 fn sh(cmd: &str, args: &[&str]) {
@@ -183,7 +186,7 @@ async fn full_write_cache(fs: SmallFs) {
     let big = fill(&mut c, &filler, 0, MIB as usize).await;
     let small_writes = fill(&mut c, &filler, big, 4096).await;
     assert!(big > 4 * MIB, "only {big} bytes fitted on {fs:?}");
-    eprintln!("{fs:?}: filled with {big} + {small_writes} bytes");
+    println!("{fs:?}: filled with {big} + {small_writes} bytes");
     let (_, avail) = fsstat(&mut c, &folder).await;
     assert!(avail < MIB, "FSSTAT still shows {avail} bytes available");
 
