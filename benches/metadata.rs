@@ -88,7 +88,9 @@ async fn setup() -> Setup {
         .publish("/revive", VM, &format!("{VM}@latest"), None)
         .await
         .expect("publish");
-    let nfs = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let nfs = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind");
     let listeners = NfsListeners {
         nfs,
         mount: None,

@@ -630,7 +630,10 @@ pub(crate) fn is_no_space(err: &CacheError) -> bool {
     match err {
         CacheError::Io { action, source, .. } => {
             *action != "sync"
-                && matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+                && matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
         }
         _ => false,
     }

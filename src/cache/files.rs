@@ -404,7 +404,12 @@ mod tests {
             let got = cache.read_overlay(0, 5000, &NoBase).await.unwrap();
             assert!(got.iter().all(|b| *b == i), "cache {i}");
             cache
-                .write(4096, Bytes::from(vec![i; 100]), Stability::Unstable, &NoBase)
+                .write(
+                    4096,
+                    Bytes::from(vec![i; 100]),
+                    Stability::Unstable,
+                    &NoBase,
+                )
                 .await
                 .unwrap();
             cache.commit().await.unwrap();

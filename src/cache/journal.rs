@@ -33,11 +33,11 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::error::{io_err, Result};
+use super::files::with_descriptors;
 use super::format::{
     JournalHeader, RecordHeader, JOURNAL_GROW, JOURNAL_HEADER_SIZE, JOURNAL_RECORDS_OFFSET,
     RECORD_HEADER_SIZE,
 };
-use super::files::with_descriptors;
 use super::open::read_full_at;
 
 /// One write waiting to be appended: the bytes written to the data file at

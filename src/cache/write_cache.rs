@@ -200,7 +200,10 @@ impl WriteCache {
         let p = &self.shared.paths;
         let mut total = 0;
         for path in [&p.data, &p.map, &p.journal] {
-            total += std::fs::metadata(path).map_err(io_err("stat", path))?.blocks() * 512;
+            total += std::fs::metadata(path)
+                .map_err(io_err("stat", path))?
+                .blocks()
+                * 512;
         }
         Ok(total)
     }

@@ -45,7 +45,11 @@ fn raise_open_file_limit() -> u64 {
             let before = limit.rlim_cur;
             limit.rlim_cur = limit.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                info!(from = before, to = limit.rlim_max, "raised the open file limit");
+                info!(
+                    from = before,
+                    to = limit.rlim_max,
+                    "raised the open file limit"
+                );
             } else {
                 limit.rlim_cur = before;
                 tracing::warn!(limit = before, cause = %std::io::Error::last_os_error(), "could not raise the open file limit");

@@ -67,7 +67,10 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
     error!(cause = %e, "write cache failed");
     match e {
         CacheError::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ) =>
         {
             DatastoreError::NoSpace
         }
@@ -84,7 +87,10 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
         // the process is out of descriptors for a moment: retry later.
         CacheError::Io { source, .. }
             if source.kind() == std::io::ErrorKind::NotFound
-                || matches!(source.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) =>
+                || matches!(
+                    source.raw_os_error(),
+                    Some(libc::EMFILE) | Some(libc::ENFILE)
+                ) =>
         {
             DatastoreError::Jukebox
         }

@@ -42,10 +42,10 @@ use tracing::{info, warn};
 
 use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
+pub use cache_dirs::CACHE_MARKER;
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
 pub use types::*;
-pub use cache_dirs::CACHE_MARKER;
 pub use view::PublishedFile;
 
 /// Chunks fetched ahead of a sequential reader: 8 × 1 MiB keeps a Storage

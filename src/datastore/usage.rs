@@ -75,10 +75,7 @@ impl Datastore {
         if st.usage.initialized() {
             return;
         }
-        let loaded = st
-            .usage
-            .get_or_try_init(|| self.load_usage(base))
-            .await;
+        let loaded = st.usage.get_or_try_init(|| self.load_usage(base)).await;
         if let Err(e) = loaded {
             tracing::debug!(cause = %e, "chunk usage of a presented file unknown for now");
         }

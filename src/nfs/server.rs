@@ -384,7 +384,11 @@ async fn connection(
     let (tx, rx) = mpsc::channel::<[Bytes; 3]>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_loop(wr, rx));
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let max_record = if allowed { MAX_RECORD } else { OTHER_MAX_RECORD };
+    let max_record = if allowed {
+        MAX_RECORD
+    } else {
+        OTHER_MAX_RECORD
+    };
     let mut records = RecordReader::with_limit(rd, max_record);
     let idle = Some(state.limits.idle_timeout_for(allowed));
     let record_timeout = Some(state.limits.record_timeout);

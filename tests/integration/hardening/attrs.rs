@@ -34,9 +34,7 @@ async fn set_mode_and_size(c: &mut Client, fh: &nfs_fh3, mode: u32, size: u64) -
 /// The server's FSINFO maxfilesize for `fh`.
 async fn maxfilesize(c: &mut Client, fh: &nfs_fh3) -> u64 {
     match c
-        .fsinfo(&nfs3::FSINFO3args {
-            fsroot: fh.clone(),
-        })
+        .fsinfo(&nfs3::FSINFO3args { fsroot: fh.clone() })
         .await
         .expect("fsinfo rpc")
     {
@@ -60,13 +58,21 @@ async fn sizes_beyond_maxfilesize_are_refused_and_change_nothing() {
     write(&mut c, &fh, 0, &data, stable_how::FILE_SYNC).await;
 
     for size in [1u64 << 50, MAX_FILE + 1, u64::MAX] {
-        assert_eq!(set_size(&mut c, &fh, size).await, Err(nfsstat3::NFS3ERR_FBIG), "{size}");
+        assert_eq!(
+            set_size(&mut c, &fh, size).await,
+            Err(nfsstat3::NFS3ERR_FBIG),
+            "{size}"
+        );
         assert_eq!(
             set_mode_and_size(&mut c, &fh, 0o600, size).await,
             nfsstat3::NFS3ERR_FBIG
         );
         let attr = getattr(&mut c, &fh).await.expect("getattr");
-        assert_eq!((attr.size, attr.mode), (5000, 0o644), "after SETATTR to {size}");
+        assert_eq!(
+            (attr.size, attr.mode),
+            (5000, 0o644),
+            "after SETATTR to {size}"
+        );
     }
     let w = c
         .write(&nfs3::WRITE3args {
@@ -78,7 +84,10 @@ async fn sizes_beyond_maxfilesize_are_refused_and_change_nothing() {
         })
         .await
         .expect("write rpc");
-    assert!(matches!(w, Nfs3Result::Err((nfsstat3::NFS3ERR_FBIG, _))), "{w:?}");
+    assert!(
+        matches!(w, Nfs3Result::Err((nfsstat3::NFS3ERR_FBIG, _))),
+        "{w:?}"
+    );
     assert_eq!(getattr(&mut c, &fh).await.map(|a| a.size), Ok(5000));
     let created = c
         .create(&nfs3::CREATE3args {
@@ -144,7 +153,14 @@ async fn a_flat_disks_used_bytes_count_nonzero_chunks_and_the_cache() {
         "a published disk holds its non-zero chunks"
     );
     // One block written into a zero chunk: held by the cache.
-    write(&mut c, &fh, zero_chunk * MIB, &[7u8; 4096], stable_how::FILE_SYNC).await;
+    write(
+        &mut c,
+        &fh,
+        zero_chunk * MIB,
+        &[7u8; 4096],
+        stable_how::FILE_SYNC,
+    )
+    .await;
     assert_eq!(getattr(&mut c, &fh).await.map(|a| a.used), Ok(all + 4096));
     // A sparse extension holds nothing more.
     let grown = disk.len() as u64 + 100 * MIB;
@@ -174,7 +190,9 @@ async fn listings_start_with_dot_and_dotdot() {
     let folder_id = getattr(&mut c, &folder).await.expect("folder").fileid;
     let root_id = getattr(&mut c, &root).await.expect("root").fileid;
     for i in 0..20 {
-        create(&mut c, &folder, &format!("new{i:02}")).await.expect("create");
+        create(&mut c, &folder, &format!("new{i:02}"))
+            .await
+            .expect("create");
     }
     // READDIR in small pages.
     let (mut names, mut cookie) = (Vec::new(), 0);
@@ -190,7 +208,10 @@ async fn listings_start_with_dot_and_dotdot() {
             .expect("readdir rpc")
             .unwrap();
         for e in &res.reply.entries.0 {
-            names.push((String::from_utf8(e.name.0.to_vec()).expect("utf8"), e.fileid));
+            names.push((
+                String::from_utf8(e.name.0.to_vec()).expect("utf8"),
+                e.fileid,
+            ));
             cookie = e.cookie;
         }
         if res.reply.eof {
@@ -242,4 +263,3 @@ async fn listings_start_with_dot_and_dotdot() {
     drop(c);
     f.assert_repo_untouched();
 }
-

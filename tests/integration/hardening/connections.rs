@@ -64,7 +64,9 @@ fn huge_record_start() -> Vec<u8> {
 /// A NULL call to NFS v3 as one record.
 fn nfs_null_call(xid: u32) -> Vec<u8> {
     let words = [xid, 0, 2, 100_003, 3, 0, 0, 0, 0, 0];
-    let mut out = (0x8000_0000u32 | (words.len() as u32 * 4)).to_be_bytes().to_vec();
+    let mut out = (0x8000_0000u32 | (words.len() as u32 * 4))
+        .to_be_bytes()
+        .to_vec();
     for w in words {
         out.extend_from_slice(&w.to_be_bytes());
     }
@@ -171,8 +173,12 @@ async fn idle_and_half_sent_connections_are_closed() {
         s.nfs("idle_timeout_secs = 2\nrecord_timeout_secs = 2")
     });
     let nfs = f.server.nfs_port;
-    let mut idle = TcpStream::connect(("127.0.0.1", nfs)).await.expect("connect");
-    let mut half = TcpStream::connect(("127.0.0.1", nfs)).await.expect("connect");
+    let mut idle = TcpStream::connect(("127.0.0.1", nfs))
+        .await
+        .expect("connect");
+    let mut half = TcpStream::connect(("127.0.0.1", nfs))
+        .await
+        .expect("connect");
     let call = nfs_null_call(9);
     half.write_all(&call[..10]).await.expect("send half a call");
     let mut busy = client_at(nfs).await;

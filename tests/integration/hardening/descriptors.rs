@@ -38,11 +38,21 @@ async fn thousands_of_files_under_a_1024_descriptor_limit() {
             let want = pattern(100 + (i / 2) % 4000, (i / 2) as u64);
             assert_eq!(read(&mut c, &older, 0, 1 << 16).await, Ok(want), "{back}");
             let block = pattern(4096, 1000 + i as u64);
-            write(&mut c, &disk, (i as u64 % 1000) * 4096, &block, stable_how::FILE_SYNC).await;
+            write(
+                &mut c,
+                &disk,
+                (i as u64 % 1000) * 4096,
+                &block,
+                stable_how::FILE_SYNC,
+            )
+            .await;
             most_fds = most_fds.max(f.server.open_fds());
         }
     }
-    assert!(most_fds < 1024, "the server stays under its limit ({most_fds} open)");
+    assert!(
+        most_fds < 1024,
+        "the server stays under its limit ({most_fds} open)"
+    );
     let listed = list(&mut c, &folder).await;
     assert_eq!(listed.len(), FILES + 5, "every created file is listed");
     for i in (0..FILES).step_by(97) {
@@ -57,7 +67,11 @@ async fn thousands_of_files_under_a_1024_descriptor_limit() {
             .await
             .unwrap_or_else(|s| panic!("REMOVE {name}: {s:?}"));
     }
-    assert_eq!(list(&mut c, &folder).await.len(), 5, "only the VM's files are left");
+    assert_eq!(
+        list(&mut c, &folder).await.len(),
+        5,
+        "only the VM's files are left"
+    );
     // Only the disk's write cache is left in the publication's folder.
     let caches: Vec<String> = f
         .server

@@ -56,9 +56,10 @@ async fn a_missing_write_cache_is_refused_until_it_is_back_or_discarded() {
     backup_json(&repo, &vm.dir, None);
     let storage = tmp.path().join("production");
     fs::create_dir_all(&storage).expect("storage");
-    let spec = ServerSpec::new(&repo).with_api().log_level("revive=info").toml(
-        "[sessions]\nmin_free_cache = \"1MiB\"\nretries = 1000\nretry_interval_secs = 1\n",
-    );
+    let spec = ServerSpec::new(&repo)
+        .with_api()
+        .log_level("revive=info")
+        .toml("[sessions]\nmin_free_cache = \"1MiB\"\nretries = 1000\nretry_interval_secs = 1\n");
     let mut server = ReviveServer::start(&tmp.path().join("server"), spec);
     let sessions = server.ctl_json(&[
         "recover",
@@ -83,13 +84,19 @@ async fn a_missing_write_cache_is_refused_until_it_is_back_or_discarded() {
         let root = conn.root_nfs_fh3();
         let mut c = conn.into_nfs3_client();
         let folder = lookup(&mut c, &root, &name).await.expect("folder");
-        let disk = lookup(&mut c, &folder, "miss01-flat.vmdk").await.expect("disk");
+        let disk = lookup(&mut c, &folder, "miss01-flat.vmdk")
+            .await
+            .expect("disk");
         let note_fh = create(&mut c, &folder, "note.txt").await.expect("create");
         write(&mut c, &note_fh, 0, &note, stable_how::FILE_SYNC).await;
         write(&mut c, &disk, MIB, &block, stable_how::FILE_SYNC).await;
         (disk, note_fh)
     };
-    assert!(cache.is_dir(), "the session's write cache is at {}", cache.display());
+    assert!(
+        cache.is_dir(),
+        "the session's write cache is at {}",
+        cache.display()
+    );
 
     // The production storage is not there when revive starts.
     server.stop();
@@ -107,7 +114,10 @@ async fn a_missing_write_cache_is_refused_until_it_is_back_or_discarded() {
         Err(nfsstat3::NFS3ERR_JUKEBOX),
         "GETATTR of a created file without its write cache"
     );
-    assert!(!cache.exists(), "nothing may be created in place of the missing cache");
+    assert!(
+        !cache.exists(),
+        "nothing may be created in place of the missing cache"
+    );
     let waiting = server.wait_session(&id, LIMIT, "waiting on its write cache", |s| {
         state(s) == "waiting" && error(s).contains(cache.to_str().expect("utf8"))
     });
@@ -119,18 +129,25 @@ async fn a_missing_write_cache_is_refused_until_it_is_back_or_discarded() {
         "no error in the log:\n{log}"
     );
     let text = metrics(&server).await;
-    let gauge = format!("revive_write_cache_missing{{export=\"/revive\",publication=\"{name}\"}} 1");
+    let gauge =
+        format!("revive_write_cache_missing{{export=\"/revive\",publication=\"{name}\"}} 1");
     assert!(text.contains(&gauge), "{gauge} not in:\n{text}");
-    assert!(!cache.exists(), "nothing may be created in place of the missing cache");
+    assert!(
+        !cache.exists(),
+        "nothing may be created in place of the missing cache"
+    );
 
     // The storage comes back: served again, with every byte written.
     fs::rename(&away, &cache).expect("move the cache back");
     server.wait_session(&id, LIMIT, "running again", |s| state(s) == "running");
-    let back = read(&mut c, &disk_fh, MIB, 64 * 1024).await.expect("read the disk");
+    let back = read(&mut c, &disk_fh, MIB, 64 * 1024)
+        .await
+        .expect("read the disk");
     assert!(back == block, "the disk's write is back");
     assert_eq!(read(&mut c, &note_fh, 0, 4096).await, Ok(note.clone()));
     let text = metrics(&server).await;
-    let gauge = format!("revive_write_cache_missing{{export=\"/revive\",publication=\"{name}\"}} 0");
+    let gauge =
+        format!("revive_write_cache_missing{{export=\"/revive\",publication=\"{name}\"}} 0");
     assert!(text.contains(&gauge), "{gauge} not in:\n{text}");
 
     // Gone for good: a retry does not discard it, discard-cache does.
@@ -148,10 +165,14 @@ async fn a_missing_write_cache_is_refused_until_it_is_back_or_discarded() {
     );
     assert!(!cache.exists(), "a retry must not create a cache");
     run_ok(server.ctl().args(["discard-cache", &id]));
-    server.wait_session(&id, LIMIT, "running from the backup", |s| state(s) == "running");
+    server.wait_session(&id, LIMIT, "running from the backup", |s| {
+        state(s) == "running"
+    });
     let disk = fs::read(vm.flat()).expect("flat disk");
     let want = disk[MIB as usize..][..64 * 1024].to_vec();
-    let back = read(&mut c, &disk_fh, MIB, 64 * 1024).await.expect("read the disk");
+    let back = read(&mut c, &disk_fh, MIB, 64 * 1024)
+        .await
+        .expect("read the disk");
     assert!(back == want, "the disk reads as the backup");
     assert_eq!(getattr(&mut c, &note_fh).await.map(|a| a.size), Ok(0));
     assert!(cache.is_dir(), "discard-cache starts an empty write cache");

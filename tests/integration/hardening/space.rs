@@ -137,9 +137,7 @@ async fn try_write(
 /// FSSTAT of the file system holding `fh`: (total, available) bytes.
 async fn fsstat(c: &mut Client, fh: &nfs_fh3) -> (u64, u64) {
     match c
-        .fsstat(&nfs3::FSSTAT3args {
-            fsroot: fh.clone(),
-        })
+        .fsstat(&nfs3::FSSTAT3args { fsroot: fh.clone() })
         .await
         .expect("fsstat rpc")
     {
@@ -159,7 +157,10 @@ async fn fill(c: &mut Client, file: &nfs_fh3, mut offset: u64, chunk: usize) -> 
             Err(nfsstat3::NFS3ERR_NOSPC) => return offset - start,
             Err(other) => panic!("filling write at {offset}: {other:?}, not NOSPC"),
         }
-        assert!(offset - start < 256 * MIB, "the small file system never filled");
+        assert!(
+            offset - start < 256 * MIB,
+            "the small file system never filled"
+        );
     }
 }
 
@@ -196,7 +197,11 @@ async fn full_write_cache(fs: SmallFs) {
         let data = pattern(64 * 1024, 100 + i);
         let offset = (i % 4) * 64 * 1024;
         let got = try_write(&mut c, &disk, offset, &data, stable_how::FILE_SYNC).await;
-        assert_eq!(got, Ok(()), "overwrite {i} of cached blocks on a full {fs:?}");
+        assert_eq!(
+            got,
+            Ok(()),
+            "overwrite {i} of cached blocks on a full {fs:?}"
+        );
         apply(&mut expect, offset, &data);
     }
     // A write over cached and new blocks does not fit: NOSPC, and none of
@@ -204,10 +209,17 @@ async fn full_write_cache(fs: SmallFs) {
     let wide = pattern(MIB as usize, 7);
     for stable in [stable_how::FILE_SYNC, stable_how::UNSTABLE] {
         let got = try_write(&mut c, &disk, 0, &wide, stable).await;
-        assert_eq!(got, Err(nfsstat3::NFS3ERR_NOSPC), "{stable:?} write that does not fit");
+        assert_eq!(
+            got,
+            Err(nfsstat3::NFS3ERR_NOSPC),
+            "{stable:?} write that does not fit"
+        );
     }
     let got = read_all(&mut c, &disk, 0, 2 * MIB).await.expect("read");
-    assert!(got[..] == expect[..2 * MIB as usize], "a refused write is visible");
+    assert!(
+        got[..] == expect[..2 * MIB as usize],
+        "a refused write is visible"
+    );
 
     // kill -9 and restart: the acknowledged overwrites are there, the
     // refused write is not.
@@ -220,9 +232,14 @@ async fn full_write_cache(fs: SmallFs) {
     assert!(got[..] == expect[..2 * MIB as usize], "after kill -9");
 
     // Once space is freed, the same file takes new blocks again.
-    remove(&mut c, &folder, "filler.bin").await.expect("remove filler");
+    remove(&mut c, &folder, "filler.bin")
+        .await
+        .expect("remove filler");
     let (_, avail) = fsstat(&mut c, &folder).await;
-    assert!(avail > 4 * MIB, "removing the filler freed only {avail} bytes");
+    assert!(
+        avail > 4 * MIB,
+        "removing the filler freed only {avail} bytes"
+    );
     for stable in [stable_how::FILE_SYNC, stable_how::UNSTABLE] {
         let got = try_write(&mut c, &disk, 0, &wide, stable).await;
         assert_eq!(got, Ok(()), "{stable:?} write after space was freed");
@@ -232,8 +249,14 @@ async fn full_write_cache(fs: SmallFs) {
     write(&mut c, &disk, 4 * MIB, &tail, stable_how::UNSTABLE).await;
     commit(&mut c, &disk).await;
     apply(&mut expect, 4 * MIB, &tail);
-    let got = read_all(&mut c, &disk, 0, expect.len() as u64).await.expect("read");
-    assert_eq!(sha256(&got), sha256(&expect), "the disk after space was freed");
+    let got = read_all(&mut c, &disk, 0, expect.len() as u64)
+        .await
+        .expect("read");
+    assert_eq!(
+        sha256(&got),
+        sha256(&expect),
+        "the disk after space was freed"
+    );
     drop(c);
     f.assert_repo_untouched();
     sh("umount", &[small.to_str().expect("utf8")]);
