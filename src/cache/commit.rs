@@ -167,9 +167,26 @@ pub(crate) struct Inner {
     /// checkpoint can write them without needing space (see
     /// `Shared::reserve_map_pages`).
     pub map_reserved: BTreeSet<u64>,
-    /// The flush (by its number in `Shared::flushed`) that last failed for
-    /// want of space, until one succeeds: its waiters get the error.
-    pub nospace_flush: Option<u64>,
+    /// The flush that last failed without losing anything (for want of
+    /// space, or its files could not be reopened), until one succeeds: its
+    /// number in `Shared::flushed` and its error, which its waiters get.
+    pub failed_flush: Option<(u64, RetryableError)>,
+}
+
+/// The error of a flush that lost nothing, as its waiters get it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryableError {
+    kind: std::io::ErrorKind,
+    os: Option<i32>,
+}
+
+impl RetryableError {
+    fn to_io(self) -> std::io::Error {
+        match self.os {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => self.kind.into(),
+        }
+    }
 }
 
 impl Inner {
@@ -192,7 +209,7 @@ impl Inner {
             checkpoint_bytes: JOURNAL_CHECKPOINT_BYTES,
             presync_mark: 0,
             map_reserved: BTreeSet::new(),
-            nospace_flush: None,
+            failed_flush: None,
         }
     }
 
@@ -363,12 +380,12 @@ impl Shared {
                 if inner.durable_seq >= target {
                     return Ok(());
                 }
-                if let (Some(since), Some(failed)) = (since, inner.nospace_flush) {
+                if let (Some(since), Some((failed, err))) = (since, inner.failed_flush) {
                     if failed > since {
                         return Err(CacheError::Io {
                             action: "flush",
                             path: self.paths.map.clone(),
-                            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                            source: err.to_io(),
                         });
                     }
                 }
@@ -409,9 +426,11 @@ impl Shared {
     /// `flush` without waking the waiters: the caller must do it.
     ///
     /// A flush that fails for want of space (ENOSPC from a write, never from
-    /// a sync) lost nothing: what it took goes back to dirty, the next flush
-    /// tries again, and the callers waiting on this one get the error. Any
-    /// other failure poisons the cache: what reached the disk is unknown.
+    /// a sync), or because its files could not be reopened (their storage
+    /// went away), lost nothing: what it took goes back to dirty, the next
+    /// flush tries again, and the callers waiting on this one get the
+    /// error. Any other failure poisons the cache: what reached the disk is
+    /// unknown.
     fn flush_quietly(&self) {
         let mut batch = self.take_batch();
         let result = self.write_batch(&mut batch);
@@ -420,7 +439,7 @@ impl Shared {
         inner.flushing = false;
         match result {
             Ok(journal_bytes) => {
-                inner.nospace_flush = None;
+                inner.failed_flush = None;
                 inner.durable_seq = inner.durable_seq.max(batch.seq);
                 inner.journal_bytes = journal_bytes;
                 if batch.checkpoint {
@@ -431,10 +450,11 @@ impl Shared {
                     self.presync();
                 }
             }
-            Err(err) if is_no_space(&err) => {
-                tracing::warn!(cache = %self.paths.map.display(), cause = %err, "write cache flush ran out of space; it is retried once space is freed");
+            Err(err) if retryable(&err).is_some() => {
+                tracing::warn!(cache = %self.paths.map.display(), cause = %err, "write cache flush failed without losing anything; the next one tries again");
                 // This flush's number once `flushed` is bumped for it.
-                inner.nospace_flush = Some(*self.flushed.borrow() + 1);
+                let number = *self.flushed.borrow() + 1;
+                inner.failed_flush = retryable(&err).map(|e| (number, e));
                 for (page, _) in &batch.pages {
                     inner.dirty_pages.insert(*page);
                 }
@@ -551,7 +571,14 @@ impl Shared {
             header = batch.header.is_some(),
             "flush"
         );
-        let files = self.files()?;
+        let files = self.files().map_err(|e| match e {
+            CacheError::Io { path, source, .. } => CacheError::Io {
+                action: REOPEN,
+                path,
+                source,
+            },
+            other => other,
+        })?;
         let mut journal = self.journal();
         if !batch.checkpoint {
             trace_io!(
@@ -620,6 +647,22 @@ impl Shared {
             .map_reserved
             .extend(batch.pages.iter().map(|(page, _)| *page));
         Ok(())
+    }
+}
+
+/// The action of a flush that could not reopen its cache's files.
+const REOPEN: &str = "reopen for a flush";
+
+/// The error of a flush that lost nothing (see `flush_quietly`), if so.
+fn retryable(err: &CacheError) -> Option<RetryableError> {
+    match err {
+        CacheError::Io { action, source, .. } if is_no_space(err) || *action == REOPEN => {
+            Some(RetryableError {
+                kind: source.kind(),
+                os: source.raw_os_error(),
+            })
+        }
+        _ => None,
     }
 }
 

@@ -77,8 +77,9 @@ impl ControllerError {
         match self {
             ControllerError::Repo(e) => e.is_transient(),
             ControllerError::Driver(e) => e.is_transient(),
-            // The datastore reports a repository it could not reach as I/O.
-            ControllerError::Datastore(DatastoreError::Io(_)) => true,
+            // The datastore reports a repository it could not reach as I/O,
+            // and a write cache whose storage is not there as Jukebox.
+            ControllerError::Datastore(DatastoreError::Io(_) | DatastoreError::Jukebox) => true,
             ControllerError::Destination { .. } => true,
             ControllerError::CacheMissing(_) => true,
             _ => false,
