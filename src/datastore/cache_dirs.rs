@@ -94,7 +94,7 @@ impl Datastore {
                 ns.add_publication(adopted);
             }
             if !legacy.is_empty() {
-                ns.save()?;
+                ns.commit().await?.wait().await?;
             }
             for p in ns.publications() {
                 if let Some(reason) = missing_reason(&p.cache_dir) {
@@ -164,10 +164,8 @@ impl Datastore {
     /// export path (for `/metrics`).
     pub async fn cache_states(&self) -> Vec<(String, String, bool)> {
         let mut out = Vec::new();
-        for export in self.exports() {
-            let Ok(state) = self.state(export.id) else {
-                continue;
-            };
+        for state in self.exports.values() {
+            let export = &state.info;
             let pubs: Vec<Publication> = state.ns.read().await.publications().cloned().collect();
             for p in pubs {
                 let missing = p.cache_marked && {
@@ -219,7 +217,9 @@ impl Datastore {
         .await?;
         publication.cache_marked = true;
         ns.add_publication(publication.clone());
-        ns.save()?;
+        let durable = ns.commit().await?;
+        drop(ns);
+        durable.wait().await?;
         state.missing.remove(name);
         warn!(export = %export_path, publication = %name, cache = %publication.cache_dir.display(), "write cache discarded: the publication starts over from its backup");
         Ok(())

@@ -37,26 +37,18 @@ impl BackupUsage {
 }
 
 impl Datastore {
-    /// Reads (once per file) which chunks of `base` hold data: every index
-    /// page of the file, most already in the repository's page cache.
+    /// Reads (once per file) which chunks of `base` hold data.
     async fn load_usage(&self, base: &FileReader) -> Result<BackupUsage, RepoError> {
         let count = base.chunk_count();
         let chunk_size = base.chunk_size();
         let size = base.size();
         let mut data = vec![0u64; count.div_ceil(64) as usize];
         let mut total = 0;
-        let mut index = 0u64;
-        for page_id in &base.entry().pages {
-            let page = self.repo.page(page_id).await?;
-            for id in &page.entries {
-                if index >= count {
-                    break;
-                }
-                if !id.is_hole() {
-                    data[(index / 64) as usize] |= 1 << (index % 64);
-                    total += chunk_size.min(size - index * chunk_size);
-                }
-                index += 1;
+        for (index, hole) in base.holes().await?.into_iter().enumerate() {
+            let index = index as u64;
+            if !hole {
+                data[(index / 64) as usize] |= 1 << (index % 64);
+                total += chunk_size.min(size - index * chunk_size);
             }
         }
         Ok(BackupUsage {

@@ -1,5 +1,5 @@
 //! The NFS frontend: our own NFSv3 + MOUNT v3 + portmapper v2 server on
-//! tokio and `bytes`, dispatching to an [`NfsBackend`].
+//! tokio and `bytes`, a protocol encoding over [`FileOps`].
 //!
 //! # Why our own RPC layer
 //!
@@ -26,8 +26,7 @@
 //!  ├─ drc       duplicate request cache (non-idempotent NFS calls only)
 //!  └─ proc/     program 100003 v3: the 22 procedures (attr, io, dirop, readdir)
 //!       ├─ handle   file handle format (persistent, versioned)
-//!       ├─ error    BackendError -> nfsstat3, the only such mapping
-//!       └─ backend  the NfsBackend trait the datastore implements
+//!       └─ error    DatastoreError -> nfsstat3, the only such mapping
 //! xdr         argument decoding (zero-copy, bounded) and reply packing
 //! metrics     per-procedure counters and latency buckets
 //! ```
@@ -51,8 +50,6 @@
 //! ESXi stay valid across restarts. The WRITE/COMMIT verifier is the server
 //! start time in nanoseconds, new at every start.
 
-pub mod adapter;
-pub mod backend;
 pub mod drc;
 pub mod error;
 pub mod handle;
@@ -65,10 +62,7 @@ pub mod rpc;
 pub mod server;
 pub mod xdr;
 
-pub use backend::{
-    Attr, BackendError, BackendResult, CreateMode, DirEntry, DirPage, Export, ExportId, FileId,
-    FileKind, FsStat, NfsBackend, ReadReply, SetAttr, SetTime, Stability, WriteReply,
-};
+pub use crate::datastore::{FileAt, FileOps, NameAt};
 pub use limits::ConnLimits;
 pub use metrics::NfsMetrics;
 pub use portmap::Ports;

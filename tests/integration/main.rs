@@ -10,4 +10,6 @@ mod repo_cli;
 mod s3;
 mod sessions;
 mod support;
+mod trees;
 mod vsphere;
+mod web;
