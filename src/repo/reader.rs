@@ -139,6 +139,27 @@ impl FileReader {
         }
     }
 
+    /// Whether each chunk of the file, in order, is a hole (all zeros):
+    /// every index page of the file, most already cached. For `used`.
+    ///
+    /// # Errors
+    /// An index page could not be read.
+    pub async fn holes(&self) -> Result<Vec<bool>, RepoError> {
+        let count = self.chunk_count() as usize;
+        let mut holes = Vec::with_capacity(count);
+        match &self.index {
+            ChunkIndex::Inline(chunks) => holes.extend(chunks.iter().map(ChunkId::is_hole)),
+            ChunkIndex::Pages(pages) => {
+                for page_id in pages {
+                    let page = self.repo.page(page_id).await?;
+                    holes.extend(page.entries.iter().map(ChunkId::is_hole));
+                }
+            }
+        }
+        holes.truncate(count);
+        Ok(holes)
+    }
+
     /// Plain bytes of chunk number `index`, verified; zeros for a hole.
     pub async fn chunk(&self, index: u64) -> Result<Bytes, RepoError> {
         let id = self.chunk_id(index).await?;
