@@ -3,6 +3,7 @@
 //! link times down; each module is one area.
 
 mod datastore;
+mod hardening;
 mod nbd;
 mod nfs_proto;
 mod qemu;
