@@ -11,7 +11,10 @@ use serde::{Deserialize, Deserializer};
 use crate::controller::ControllerConfig;
 use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
 use crate::drivers::HostConfig;
-use crate::nfs::NfsBind;
+use crate::nfs::limits::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_CLIENT, DEFAULT_RECORD_TIMEOUT,
+};
+use crate::nfs::{ConnLimits, NfsBind};
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
 use crate::store::{S3Settings, StoreError, StoreLocation};
 
@@ -138,6 +141,14 @@ pub struct NfsSection {
     pub portmap_port: u16,
     /// Run without a portmapper (clients must be told both ports).
     pub portmap: bool,
+    /// TCP connections open at once, all clients together.
+    pub max_connections: usize,
+    /// TCP connections open at once from one client address.
+    pub max_connections_per_client: usize,
+    /// Seconds a connection with no call in flight may stay silent.
+    pub idle_timeout_secs: u64,
+    /// Seconds a call's bytes may take to arrive, from its first byte.
+    pub record_timeout_secs: u64,
 }
 
 impl Default for NfsSection {
@@ -149,6 +160,10 @@ impl Default for NfsSection {
             mount_port: bind.mount_port,
             portmap_port: bind.portmap_port.unwrap_or(111),
             portmap: true,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_PER_CLIENT,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT.as_secs(),
+            record_timeout_secs: DEFAULT_RECORD_TIMEOUT.as_secs(),
         }
     }
 }
@@ -348,6 +363,17 @@ impl Config {
         }
     }
 
+    /// Connection limits of the NFS server (zero values mean one, or one
+    /// second: never "no limit").
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.nfs.max_connections.max(1),
+            max_per_client: self.nfs.max_connections_per_client.max(1),
+            idle_timeout: Duration::from_secs(self.nfs.idle_timeout_secs.max(1)),
+            record_timeout: Duration::from_secs(self.nfs.record_timeout_secs.max(1)),
+        }
+    }
+
     /// Parses configuration text.
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.message().to_string())
@@ -373,6 +399,7 @@ mod tests {
         assert_eq!(config.datastore.block_cache, 256 << 20);
         assert_eq!(config.nfs.nfs_port, 2049);
         assert_eq!(config.nfs.portmap_port, 111);
+        assert_eq!(config.conn_limits(), ConnLimits::default());
         assert_eq!(config.export_configs()[0].path, "/revive");
         assert_eq!(config.sessions.retries, 10);
         assert_eq!(config.hosts[0].name, "local");

@@ -1,6 +1,6 @@
 //! Prometheus text exposition of revive's counters: NFS calls and latency,
-//! block cache hits and fetches, publications, sessions and migrations,
-//! block exports.
+//! block cache hits and fetches, publications, write caches, sessions and
+//! migrations, block exports.
 //!
 //! [`render`] writes one family after another; each family is a small
 //! function over an [`Exposition`], which owns the text format (HELP and
@@ -72,6 +72,7 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore, controller: &Contro
     nfs_counters(&mut e, nfs);
     block_cache(&mut e, datastore);
     publications(&mut e, datastore).await;
+    write_caches(&mut e, datastore).await;
     sessions(&mut e, controller);
     block_exports(&mut e, controller);
     e.out
@@ -160,6 +161,16 @@ fn nfs_counters(e: &mut Exposition, nfs: &NfsMetrics) {
             &nfs.connections_accepted,
         ),
         (
+            "revive_nfs_connections_refused_total",
+            "TCP connections closed at accept: from an address on no allow-list, or over a connection cap.",
+            &nfs.connections_refused,
+        ),
+        (
+            "revive_nfs_connections_timed_out_total",
+            "TCP connections closed for idling or for a call sent too slowly.",
+            &nfs.connections_timed_out,
+        ),
+        (
             "revive_nfs_read_bytes_total",
             "Bytes returned to NFS clients by READ.",
             &nfs.bytes_read,
@@ -236,6 +247,36 @@ async fn publications(e: &mut Exposition, datastore: &Datastore) {
             .unwrap_or(0);
         e.sample("revive_publications", &[("export", &export.path)], n);
     }
+}
+
+/// Write caches: publications whose cache folder is missing, and how many
+/// caches hold open files against their process-wide bound.
+async fn write_caches(e: &mut Exposition, datastore: &Datastore) {
+    const MISSING: &str = "revive_write_cache_missing";
+    e.family(
+        MISSING,
+        "gauge",
+        "1 while a publication's write cache folder is missing (its files are refused with JUKEBOX).",
+    );
+    for (export, publication, missing) in datastore.cache_states().await {
+        e.sample(
+            MISSING,
+            &[("export", &export), ("publication", &publication)],
+            u8::from(missing),
+        );
+    }
+    e.single(
+        "revive_write_caches_open",
+        "gauge",
+        "Write caches with open files (at most revive_write_caches_open_max).",
+        crate::cache::open_caches(),
+    );
+    e.single(
+        "revive_write_caches_open_max",
+        "gauge",
+        "Most write caches with open files at once (a tenth of the open file limit).",
+        crate::cache::max_open_caches(),
+    );
 }
 
 /// Sessions by state, their retries and what migrations copied.

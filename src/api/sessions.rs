@@ -1,5 +1,5 @@
 //! Session endpoints: what `revive recover`, `sessions`, `session`,
-//! `migrate`, `retry` and `stop` call. Errors are JSON `{"error": "..."}`
+//! `migrate`, `retry`, `discard-cache` and `stop` call. Errors are JSON `{"error": "..."}`
 //! with a 4xx status for anything the caller can fix.
 
 use axum::extract::rejection::JsonRejection;
@@ -21,6 +21,7 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/api/v1/sessions/{id}/migrate", post(migrate))
         .route("/api/v1/sessions/{id}/retry", post(retry))
         .route("/api/v1/sessions/{id}/stop", post(stop))
+        .route("/api/v1/sessions/{id}/discard-cache", post(discard_cache))
 }
 
 async fn list(State(state): State<ApiState>) -> Response {
@@ -54,6 +55,13 @@ async fn retry(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.controller.retry(&id).await?).into_response())
+}
+
+async fn discard_cache(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.controller.discard_cache(&id).await?).into_response())
 }
 
 async fn stop(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {

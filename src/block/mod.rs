@@ -3,8 +3,8 @@
 //! disk by a block protocol: NBD (`nbd/`) and iSCSI (`iscsi/`).
 //!
 //! - [`device`]: [`BlockDevice`], what a protocol needs of a disk.
-//! - [`file`]: [`FileDevice`], the device of a presented file, over the
-//!   datastore's file operations.
+//! - [`file`](mod@file): [`FileDevice`], the device of a presented file, over the
+//!   datastore's operation surface ([`crate::datastore::FileOps`]).
 //! - [`registry`]: [`BlockExports`], the exports being served, by name, with
 //!   their allow-lists, protocols and counters.
 //! - [`config`]: `[[block_export]]`, `[nbd]` and `[iscsi]`.
@@ -14,7 +14,7 @@
 //!
 //! # Rules
 //! - No second read path: every protocol talks to a [`BlockDevice`], and the
-//!   device of a block export goes through the datastore's file I/O (reads
+//!   device of a block export calls [`crate::datastore::FileOps`] (reads
 //!   from the write cache, else the backup; writes into the write cache).
 //!   The repository is never written.
 //! - One durability rule: a flush (NBD_CMD_FLUSH, the FUA flag, SCSI

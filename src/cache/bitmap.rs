@@ -40,6 +40,11 @@ impl Bitmap {
         self.count
     }
 
+    /// Numbers of the pages holding at least one set bit, in order.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pages.keys().copied()
+    }
+
     /// Whether `block` is present.
     pub fn get(&self, block: u64) -> bool {
         let (page, word, mask) = split(block);

@@ -228,6 +228,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a session's write cache over, empty, dropping everything
+    /// clients wrote: the one way on when its cache folder is gone for good.
+    #[command(name = "discard-cache")]
+    DiscardCache {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Session id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a session: power off, unregister, unpublish, delete its write cache.
     Stop {
         #[command(flatten)]
@@ -422,6 +434,9 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             json,
         } => sessions::migrate(&api, &id, to, method.into(), wait, json).await,
         Command::Retry { api, id, json } => sessions::action(&api, &id, "retry", false, json).await,
+        Command::DiscardCache { api, id, json } => {
+            sessions::action(&api, &id, "discard-cache", false, json).await
+        }
         Command::Stop {
             api,
             id,

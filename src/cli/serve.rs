@@ -13,7 +13,7 @@ use revive::config::Config;
 use revive::controller::Controller;
 use revive::datastore::Datastore;
 use revive::datastore::FileOps;
-use revive::nfs::{NfsListeners, NfsServer};
+use revive::nfs::{ConnLimits, NfsListeners, NfsServer};
 use revive::repo::{OpenOptions, Repository};
 use serde_json::json;
 use tracing::info;
@@ -31,7 +31,58 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: a datastore
+/// holds many files and connections, and the usual soft limit of 1024 (a
+/// login shell, a unit without `LimitNOFILE`) is far below what the system
+/// allows. Returns the soft limit now in force.
+fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid rlimit; no other memory.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let before = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                info!(
+                    from = before,
+                    to = limit.rlim_max,
+                    "raised the open file limit"
+                );
+            } else {
+                limit.rlim_cur = before;
+                tracing::warn!(limit = before, cause = %std::io::Error::last_os_error(), "could not raise the open file limit");
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// The configured connection limits, with the total kept to half the open
+/// file limit: the rest is for write caches, the repository and the state.
+fn connection_limits(config: &Config, open_files: u64) -> ConnLimits {
+    let mut limits = config.conn_limits();
+    let room = usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1);
+    if limits.max_connections > room {
+        tracing::warn!(
+            configured = limits.max_connections,
+            allowed = room,
+            open_file_limit = open_files,
+            "[nfs] max_connections is more than half the open file limit; lowered"
+        );
+        limits.max_connections = room;
+    }
+    limits
+}
+
 pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow::Result<Outcome> {
+    // First, before the write caches size their share of it.
+    let open_files = raise_open_file_limit();
     let config = load_config(config_path.as_ref())?;
     // Take SIGTERM/SIGINT before anything else: a signal that arrives after
     // the ports line but before the server first polls its shutdown future
@@ -93,7 +144,8 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
         .await
         .with_context(|| format!("bind NFS ports on {} ({:?})", bind.addr, bind))?;
     let ports = listeners.ports()?;
-    let server = NfsServer::new(datastore.clone());
+    let server =
+        NfsServer::new(datastore.clone()).with_limits(connection_limits(&config, open_files));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

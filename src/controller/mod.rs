@@ -636,6 +636,38 @@ impl Controller {
         Ok(self.view(session).await)
     }
 
+    /// Starts a session's write cache over, empty: everything clients wrote
+    /// in its folder is dropped and the VM's files read as the backup
+    /// again. The one way on from a write cache that is gone for good (a
+    /// missing cache is otherwise only waited for); then runs the waiting
+    /// step again, as `retry` does.
+    pub async fn discard_cache(&self, id: &str) -> Result<SessionView, ControllerError> {
+        let session = self.handle(id)?.snapshot();
+        if session.state.is_terminal() || session.state == SessionState::Validating {
+            return Err(ControllerError::WrongState {
+                id: session.id,
+                state: session.state.to_string(),
+                action: "discard-cache",
+            });
+        }
+        self.inner
+            .datastore
+            .discard_cache(&session.export, &session.name)
+            .await?;
+        info!(session = %id, name = %session.name, "write cache discarded");
+        let session = self
+            .command(id, "discard-cache", |s| {
+                if s.state == SessionState::Waiting {
+                    s.state = s.resume.unwrap_or(SessionState::Validating);
+                    s.retries.attempt = 0;
+                    s.retries.next_at = None;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(self.view(session).await)
+    }
+
     /// Cancels a session: powers off and unregisters its VM, unpublishes its
     /// folder, deletes its write cache.
     pub async fn stop(&self, id: &str) -> Result<SessionView, ControllerError> {

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use super::steps::{host_lock, migrate, publish, release, switch_over, validate, vm_spec};
 use super::{ControllerError, Inner, SessionHandle};
 use super::{Session, SessionState};
+use crate::datastore::DatastoreError;
 use crate::drivers::Driver;
 
 /// Changes a session's record and persists it before anyone acts on it.
@@ -53,7 +54,19 @@ pub(super) async fn run(inner: Arc<Inner>, handle: Arc<SessionHandle>) {
         let step = session.state;
         match step {
             SessionState::Done | SessionState::Cancelled => return,
-            SessionState::Running | SessionState::Failed => {
+            SessionState::Running => {
+                // A session resumed at start runs only with its write cache
+                // there; without it, it waits (and retries) naming why.
+                if let Err(e) = check_cache(&inner, &session).await {
+                    if !record_outcome(&inner, &handle, step, Err(e)).await {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+                handle.wake.notified().await;
+                continue;
+            }
+            SessionState::Failed => {
                 handle.wake.notified().await;
                 continue;
             }
@@ -153,6 +166,20 @@ async fn record_outcome(
         (Err(e), _) => error!(step = %step, cause = %e, "could not record session state"),
     }
     recorded.is_ok()
+}
+
+/// Fails while the session's published write cache folder is missing.
+async fn check_cache(inner: &Inner, session: &Session) -> Result<(), ControllerError> {
+    match inner
+        .datastore
+        .cache_missing(&session.export, &session.name)
+        .await
+    {
+        Ok(Some(reason)) => Err(ControllerError::CacheMissing(reason)),
+        // Not published (any more): nothing to check.
+        Ok(None) | Err(DatastoreError::NotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn driver_of(inner: &Inner, session: &Session) -> Result<Arc<dyn Driver>, ControllerError> {

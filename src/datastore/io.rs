@@ -66,7 +66,12 @@ pub(super) fn repo_err(e: &RepoError) -> DatastoreError {
 pub(super) fn cache_err(e: CacheError) -> DatastoreError {
     error!(cause = %e, "write cache failed");
     match e {
-        CacheError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+        CacheError::Io { source, .. }
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ) =>
+        {
             DatastoreError::NoSpace
         }
         // The cache file's filesystem has a smaller limit (ext4: 16 TiB).
@@ -76,6 +81,17 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
         CacheError::TooLarge { .. } => DatastoreError::TooBig,
         // A backup read under a copy-on-write that found the store unreachable.
         CacheError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+            DatastoreError::Jukebox
+        }
+        // The cache's files went away under it (its storage unmounted), or
+        // the process is out of descriptors for a moment: retry later.
+        CacheError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound
+                || matches!(
+                    source.raw_os_error(),
+                    Some(libc::EMFILE) | Some(libc::ENFILE)
+                ) =>
+        {
             DatastoreError::Jukebox
         }
         other => DatastoreError::Io(std::io::Error::other(other.to_string())),
@@ -98,8 +114,8 @@ impl FileState {
         }
     }
 
-    /// Bytes this file really occupies: the backup bytes still visible plus
-    /// the write cache's blocks.
+    /// Bytes this file really occupies: the backup's chunks holding data
+    /// that are still visible, plus the write cache's blocks.
     pub(super) fn used(&self, node: &Node) -> u64 {
         // A truncate hides the backup beyond the cache's `base_len` for good,
         // even when the file is extended again (sparse), so that is the most
@@ -109,7 +125,12 @@ impl FileState {
             (None, Content::Presented { base_size, .. }) => (*base_size, 0),
             (None, _) => (0, 0),
         };
-        base.saturating_add(cached).min(self.size(node).max(cached))
+        // All-zero chunks are holes in the repository: they hold nothing.
+        let held = match self.usage.get() {
+            Some(usage) => usage.data_bytes_below(base),
+            None => base,
+        };
+        held.saturating_add(cached).min(self.size(node).max(cached))
     }
 }
 
@@ -123,16 +144,26 @@ impl Datastore {
         if let Some(s) = export.sessions.get(publication) {
             return Ok(s.clone());
         }
-        let dir = match publication {
+        let _opening = export.opening.lock().await;
+        if let Some(s) = export.sessions.get(publication) {
+            return Ok(s.clone());
+        }
+        let session = match publication {
             Some(name) => {
-                let ns = export.ns.read().await;
-                ns.publication(name)
-                    .map(|p| p.cache_dir.clone())
-                    .ok_or(DatastoreError::Stale)?
+                let p = export
+                    .ns
+                    .read()
+                    .await
+                    .publication(name)
+                    .cloned()
+                    .ok_or(DatastoreError::Stale)?;
+                // Never an empty cache in place of a missing one.
+                self.check_cache_dir(export, &p).await?;
+                SessionCache::open_existing(p.cache_dir).await
             }
-            None => export.default_cache_dir.clone(),
+            None => SessionCache::open(export.default_cache_dir.clone()).await,
         };
-        let session = Arc::new(SessionCache::open(dir).await.map_err(cache_err)?);
+        let session = Arc::new(session.map_err(cache_err)?);
         Ok(export
             .sessions
             .entry(publication.clone())
@@ -177,6 +208,7 @@ impl Datastore {
             cache,
             next_offset: Default::default(),
             mtime_ns: Default::default(),
+            usage: Default::default(),
         });
         Ok(export.files.entry(node.id).or_insert(st).clone())
     }

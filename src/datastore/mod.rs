@@ -21,6 +21,7 @@
 //! <cache_root>/<publication>/          write caches of a publication (default location)
 //! ```
 
+mod cache_dirs;
 mod extents;
 mod io;
 pub mod namespace;
@@ -28,6 +29,7 @@ mod nslog;
 mod ops;
 mod surface;
 pub mod types;
+mod usage;
 mod view;
 
 use std::collections::HashMap;
@@ -44,6 +46,7 @@ use tracing::{info, warn};
 
 use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
+pub use cache_dirs::CACHE_MARKER;
 pub use extents::FileExtent;
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
@@ -98,6 +101,8 @@ pub(crate) struct FileState {
     /// epoch; 0: never, or reset by SETATTR). Lets most WRITEs skip the
     /// namespace write lock (see `MTIME_GRANULARITY`).
     mtime_ns: AtomicU64,
+    /// Which chunks of the backup hold data, once known (for `used`).
+    usage: OnceCell<usage::BackupUsage>,
 }
 
 /// One export at run time.
@@ -107,7 +112,12 @@ pub(crate) struct ExportState {
     files: DashMap<FileId, Arc<FileState>>,
     /// Write caches by publication (`None`: files outside any publication).
     sessions: DashMap<Option<String>, Arc<SessionCache>>,
+    /// Held while a session folder is opened: two callers never open (and
+    /// lock) one folder at once.
+    opening: tokio::sync::Mutex<()>,
     default_cache_dir: PathBuf,
+    /// Publications whose write cache folder is missing now (logged once).
+    missing: DashMap<String, ()>,
 }
 
 /// The datastore: every export, over one repository.
@@ -154,19 +164,23 @@ impl Datastore {
                 ns: RwLock::new(ns),
                 files: DashMap::new(),
                 sessions: DashMap::new(),
+                opening: tokio::sync::Mutex::new(()),
                 default_cache_dir: dir.join("cache"),
+                missing: DashMap::new(),
             });
             info!(export = %ec.path, id = record.id, "export loaded");
             by_path.insert(ec.path.clone(), record.id);
             exports.insert(record.id, state);
         }
-        Ok(Datastore {
+        let datastore = Datastore {
             repo,
             block_cache,
             config,
             exports,
             by_path,
-        })
+        };
+        datastore.check_cache_dirs().await?;
+        Ok(datastore)
     }
 
     /// The repository behind every publication.
@@ -213,6 +227,10 @@ impl Datastore {
         if ns.publication(name).is_some() || ns.lookup(ROOT_ID, name).is_ok() {
             return Err(DatastoreError::Exists);
         }
+        // The cache folder exists, with its marker, before the publication
+        // does: from then on a missing folder means lost storage, never
+        // "not used yet" (see `cache_dirs.rs`).
+        self.prepare_cache_dir(cache_dir.clone(), name).await?;
         // Pinned before it is visible: gc must never remove what a client
         // can read. Pinned before the tree changes, so a failed pin leaves
         // nothing behind.
@@ -243,6 +261,7 @@ impl Datastore {
             point: point.id.clone(),
             cache_dir,
             folder,
+            cache_marked: true,
         });
         let durable = ns.commit().await?;
         drop(ns);

@@ -113,6 +113,13 @@ pub struct Publication {
     pub cache_dir: PathBuf,
     /// Id of the publication's folder.
     pub folder: FileId,
+    /// The cache folder was made, with its marker file, when this was
+    /// published (or adopted at start by a revive that knows markers):
+    /// from then on a missing folder or marker means the storage is not
+    /// there, and the publication is refused rather than served from an
+    /// empty cache. False only in state written by an older revive.
+    #[serde(default)]
+    pub cache_marked: bool,
 }
 
 /// `namespace.json`: the whole tree as of a checkpoint.
@@ -768,6 +775,7 @@ mod tests {
             point: "pt".into(),
             cache_dir: dir.path().join("c"),
             folder: d,
+            cache_marked: true,
         });
         ns.commit().await.unwrap().wait().await.unwrap();
         let before = shape(&ns);

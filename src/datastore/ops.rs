@@ -21,7 +21,22 @@ use super::{
     Attr, CreateMode, Datastore, DatastoreError, DirEntry, DirPage, DsResult, Export, ExportId,
     ExportState,
 };
-use super::{FileKind, FileState, FsStat, ReadReply, SetAttr, SetTime, Stability, WriteReply};
+use super::{
+    FileKind, FileState, FsStat, ReadReply, SetAttr, SetTime, Stability, WriteReply, MAX_FILE_SIZE,
+};
+
+/// Cookie of the `.` entry of a listing.
+pub const DOT_COOKIE: u64 = 1;
+/// Cookie of the `..` entry; an entry's cookie is its file id plus this.
+pub const DOTDOT_COOKIE: u64 = 2;
+
+/// Refuses a size beyond [`MAX_FILE_SIZE`] (NFS3ERR_FBIG).
+fn check_size(set: &SetAttr) -> DsResult<()> {
+    match set.size {
+        Some(size) if size > MAX_FILE_SIZE => Err(DatastoreError::TooBig),
+        _ => Ok(()),
+    }
+}
 
 fn resolve_time(t: SetTime, current: SystemTime) -> SystemTime {
     match t {
@@ -73,6 +88,7 @@ impl Datastore {
             return Ok(self.attr_of(node, None));
         }
         let st = self.file_state(export, node).await?;
+        self.ensure_usage(&st).await;
         Ok(self.attr_of(node, Some(&st)))
     }
 
@@ -128,13 +144,16 @@ impl FileOps for Datastore {
         let (export, id) = (at.export, at.id);
         let state = self.state(export)?.clone();
         let node = state.ns.read().await.get(id)?.clone();
+        // Every check comes before the first change: an error reply leaves
+        // the file as it was.
         if guard.is_some_and(|g| g != node.ctime) {
             return Err(DatastoreError::NotSync);
         }
+        check_size(set)?;
+        if set.size.is_some() && node.is_dir() {
+            return Err(DatastoreError::IsDir);
+        }
         if let Some(size) = set.size {
-            if node.is_dir() {
-                return Err(DatastoreError::IsDir);
-            }
             let st = self.file_state(&state, &node).await?;
             if size != st.size(&node) {
                 let cache = self.ensure_cache(&state, &node, &st).await?;
@@ -174,6 +193,7 @@ impl FileOps for Datastore {
     async fn create(&self, at: &NameAt, mode: CreateMode, attrs: &SetAttr) -> DsResult<Attr> {
         let (export, dir, name) = (at.dir.export, at.dir.id, at.name.as_str());
         let state = self.state(export)?.clone();
+        check_size(attrs)?;
         let existing = {
             let ns = state.ns.read().await;
             match ns.lookup(dir, name) {
@@ -250,6 +270,12 @@ impl FileOps for Datastore {
     async fn remove(&self, at: &NameAt) -> DsResult<()> {
         let (dir, name) = (at.dir.id, at.name.as_str());
         let state = self.state(at.dir.export)?.clone();
+        // The write cache folder first (outside the write lock, as CREATE):
+        // while it is missing the REMOVE is refused (JUKEBOX) before the
+        // name goes, not after, so the retry finds the file and frees its
+        // cache once the folder is back.
+        let publication = state.ns.read().await.get(dir)?.publication.clone();
+        self.session(&state, &publication).await?;
         let node = {
             let mut ns = state.ns.write().await;
             let id = ns.lookup(dir, name)?;
@@ -314,25 +340,45 @@ impl FileOps for Datastore {
         Ok(())
     }
 
-    /// Entries in file id order; the cookie of an entry is its file id, so
-    /// listings resume correctly while the folder changes.
+    /// `.` and `..` first, as Linux's and other NFS servers list them,
+    /// then the entries in file id order. Cookies: [`DOT_COOKIE`] after
+    /// `.`, [`DOTDOT_COOKIE`] after `..`, and the file id plus
+    /// [`DOTDOT_COOKIE`] after an entry; ids are never reused, so a listing
+    /// resumes correctly while the folder changes.
     async fn readdir(&self, at: FileAt, cookie: u64, max_entries: usize) -> DsResult<DirPage> {
         let dir = at.id;
         let state = self.state(at.export)?.clone();
-        let nodes: Vec<Node> = {
+        let (dots, nodes) = {
             let ns = state.ns.read().await;
-            ns.children(dir)?
+            let nodes: Vec<Node> = ns
+                .children(dir)?
                 .into_iter()
-                .filter(|n| n.id > cookie)
+                .filter(|n| n.id.saturating_add(DOTDOT_COOKIE) > cookie)
                 .cloned()
-                .collect()
+                .collect();
+            let this = ns.get(dir)?;
+            let mut dots = Vec::new();
+            if cookie < DOT_COOKIE {
+                dots.push((".", this.clone(), DOT_COOKIE));
+            }
+            if cookie < DOTDOT_COOKIE {
+                dots.push(("..", ns.get(this.parent)?.clone(), DOTDOT_COOKIE));
+            }
+            (dots, nodes)
         };
-        let eof = nodes.len() <= max_entries;
-        let mut entries = Vec::with_capacity(nodes.len().min(max_entries));
-        for node in nodes.into_iter().take(max_entries) {
+        let eof = dots.len() + nodes.len() <= max_entries;
+        let mut entries = Vec::with_capacity((dots.len() + nodes.len()).min(max_entries));
+        for (name, node, cookie) in dots.into_iter().take(max_entries) {
+            entries.push(DirEntry {
+                name: name.to_string(),
+                cookie,
+                attr: self.attr_of(&node, None),
+            });
+        }
+        for node in nodes.into_iter().take(max_entries - entries.len()) {
             entries.push(DirEntry {
                 name: node.name.clone(),
-                cookie: node.id,
+                cookie: node.id + DOTDOT_COOKIE,
                 attr: self.attr_by_node(&state, &node).await?,
             });
         }
@@ -382,6 +428,12 @@ impl FileOps for Datastore {
         data: Bytes,
         stability: Stability,
     ) -> DsResult<WriteReply> {
+        // Beyond the largest file clients are told of: refused before
+        // anything is written.
+        match offset.checked_add(data.len() as u64) {
+            Some(end) if end <= MAX_FILE_SIZE => {}
+            _ => return Err(DatastoreError::TooBig),
+        }
         let (state, node, st) = self.regular(at.export, at.id).await?;
         let count = data.len() as u32;
         let cache = self.ensure_cache(&state, &node, &st).await?;
@@ -422,14 +474,39 @@ impl FileOps for Datastore {
         self.punch_range(at, offset, len).await
     }
 
-    /// The real size and free space of where this export's writes land.
+    /// The real size and free space of where this export's writes
+    /// land: its publications' write cache locations (each may be on its
+    /// own file system), else the default cache location. With several
+    /// file systems, the one with the least space available, where
+    /// clients run out first.
     async fn fsstat(&self, export: ExportId) -> DsResult<FsStat> {
         let state = self.state(export)?.clone();
-        let files = state.ns.read().await.len() as u64;
-        let root = self.config.cache_root.clone();
-        let st = tokio::task::spawn_blocking(move || crate::fsutil::space_of_nearest(&root))
-            .await
-            .map_err(|e| DatastoreError::Io(std::io::Error::other(e)))??;
+        let (files, mut dirs) = {
+            let ns = state.ns.read().await;
+            let dirs: Vec<_> = ns.publications().map(|p| p.cache_dir.clone()).collect();
+            (ns.len() as u64, dirs)
+        };
+        if dirs.is_empty() {
+            dirs.push(self.config.cache_root.clone());
+        }
+        // statvfs can block (a cache on a hung mount): off the async threads.
+        let st = tokio::task::spawn_blocking(move || {
+            let mut least: Option<FsStat> = None;
+            let mut first_err = None;
+            for dir in dirs {
+                // A folder not made yet is on its nearest existing ancestor.
+                match crate::fsutil::space_of_nearest(&dir) {
+                    Ok(st) if least.is_none_or(|l| st.avail_bytes < l.avail_bytes) => {
+                        least = Some(st)
+                    }
+                    Ok(_) => {}
+                    Err(e) => first_err = first_err.or(Some(DatastoreError::Io(e))),
+                }
+            }
+            least.ok_or_else(|| first_err.unwrap_or(DatastoreError::Invalid))
+        })
+        .await
+        .map_err(|e| DatastoreError::Io(std::io::Error::other(e)))??;
         Ok(FsStat {
             total_files: st.total_files.max(files),
             ..st

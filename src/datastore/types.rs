@@ -20,6 +20,11 @@ pub type FileId = u64;
 /// Identifies an export in file handles; persisted by the backend.
 pub type ExportId = u32;
 
+/// Largest file a client may make: 64 TiB, the VMFS/vSphere virtual disk
+/// limit, advertised as FSINFO's `maxfilesize`. SETATTR, WRITE and CREATE
+/// beyond it fail with [`DatastoreError::TooBig`] before changing anything.
+pub const MAX_FILE_SIZE: u64 = 64 << 40;
+
 /// One exported tree, as published by the backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Export {

@@ -19,6 +19,7 @@
 //!
 //! ```text
 //! server      listeners, per-connection reader / call tasks / writer
+//!  ├─ limits    who may connect, connection caps, idle and record timeouts
 //!  ├─ rpc       record marking, call header, credentials, reply header
 //!  ├─ portmap   program 100000 v2: NULL SET UNSET GETPORT DUMP (TCP + UDP)
 //!  ├─ mount     program 100005 v3: NULL MNT DUMP UMNT UMNTALL EXPORT (TCP + UDP)
@@ -32,9 +33,12 @@
 //!
 //! # Access control
 //!
-//! Each export carries an allow-list of client addresses. MNT refuses other
-//! clients with `MNT3ERR_ACCES`; every NFS call resolves its handles against
-//! the export and refuses other TCP peers with `NFS3ERR_ACCES`. AUTH_SYS
+//! Each export carries an allow-list of client addresses. A connection from
+//! an address on no allow-list is closed at accept, before a byte is read,
+//! except on the portmapper's port, where only the portmapper answers it
+//! (see [`limits`]). MNT refuses clients not on the export's own list with
+//! `MNT3ERR_ACCES`; every NFS call resolves its handles against the export
+//! and refuses other TCP peers with `NFS3ERR_ACCES`. AUTH_SYS
 //! credentials are accepted as sent, root included (ESXi needs
 //! no_root_squash). Names with `/`, empty names and `..` escaping the export
 //! root are refused before the backend sees them.
@@ -49,6 +53,7 @@
 pub mod drc;
 pub mod error;
 pub mod handle;
+pub mod limits;
 pub mod metrics;
 pub mod mount;
 pub mod portmap;
@@ -58,6 +63,7 @@ pub mod server;
 pub mod xdr;
 
 pub use crate::datastore::{FileAt, FileOps, NameAt};
+pub use limits::ConnLimits;
 pub use metrics::NfsMetrics;
 pub use portmap::Ports;
 pub use server::{NfsBind, NfsListeners, NfsServer};

@@ -141,7 +141,8 @@ impl FileReader {
 
     /// For chunks `chunks` (clipped to the file), whether each is a hole
     /// (an all-zero chunk the backup did not store), in order. Reads each
-    /// index page once, never a chunk: what block status queries need.
+    /// index page once, never a chunk: what block status queries and
+    /// `used` need.
     ///
     /// # Errors
     /// A page that cannot be read or does not cover a chunk it should.

@@ -3,6 +3,7 @@
 //! link times down; each module is one area.
 
 mod datastore;
+mod hardening;
 mod iscsi;
 mod nbd;
 mod nfs_proto;

@@ -4,7 +4,7 @@
 //! - [`handshake`]: fixed newstyle option haggling (NBD_OPT_GO, INFO, LIST,
 //!   ABORT, EXPORT_NAME, STRUCTURED_REPLY, LIST/SET_META_CONTEXT) and the
 //!   allow-list.
-//! - [`transmission`]: requests (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
+//! - `transmission`: requests (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
 //!   BLOCK_STATUS with base:allocation, DISC; the FUA flag) and replies.
 //! - [`reply`]: option replies, simple replies, structured reply chunks.
 //!

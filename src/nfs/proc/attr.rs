@@ -17,8 +17,9 @@ pub const MAX_TRANSFER: u32 = 1024 * 1024;
 /// Preferred READDIR size.
 const DTPREF: u32 = 64 * 1024;
 
-/// Largest file: 64 TiB, the VMFS/vSphere virtual disk limit.
-const MAX_FILE_SIZE: u64 = 64 << 40;
+/// Largest file: the datastore's limit (64 TiB, the VMFS/vSphere virtual
+/// disk limit), which it enforces on SETATTR, WRITE and CREATE.
+const MAX_FILE_SIZE: u64 = crate::datastore::types::MAX_FILE_SIZE;
 
 /// GETATTR: `fh` → `fattr3`.
 pub(super) async fn getattr(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) -> ProcResult {

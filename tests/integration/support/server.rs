@@ -65,6 +65,10 @@ pub struct ServerSpec {
     pub nbd: bool,
     /// Serve iSCSI (`[iscsi]`) on a free loopback port.
     pub iscsi: bool,
+    /// `RLIMIT_NOFILE` (soft, hard) the server process starts with.
+    pub nofile: Option<(u64, u64)>,
+    /// Extra TOML lines of `[nfs]` (connection limits, timeouts).
+    pub nfs_extra: String,
 }
 
 /// The API token of test servers.
@@ -89,6 +93,8 @@ impl ServerSpec {
             s3_section: String::new(),
             nbd: false,
             iscsi: false,
+            nofile: None,
+            nfs_extra: String::new(),
         }
     }
 
@@ -96,6 +102,20 @@ impl ServerSpec {
     /// exports and block sessions.
     pub fn with_iscsi(mut self) -> Self {
         self.iscsi = true;
+        self
+    }
+
+    /// Adds TOML lines to `[nfs]`.
+    pub fn nfs(mut self, lines: &str) -> Self {
+        self.nfs_extra.push_str(lines);
+        self.nfs_extra.push('\n');
+        self
+    }
+
+    /// Starts the server with `RLIMIT_NOFILE` set to `soft` and `hard`
+    /// (`soft = hard` keeps it from raising its own limit).
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
         self
     }
 
@@ -275,7 +295,7 @@ impl ReviveServer {
         let mut text = format!(
             "[repository]\n{}\n{}\n\n[repository.s3]\n{}\n\n[datastore]\nstate_dir = {}\ncache_root = {}\n\
              block_cache = {:?}\n\n[nfs]\nbind = \"127.0.0.1\"\nnfs_port = {}\n\
-             mount_port = {}\nportmap_port = {}\nportmap = {}\n",
+             mount_port = {}\nportmap_port = {}\nportmap = {}\n{}\n",
             repo_line,
             self.spec.repository_extra,
             self.spec.s3_section,
@@ -285,7 +305,8 @@ impl ReviveServer {
             ports.0,
             ports.1,
             ports.2,
-            self.spec.portmap
+            self.spec.portmap,
+            self.spec.nfs_extra
         );
         if self.spec.api {
             text += &format!("\n[api]\nbind = \"127.0.0.1:0\"\ntoken = {API_TOKEN:?}\n");
@@ -331,10 +352,21 @@ impl ReviveServer {
             cmd.env("RUST_LOG", level);
         }
         // If the test process dies (timeout, abort), the server goes with it.
-        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+        let nofile = self.spec.nofile;
+        // SAFETY: prctl and setrlimit are async-signal-safe; nothing else
+        // runs in pre_exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some((soft, hard)) = nofile {
+                    let limit = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -495,6 +527,47 @@ impl ReviveServer {
             }
         }
         self.startup
+    }
+
+    /// Process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not running").id()
+    }
+
+    /// A line of `/proc/<pid>/status` (`VmRSS`, `FDSize`...), as its number
+    /// (kB for sizes).
+    pub fn proc_status(&self, key: &str) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc status:\n{status}"))
+    }
+
+    /// Open file descriptors of the running server.
+    pub fn open_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("list /proc/<pid>/fd")
+            .count()
+    }
+
+    /// The soft and hard `RLIMIT_NOFILE` of the running server.
+    pub fn nofile_limits(&self) -> (u64, u64) {
+        let limits = fs::read_to_string(format!("/proc/{}/limits", self.pid()))
+            .expect("read /proc/<pid>/limits");
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("Max open files line");
+        let mut nums = line
+            .split_whitespace()
+            .filter_map(|w| w.parse::<u64>().ok());
+        (
+            nums.next().expect("soft limit"),
+            nums.next().expect("hard limit"),
+        )
     }
 
     /// Whether the child is still running.
