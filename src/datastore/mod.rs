@@ -23,6 +23,7 @@
 mod io;
 pub mod namespace;
 mod ops;
+pub mod passthrough;
 pub mod types;
 mod view;
 

@@ -27,6 +27,7 @@
 //!       ├─ handle   file handle format (persistent, versioned)
 //!       ├─ error    BackendError -> nfsstat3, the only such mapping
 //!       └─ backend  the NfsBackend trait the datastore implements
+//! router      one backend over the datastore's and the passthrough exports
 //! xdr         argument decoding (zero-copy, bounded) and reply packing
 //! metrics     per-procedure counters and latency buckets
 //! ```
@@ -56,6 +57,7 @@ pub mod metrics;
 pub mod mount;
 pub mod portmap;
 mod proc;
+pub mod router;
 pub mod rpc;
 pub mod server;
 pub mod xdr;
