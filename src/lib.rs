@@ -4,12 +4,15 @@
 //! - [`api`]: the HTTP API on localhost: Prometheus metrics, behind a token.
 //! - [`controller`]: instant-recovery sessions: state machine, retries, migration.
 //! - [`drivers`]: what the controller asks of a hypervisor (none, vSphere, QEMU).
+//! - [`snapshots`]: storage snapshots (btrfs, Ceph RBD) as restore points:
+//!   list, clone, present to hosts, destroy.
 //! - [`block`]: block exports (NBD, iSCSI) of presented disk files, over a
 //!   [`block::BlockDevice`].
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
 //!   portmapper), a thin protocol layer over a backend trait.
 //! - [`datastore`]: the namespace clients see: exports, one folder per
-//!   published restore point, stable file ids, cache over backup.
+//!   published restore point, stable file ids, cache over backup; and
+//!   passthrough exports of live folders (snapshot clones).
 //! - [`cache`]: the write cache of a published file: sparse data file,
 //!   persistent bitmap, write-ahead journal, group commit, crash-safe
 //!   ordering.
@@ -31,4 +34,5 @@ pub mod fsutil;
 pub mod nfs;
 pub mod progress;
 pub mod repo;
+pub mod snapshots;
 pub mod store;
