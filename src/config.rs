@@ -12,6 +12,7 @@ use crate::controller::ControllerConfig;
 use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
 use crate::drivers::HostConfig;
 use crate::nfs::NfsBind;
+use crate::snapshots::SnapshotSourceConfig;
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
 use crate::store::{
     StoreError, StoreLocation, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
@@ -58,6 +59,9 @@ pub struct Config {
     /// Hypervisor hosts sessions can run VMs on (`[[host]]`).
     #[serde(rename = "host")]
     pub hosts: Vec<HostConfig>,
+    /// Storage systems whose snapshots VMs can be recovered from (`[[snapshot_source]]`).
+    #[serde(rename = "snapshot_source")]
+    pub snapshot_sources: Vec<SnapshotSourceConfig>,
 }
 
 /// `[sessions]`

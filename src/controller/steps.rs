@@ -10,6 +10,7 @@ use chrono::Utc;
 use tracing::{error, info, warn};
 
 use super::copy;
+use super::{clones, snapshot_steps};
 use super::{ControllerError, Inner, SessionHandle};
 use super::{Migration, MigrationMethod, Session, SessionState};
 use crate::datastore::DatastoreError;
@@ -166,7 +167,13 @@ async fn run_step(
 ) -> Result<SessionState, ControllerError> {
     let driver = driver_of(inner, session);
     match step {
+        SessionState::Validating if snapshot_steps::is_snapshot(session) => {
+            snapshot_steps::validate(inner, handle, session, &driver?).await
+        }
         SessionState::Validating => validate(inner, handle, session, &driver?).await,
+        SessionState::Publishing if snapshot_steps::is_snapshot(session) => {
+            snapshot_steps::publish(inner, handle, session).await
+        }
         SessionState::Publishing => publish(inner, session).await,
         SessionState::RegisteringDatastore => {
             let driver = driver?;
@@ -304,6 +311,7 @@ async fn validate(
             name: f.name.clone(),
             size: f.size,
             disk: f.kind.is_disk(),
+            location: None,
         });
         if f.name.ends_with(".vmx") && f.size <= 1 << 20 {
             let reader = FileReader::new(repo, &point, &f.name)?;
@@ -569,6 +577,7 @@ async fn release(
             let s = h.value().snapshot();
             s.id != session.id
                 && s.host == session.host
+                && s.datastore.name == session.datastore.name
                 && s.datastore_attached
                 && !s.state.is_terminal()
         });
@@ -582,6 +591,9 @@ async fn release(
             s.datastore_attached = false;
             Ok(())
         })?;
+    }
+    if snapshot_steps::is_snapshot(session) {
+        clones::release(inner, session).await?;
     }
     Ok(())
 }

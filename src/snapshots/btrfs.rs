@@ -67,12 +67,17 @@ pub struct BtrfsProvider {
     path: PathBuf,
     clone_dir: PathBuf,
     cmd: StorageCommand,
-    passthrough: Arc<Passthrough>,
+    /// Where clones are exported; `None` in a process that only lists.
+    passthrough: Option<Arc<Passthrough>>,
 }
 
 impl BtrfsProvider {
     /// The source `name` configured by `config`; clones are exported through `passthrough`.
-    pub fn new(name: &str, config: &BtrfsConfig, passthrough: Arc<Passthrough>) -> BtrfsProvider {
+    pub fn new(
+        name: &str,
+        config: &BtrfsConfig,
+        passthrough: Option<Arc<Passthrough>>,
+    ) -> BtrfsProvider {
         BtrfsProvider {
             name: name.to_string(),
             path: config.path.clone(),
@@ -181,6 +186,16 @@ impl BtrfsProvider {
     fn export_path(clone: &CloneRef) -> String {
         format!("{EXPORT_ROOT}/{}", clone.name)
     }
+
+    fn passthrough(&self, clone: &CloneRef) -> SnapResult<&Passthrough> {
+        self.passthrough
+            .as_deref()
+            .ok_or_else(|| SnapshotError::Present {
+                clone: clone.name.clone(),
+                reason: "this process runs no NFS server (only `revive serve` presents clones)"
+                    .into(),
+            })
+    }
 }
 
 fn exists(path: &Path) -> bool {
@@ -231,11 +246,11 @@ impl SnapshotProvider for BtrfsProvider {
         self.describe(&volumes, snap).await
     }
 
-    fn plan_clone(&self, snapshot: &Snapshot, name: &str) -> CloneRef {
+    fn plan_clone(&self, snapshot: &str, name: &str) -> CloneRef {
         CloneRef {
             name: name.to_string(),
             location: self.clone_dir.join(name).to_string_lossy().into_owned(),
-            snapshot: snapshot.id.clone(),
+            snapshot: snapshot.to_string(),
             protected_snapshot: false,
         }
     }
@@ -271,7 +286,7 @@ impl SnapshotProvider for BtrfsProvider {
     ) -> SnapResult<Presentation> {
         let folder = self.check_ours(clone)?;
         let export = Self::export_path(clone);
-        self.passthrough
+        self.passthrough(clone)?
             .add_export(&export, &folder, clients)
             .map_err(|e| SnapshotError::Present {
                 clone: clone.name.clone(),
@@ -282,7 +297,7 @@ impl SnapshotProvider for BtrfsProvider {
 
     async fn unpresent(&self, clone: &CloneRef) -> SnapResult<()> {
         let export = Self::export_path(clone);
-        self.passthrough
+        self.passthrough(clone)?
             .remove_export(&export)
             .map_err(|e| SnapshotError::Present {
                 clone: clone.name.clone(),

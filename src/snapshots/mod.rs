@@ -243,8 +243,9 @@ pub trait SnapshotProvider: Send + Sync {
     /// One snapshot with its VMs; [`SnapshotError::UnknownSnapshot`] if absent.
     async fn snapshot(&self, id: &str) -> SnapResult<Snapshot>;
 
-    /// Where clone `name` of `snapshot` will be: recorded before [`Self::create_clone`].
-    fn plan_clone(&self, snapshot: &Snapshot, name: &str) -> CloneRef;
+    /// Where clone `name` of snapshot `snapshot` (its id) will be: recorded
+    /// before [`Self::create_clone`].
+    fn plan_clone(&self, snapshot: &str, name: &str) -> CloneRef;
 
     /// Makes the writable clone, or finds it made by an earlier attempt.
     /// Returns it as it must be recorded (e.g. whether it protected the snapshot).
@@ -275,8 +276,9 @@ pub struct SnapshotSources {
 }
 
 impl SnapshotSources {
-    /// Builds every configured source; btrfs clones are exported through `passthrough`.
-    pub fn build(configs: &[SnapshotSourceConfig], passthrough: Arc<Passthrough>) -> Self {
+    /// Builds every configured source; btrfs clones are exported through
+    /// `passthrough` (`None`: this process lists snapshots, it serves no clone).
+    pub fn build(configs: &[SnapshotSourceConfig], passthrough: Option<Arc<Passthrough>>) -> Self {
         let mut sources = BTreeMap::new();
         for c in configs {
             let built: Arc<dyn SnapshotProvider> = match &c.provider {

@@ -215,11 +215,11 @@ impl SnapshotProvider for RbdProvider {
         })
     }
 
-    fn plan_clone(&self, snapshot: &Snapshot, name: &str) -> CloneRef {
+    fn plan_clone(&self, snapshot: &str, name: &str) -> CloneRef {
         CloneRef {
             name: name.to_string(),
             location: self.spec(name),
-            snapshot: snapshot.id.clone(),
+            snapshot: snapshot.to_string(),
             protected_snapshot: false,
         }
     }
