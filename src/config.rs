@@ -12,8 +12,8 @@ use crate::controller::ControllerConfig;
 use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
 use crate::drivers::HostConfig;
 use crate::nfs::NfsBind;
-use crate::snapshots::SnapshotSourceConfig;
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
+use crate::snapshots::SnapshotSourceConfig;
 use crate::store::{
     StoreError, StoreLocation, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
 };

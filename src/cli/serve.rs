@@ -12,8 +12,8 @@ use revive::datastore::passthrough::Passthrough;
 use revive::datastore::Datastore;
 use revive::nfs::router::Router;
 use revive::nfs::{NfsListeners, NfsServer};
-use revive::snapshots::SnapshotSources;
 use revive::repo::{OpenOptions, Repository};
+use revive::snapshots::SnapshotSources;
 use serde_json::json;
 use tracing::info;
 
@@ -56,25 +56,22 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
     );
     publish_configured(&datastore, &config).await?;
     // Snapshot clones are served beside the repository's exports.
-    let passthrough = Arc::new(
-        Passthrough::open(&config.datastore.state_dir).with_context(|| {
+    let passthrough = Arc::new(Passthrough::open(&config.datastore.state_dir).with_context(
+        || {
             format!(
                 "open passthrough exports in '{}'",
                 config.datastore.state_dir.display()
             )
-        })?,
-    );
+        },
+    )?);
     let snapshots = Arc::new(SnapshotSources::build(
         &config.snapshot_sources,
         Some(passthrough.clone()),
     ));
-    let controller = Controller::start_with_snapshots(
-        config.controller_config(),
-        datastore.clone(),
-        snapshots,
-    )
-    .await
-    .context("start the session controller")?;
+    let controller =
+        Controller::start_with_snapshots(config.controller_config(), datastore.clone(), snapshots)
+            .await
+            .context("start the session controller")?;
     let bind = config.nfs_bind();
     let listeners = NfsListeners::bind(&bind)
         .await

@@ -54,10 +54,7 @@ pub async fn points(
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(Outcome::Ok);
     }
-    println!(
-        "{:<40}  {:<20}  {:<20}  VMS",
-        "POINT", "VOLUME", "CREATED"
-    );
+    println!("{:<40}  {:<20}  {:<20}  VMS", "POINT", "VOLUME", "CREATED");
     for s in rows {
         let point = SnapshotSpec {
             source: name.to_string(),

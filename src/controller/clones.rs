@@ -151,7 +151,11 @@ impl CloneBook {
                 }
             }
         }
-        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.clone.name.cmp(&b.clone.name)));
+        out.sort_by(|a, b| {
+            a.created
+                .cmp(&b.created)
+                .then(a.clone.name.cmp(&b.clone.name))
+        });
         Ok(out)
     }
 }
@@ -182,7 +186,10 @@ async fn test_pause(point: &str) {
         warn!(marker, cause = %e, "test hook: cannot write marker");
         return;
     }
-    warn!(point, "test hook: clone creation paused until revive is killed");
+    warn!(
+        point,
+        "test hook: clone creation paused until revive is killed"
+    );
     std::future::pending::<()>().await;
 }
 
@@ -221,10 +228,9 @@ pub(super) async fn acquire(
         .find(|r| {
             same_snapshot(r)
                 && r.state == CloneState::Ready
-                && !r
-                    .users
-                    .iter()
-                    .any(|u| u.vm == session.vm && u.session != session.id && live(inner, &u.session))
+                && !r.users.iter().any(|u| {
+                    u.vm == session.vm && u.session != session.id && live(inner, &u.session)
+                })
         })
         .cloned();
     let mut record = match (mine, shared) {
@@ -358,7 +364,11 @@ pub(super) async fn sweep(inner: &Inner) -> Result<(), ControllerError> {
             Ok(names) => {
                 let unknown: Vec<String> = names
                     .into_iter()
-                    .filter(|n| !records.iter().any(|r| r.source == source && &r.clone.name == n))
+                    .filter(|n| {
+                        !records
+                            .iter()
+                            .any(|r| r.source == source && &r.clone.name == n)
+                    })
                     .collect();
                 if !unknown.is_empty() {
                     warn!(%source, clones = ?unknown, "clones on the storage that this revive did not record; remove them by hand if no other revive uses this storage");

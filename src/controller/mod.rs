@@ -283,7 +283,10 @@ impl Controller {
                 "name at least one VM to recover".into(),
             ));
         }
-        let snapshot = req.point.as_deref().filter(|p| SnapshotSpec::is_snapshot(p));
+        let snapshot = req
+            .point
+            .as_deref()
+            .filter(|p| SnapshotSpec::is_snapshot(p));
         // Several VMs may come from one storage snapshot (they share its clone).
         if vms.len() > 1 && (req.name.is_some() || (req.point.is_some() && snapshot.is_none())) {
             return Err(ControllerError::BadRequest(

@@ -8,5 +8,6 @@ mod qemu;
 mod repo_cli;
 mod s3;
 mod sessions;
+mod snapshots;
 mod support;
 mod vsphere;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod btrfs;
+pub mod ceph;
 pub mod client;
 pub mod memfs;
 pub mod moto;
