@@ -78,8 +78,9 @@ const BTRFS_TEST: &str = "snapshots::boot::guest_boots_from_a_btrfs_clone_over_n
 
 /// The guest boots from a btrfs clone exported by revive's NFS server
 /// (`nfs://127.0.0.1/snap/<clone>/tiny/tiny-flat.vmdk`); its write is in
-/// the clone's disk and the snapshot's files hash as before; stop removes
-/// the VM, the clone and its export.
+/// the clone's disk and the snapshot's files hash as before; a live
+/// migration moves it to a local folder while it runs, and the finished
+/// session leaves no clone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_boots_from_a_btrfs_clone_over_nfs() {
     if in_netns() {
@@ -137,10 +138,37 @@ async fn btrfs_inner() {
     assert_eq!(fat_file_sha256(&clone_disk, &w1), h1);
     assert_eq!(snapshot_tree(&snap), before, "the snapshot changed");
 
-    stop(&server, &id);
-    assert!(!run_dir.join(&name).exists(), "the VM is still registered");
+    // A session from a snapshot migrates like any other: the QEMU driver
+    // mirrors the disk off the clone while the guest runs, and the
+    // finished session releases the clone.
+    let prod = tmp.path().join("prod");
+    let done = server.ctl_json(&[
+        "migrate",
+        &id,
+        "--method",
+        "live",
+        "--to",
+        prod.to_str().expect("utf8"),
+        "--wait",
+    ]);
+    assert_eq!(done["state"], "done", "{done:#}\nlog:\n{}", server.log());
+    let migrated = prod.join("tiny-flat.vmdk");
+    assert_eq!(
+        drive_file(&run_dir.join(&name).join("qmp.sock")).await,
+        migrated.to_str().expect("utf8")
+    );
+    serial.send("ping");
+    assert_eq!(serial.wait_line("pong", 0, ANSWER_TIMEOUT), "pong 1");
     assert!(pool.clones().is_empty(), "the clone is left");
     assert_eq!(snapshot_tree(&snap), before, "the snapshot changed");
+    // The VM is production's now: power it off with the driver.
+    let config: revive::drivers::qemu::QemuConfig =
+        toml::from_str(&format!("run_dir = {:?}\naccel = \"tcg\"", run_dir)).expect("config");
+    let d = revive::drivers::qemu::build("kvm1", &config).expect("driver");
+    let vm = revive::drivers::VmRef(name.clone());
+    d.power_off(&vm).await.expect("power off");
+    assert_eq!(fat_file_sha256(&migrated, &w1), h1);
+    d.unregister_vm(&vm).await.expect("unregister");
     server.stop();
     println!("{BTRFS_DONE}");
 }
@@ -261,7 +289,7 @@ async fn rbd_inner() {
         .into_iter()
         .filter(|i| i.starts_with("revive-clone-"))
         .collect();
-    assert_eq!(clones, [clone.clone()]);
+    assert_eq!(clones, std::slice::from_ref(&clone));
     let serial = Serial::in_dir(&run_dir.join(&name));
     let (w1, h1) = guest_checks(&serial, &image);
     let drive = drive_file(&run_dir.join(&name).join("qmp.sock")).await;
