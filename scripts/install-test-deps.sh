@@ -16,6 +16,11 @@
 #                                                 into /usr/local/bin
 #   golang-go + golang-github-vmware-govmomi-dev  vcsim, built by scripts/build-vcsim.sh
 #                                               (tests/integration/vsphere.rs; VCSIM=<binary>)
+#   btrfs-progs       mkfs.btrfs, btrfs         (tests/integration/snapshots.rs: a btrfs file
+#                                                system on a loop device, its snapshots and clones)
+#   ceph-mon, ceph-osd, ceph-common (rbd)       (tests/integration/snapshots/boot.rs: RBD clones;
+#                                                ~51 packages, ~51 MB; the cluster itself is
+#                                                started by scripts/ceph-single-host.sh)
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
@@ -50,8 +55,10 @@ HERE=$(dirname "$0")
 # vcsim first: it installs its own packages, and is a no-op when built.
 "$HERE/build-vcsim.sh" >/dev/null
 
+snapshot_tools() { have mkfs.btrfs && have btrfs && have ceph-mon && have ceph-osd && have rbd; }
+
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have moto_server && have qemu-system-x86_64 && boot_tools; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools && snapshot_tools; then
     "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
@@ -60,6 +67,7 @@ fi
 apt-get update
 apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3 python3-venv
 apt-get install -y --no-install-recommends busybox-static syslinux syslinux-common mtools dosfstools cpio
+apt-get install -y --no-install-recommends btrfs-progs ceph-mon ceph-osd ceph-common
 if ! qemu_nfs || ! have qemu-system-x86_64; then
     apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra \
         qemu-system-x86

@@ -17,6 +17,7 @@
 //! `.vmx`'s `nvram` key): the sample VM folders carry copies under the
 //! session names the test uses.
 
+mod bench;
 mod boot;
 
 use std::path::{Path, PathBuf};
@@ -296,7 +297,10 @@ async fn share_inner() {
             ("web03-ir", "poweredOn")
         ]
     );
-    assert!(inv.vms.iter().all(|(_, _, ds)| ds == std::slice::from_ref(&clone)));
+    assert!(inv
+        .vms
+        .iter()
+        .all(|(_, _, ds)| ds == std::slice::from_ref(&clone)));
     // The clone's export admits the host's address only (127.0.0.9 here),
     // not this test's 127.0.0.1, which the sessions' export does admit.
     let refused = run_tool("nfs-ls", &[&lab.server.url(&format!("/snap/{clone}"))]).await;
