@@ -1,7 +1,9 @@
 #!/bin/sh
 # A single-host Ceph cluster for the RBD snapshot tests and benchmark: one
 # monitor and one OSD whose object store lives in memory (memstore), both on
-# 127.0.0.1, no authentication, one pool "rbd". Debian's ceph 16 packages.
+# 127.0.0.1, one pool "rbd". Debian's ceph 16 packages. cephx is on (the
+# admin key is in the folder, named by ceph.conf): with authentication off,
+# the ceph CLI intermittently got EPERM fetching command descriptions.
 #
 #   scripts/ceph-single-host.sh [start]  -> prints the ceph.conf path (reuses a running cluster)
 #   scripts/ceph-single-host.sh stop     -> stops it (its data is gone: it lived in memory)
@@ -81,33 +83,45 @@ mon_host = v1:127.0.0.1:$PORT
 public_addr = 127.0.0.1
 ms_bind_port_min = 16800
 ms_bind_port_max = 16900
-auth_cluster_required = none
-auth_service_required = none
-auth_client_required = none
-ms_mon_client_mode = crc
+keyring = $DIR/keyring
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
 mon_allow_pool_size_one = true
 mon_allow_pool_delete = true
 mon_warn_on_pool_no_redundancy = false
+# A test cluster on a shared disk: a full disk must not stop the monitor.
 mon_data_avail_warn = 1
+mon_data_avail_crit = 0
 osd_crush_chooseleaf_type = 0
 osd_objectstore = memstore
 memstore_device_bytes = $MEMORY
 run_dir = $DIR/run
-admin_socket = $DIR/run/\$name.asok
-pid_file = $DIR/run/\$name.pid
 log_file = $DIR/log/\$name.log
 mon_data = $DIR/mon/\$name
 osd_data = $DIR/osd/\$name
+
+# Daemons only: every client (rbd, QEMU) gets admin sockets of its own.
+[mon]
+admin_socket = $DIR/run/\$name.asok
+pid_file = $DIR/run/\$name.pid
+
+[osd]
+admin_socket = $DIR/run/\$name.asok
+pid_file = $DIR/run/\$name.pid
+keyring = $DIR/osd/\$name/keyring
 EOF
 
 monmaptool --create --add a "v1:127.0.0.1:$PORT" --fsid "$FSID" "$DIR/monmap" >/dev/null
-ceph-authtool --create-keyring "$DIR/mon.keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
-ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/monmap" --keyring "$DIR/mon.keyring"
+ceph-authtool --create-keyring "$DIR/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+ceph-authtool "$DIR/keyring" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' \
+    --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
+ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/monmap" --keyring "$DIR/keyring"
 ceph-mon -c "$CONF" -i a 2>>"$DIR/log/start.log"
 OSD_ID=$(timeout 60 ceph -c "$CONF" osd create)
-ceph-osd -c "$CONF" -i "$OSD_ID" --mkfs --osd-uuid "$(cat /proc/sys/kernel/random/uuid)" 2>"$DIR/log/osd-mkfs.log"
+mkdir -p "$DIR/osd/osd.$OSD_ID"
+ceph-osd -c "$CONF" -i "$OSD_ID" --no-mon-config --mkfs --mkkey --osd-uuid "$(cat /proc/sys/kernel/random/uuid)" 2>"$DIR/log/osd-mkfs.log"
+timeout 60 ceph -c "$CONF" auth add "osd.$OSD_ID" osd 'allow *' mon 'allow profile osd' \
+    -i "$DIR/osd/osd.$OSD_ID/keyring" >/dev/null 2>&1
 ceph-osd -c "$CONF" -i "$OSD_ID" 2>>"$DIR/log/start.log"
 i=0
 until timeout 10 ceph -c "$CONF" osd stat 2>/dev/null | grep -q "1 up"; do

@@ -100,7 +100,7 @@ async fn clone_inner() {
 
     // RBD: the same two sizes as images of the test cluster.
     let conf = running_conf();
-    let id = std::process::id();
+    let id = format!("{:08x}", rand::random::<u32>());
     let (small_img, big_img) = (format!("bench-small-{id}"), format!("bench-big-{id}"));
     rbd(
         &conf,
@@ -290,7 +290,7 @@ async fn rbd_boot_inner() {
     let conf = running_conf();
     let image = boot_image();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let disk = format!("bench-tiny-{}", std::process::id());
+    let disk = format!("bench-tiny-{:08x}", rand::random::<u32>());
     let flat = image.vm_dir.join("tiny-flat.vmdk");
     rbd(
         &conf,

@@ -217,7 +217,7 @@ async fn rbd_inner() {
     let image = boot_image();
     let tmp = tempfile::tempdir().expect("tempdir");
     // A name of its own: the cluster outlives the test and other runs.
-    let disk = format!("revive-test-tiny-{}", std::process::id());
+    let disk = format!("revive-test-tiny-{:08x}", rand::random::<u32>());
     let flat = image.vm_dir.join("tiny-flat.vmdk");
     rbd(
         &conf,
