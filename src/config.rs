@@ -476,6 +476,19 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_sources_and_host_clients_parse() {
+        let config = Config::parse(
+            "[[host]]\nname = \"kvm1\"\ndriver = \"qemu\"\nrun_dir = \"/q\"\n\
+             nfs_clients = [\"10.0.0.7\"]\n\
+             [[snapshot_source]]\nname = \"pool1\"\nprovider = \"btrfs\"\npath = \"/mnt/pool1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.hosts[0].nfs_clients, [IpAddr::from([10, 0, 0, 7])]);
+        assert_eq!(config.snapshot_sources[0].name, "pool1");
+        assert!(Config::parse("").unwrap().snapshot_sources.is_empty());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = Config::parse("[repository]\npaht = \"x\"\n").unwrap_err();
         assert!(err.contains("paht"), "{err}");

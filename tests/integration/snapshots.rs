@@ -59,10 +59,6 @@ impl Lab {
         toml: impl FnOnce(&Path) -> String,
         env: &[(&str, String)],
     ) -> Lab {
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status();
-        assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
         let tmp = tempfile::tempdir().expect("tempdir");
         let pool = BtrfsPool::create(&tmp.path().join("pool"), "1G");
         let ds1 = pool.subvolume("ds1");
