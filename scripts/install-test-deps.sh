@@ -16,6 +16,14 @@
 #                                                 into /usr/local/bin
 #   golang-go + golang-github-vmware-govmomi-dev  vcsim, built by scripts/build-vcsim.sh
 #                                               (tests/integration/vsphere.rs; VCSIM=<binary>)
+#   chromium, chromium-driver, fonts-dejavu-core  headless browser for the web console
+#                                               (tests/integration/web.rs), driven by
+#   selenium          (pip, in /opt/revive-venv)  Selenium through Debian's chromedriver
+#                                                 (never a browser downloaded by a tool)
+#   postgresql-15     initdb, pg_ctl, pg_basebackup, pg_verifybackup, psql in
+#                     /usr/lib/postgresql/15/bin   (tests/integration/trees/postgres.rs);
+#                     installed without the default cluster (create_main_cluster = false),
+#                     so nothing listens on 5432: tests start their own clusters
 #   btrfs-progs       mkfs.btrfs, btrfs         (tests/integration/snapshots.rs: a btrfs file
 #                                                system on a loop device, its snapshots and clones)
 #   ceph-mon, ceph-osd, ceph-common (rbd)       (tests/integration/snapshots/boot.rs: RBD clones;
@@ -49,6 +57,25 @@ install_moto() {
     "$VENV/bin/pip" install --quiet 'moto[s3,server]'
     ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
 }
+have_selenium() { [ -x "$VENV/bin/python3" ] && "$VENV/bin/python3" -c 'import selenium' 2>/dev/null; }
+install_selenium() {
+    have_selenium && return 0
+    if [ ! -x "$VENV/bin/pip" ]; then
+        python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/pip" install --quiet 'selenium>=4.11,<5'
+}
+browser() { have chromium && have chromedriver && [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; }
+
+PG_BIN=/usr/lib/postgresql/15/bin
+have_pg() { [ -x "$PG_BIN/pg_verifybackup" ] && [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/psql" ]; }
+install_postgres() {
+    have_pg && return 0
+    apt-get install -y --no-install-recommends postgresql-common
+    sed -ri 's/^#?[[:space:]]*create_main_cluster[[:space:]]*=.*/create_main_cluster = false/' \
+        /etc/postgresql-common/createcluster.conf
+    apt-get install -y --no-install-recommends postgresql-15
+}
 
 HERE=$(dirname "$0")
 
@@ -58,7 +85,8 @@ HERE=$(dirname "$0")
 snapshot_tools() { have mkfs.btrfs && have btrfs && have ceph-mon && have ceph-osd && have rbd; }
 
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have moto_server && have qemu-system-x86_64 && boot_tools && snapshot_tools; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools && browser && have_selenium && have_pg \
+    && snapshot_tools; then
     "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
@@ -67,11 +95,14 @@ fi
 apt-get update
 apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3 python3-venv
 apt-get install -y --no-install-recommends busybox-static syslinux syslinux-common mtools dosfstools cpio
+apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core
 apt-get install -y --no-install-recommends btrfs-progs ceph-mon ceph-osd ceph-common
 if ! qemu_nfs || ! have qemu-system-x86_64; then
     apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra \
         qemu-system-x86
 fi
 install_moto
+install_selenium
+install_postgres
 "$HERE/build-boot-image.sh" >/dev/null
 echo "install-test-deps: done"

@@ -13,6 +13,9 @@ VCSIM=$(sh scripts/build-vcsim.sh)
 export VCSIM
 
 export CARGO_TERM_COLOR=never
+# Every peer was installed above: a test that finds one missing must fail,
+# not skip (see skip_missing_peer in tests/integration/support).
+export CI=1
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked -- --test-threads=2

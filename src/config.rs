@@ -14,9 +14,7 @@ use crate::drivers::HostConfig;
 use crate::nfs::NfsBind;
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
 use crate::snapshots::SnapshotSourceConfig;
-use crate::store::{
-    StoreError, StoreLocation, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
-};
+use crate::store::{S3Settings, StoreError, StoreLocation};
 
 /// Environment variable naming the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "REVIVE_CONFIG";
@@ -160,6 +158,8 @@ pub struct ApiSection {
     pub bind: std::net::SocketAddr,
     /// Bearer token every request must carry; without one the API is off.
     pub token: Option<String>,
+    /// Serve the web console (a page that logs in with the token) on `/`.
+    pub console: bool,
 }
 
 impl Default for ApiSection {
@@ -167,6 +167,7 @@ impl Default for ApiSection {
         ApiSection {
             bind: std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
             token: None,
+            console: true,
         }
     }
 }
@@ -225,53 +226,12 @@ pub struct RepositoryConfig {
     /// Budget of the chunk cache, e.g. "20GiB".
     #[serde(deserialize_with = "size")]
     pub chunk_cache_bytes: u64,
-    /// How to reach an S3 repository.
-    pub s3: S3Section,
+    /// How to reach an S3 repository (`[repository.s3]`).
+    pub s3: S3Settings,
 }
 
 /// Default chunk cache budget: a few booting VMs' working sets.
 pub const DEFAULT_CHUNK_CACHE_BYTES: u64 = 8 << 30;
-
-/// `[repository.s3]`: anything left out comes from the AWS_* environment.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct S3Section {
-    /// Endpoint URL of a self-hosted store (`http://rgw.example:7480`).
-    pub endpoint: Option<String>,
-    /// Region.
-    pub region: Option<String>,
-    /// Access key id.
-    pub access_key_id: Option<String>,
-    /// Secret access key.
-    pub secret_access_key: Option<String>,
-    /// Allow plain-HTTP endpoints.
-    pub allow_http: Option<bool>,
-    /// Path-style addressing (self-hosted stores); false: virtual-hosted style.
-    pub path_style: bool,
-    /// Seconds one HTTP request may take before it is retried.
-    pub request_timeout: u64,
-    /// Seconds in which failed requests are retried before reads fail
-    /// (transiently: NFS clients are told to retry).
-    pub retry_window: u64,
-    /// Seconds `gc` spares unreferenced objects (see docs/formats.md).
-    pub gc_grace: u64,
-}
-
-impl Default for S3Section {
-    fn default() -> Self {
-        S3Section {
-            endpoint: None,
-            region: None,
-            access_key_id: None,
-            secret_access_key: None,
-            allow_http: None,
-            path_style: true,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT.as_secs(),
-            retry_window: DEFAULT_RETRY_WINDOW.as_secs(),
-            gc_grace: DEFAULT_S3_GC_GRACE.as_secs(),
-        }
-    }
-}
 
 impl RepositoryConfig {
     /// Where the repository is: `cli` (from `--repo`) if given, else `url`,
@@ -286,16 +246,8 @@ impl RepositoryConfig {
         };
         let mut location = StoreLocation::parse(&text)?;
         if let StoreLocation::S3(o) = &mut location {
-            let s = &self.s3;
-            o.endpoint = s.endpoint.clone();
-            o.region = s.region.clone();
-            o.access_key_id = s.access_key_id.clone();
-            o.secret_access_key = s.secret_access_key.clone();
-            o.allow_http = s.allow_http;
-            o.path_style = s.path_style;
-            o.request_timeout = Duration::from_secs(s.request_timeout.max(1));
-            o.retry_window = Duration::from_secs(s.retry_window);
-            o.gc_grace = Duration::from_secs(s.gc_grace);
+            o.settings = self.s3.clone();
+            o.settings.request_timeout = o.settings.request_timeout.max(Duration::from_secs(1));
         }
         Ok(Some(location))
     }
@@ -464,9 +416,12 @@ mod tests {
             panic!("not s3");
         };
         assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("bkp", "site-a"));
-        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
-        assert_eq!(o.request_timeout, Duration::from_secs(3));
-        assert!(o.path_style);
+        assert_eq!(
+            o.settings.endpoint.as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(o.settings.request_timeout, Duration::from_secs(3));
+        assert!(o.settings.path_style);
         assert_eq!(
             config.repository.chunk_cache(),
             Some((PathBuf::from("/var/cache/revive"), 1 << 30))

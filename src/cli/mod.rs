@@ -72,17 +72,27 @@ pub enum Command {
         #[arg(long, default_value = "1MiB", value_parser = parse_size_arg)]
         chunk_size: u64,
     },
-    /// Back up a VM folder or a disk image as a new restore point.
+    /// Back up a VM folder, a disk image or a folder tree as a new restore point.
+    ///
+    /// A folder with subfolders or symlinks (a PostgreSQL data folder, a
+    /// pg_basebackup -Fp output) is backed up as a tree: every folder, file
+    /// and symlink with its mode, owner and mtime, symlinks not followed.
+    /// A folder with a .vmx file, a flat folder of files, or a single file is
+    /// a VM, as always. --tree makes any folder a tree.
+    #[command(verbatim_doc_comment)]
     Backup {
         #[command(flatten)]
         repo: RepoArg,
-        /// VM name (default: the .vmx name, else the folder or file name).
+        /// Name of the chain (default: the .vmx name, else the folder or file name).
         #[arg(long)]
         name: Option<String>,
+        /// Back the folder up as a tree even if it looks like a VM folder.
+        #[arg(long)]
+        tree: bool,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
-        /// VM folder or image file to back up.
+        /// VM folder, image file or folder tree to back up.
         path: PathBuf,
     },
     /// List restore points (of the repository, or a storage system's snapshots).
@@ -100,7 +110,7 @@ pub enum Command {
         #[arg(long, default_value = "repo", value_name = "repo|snap:NAME")]
         source: String,
     },
-    /// Restore a restore point's files into a folder.
+    /// Restore a restore point's files (a tree: with folders, symlinks, modes, owners, mtimes) into a folder.
     Restore {
         #[command(flatten)]
         repo: RepoArg,
@@ -317,9 +327,10 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         Command::Backup {
             repo,
             name,
+            tree,
             json,
             path,
-        } => repo_cmds::backup(&repo.resolve()?, name, json, &path).await,
+        } => repo_cmds::backup(&repo.resolve()?, name, tree, json, &path).await,
         Command::Points {
             repo,
             vm,

@@ -9,8 +9,9 @@ use revive::api::ApiState;
 use revive::config::Config;
 use revive::controller::Controller;
 use revive::datastore::passthrough::Passthrough;
+use revive::datastore::router::Router;
 use revive::datastore::Datastore;
-use revive::nfs::router::Router;
+use revive::datastore::FileOps;
 use revive::nfs::{NfsListeners, NfsServer};
 use revive::repo::{OpenOptions, Repository};
 use revive::snapshots::SnapshotSources;
@@ -95,10 +96,13 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
                 .with_context(|| format!("bind API on {}", config.api.bind))?;
             let port = listener.local_addr()?.port();
             let state = ApiState {
-                datastore: datastore.clone(),
-                nfs: server.metrics(),
-                token: Arc::from(token.as_str()),
-                controller: controller.clone(),
+                console: config.api.console,
+                ..ApiState::new(
+                    datastore.clone(),
+                    server.metrics(),
+                    Arc::from(token.as_str()),
+                    controller.clone(),
+                )
             };
             tokio::spawn(revive::api::serve(listener, state, stopped()));
             Some(port)

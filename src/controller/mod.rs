@@ -22,6 +22,8 @@
 pub mod clones;
 mod copy;
 mod error;
+mod hosts;
+mod runner;
 pub mod session;
 mod snapshot_steps;
 mod steps;
@@ -39,6 +41,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub use error::ControllerError;
+pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
 
 use crate::datastore::Datastore;
@@ -136,7 +139,10 @@ pub struct ControllerMetrics {
 
 /// A session at run time: its record and how its runner is woken.
 struct SessionHandle {
+    /// The record as last persisted: what readers see.
     record: Mutex<Session>,
+    /// Serializes changes of the record (see `runner::update`).
+    persist: tokio::sync::Mutex<()>,
     wake: Notify,
     /// Set by `stop`: interrupts a copy or a wait.
     cancel: AtomicBool,
@@ -232,7 +238,7 @@ impl Controller {
         for handle in resumed {
             let s = handle.snapshot();
             info!(session = %s.id, name = %s.name, state = %s.state, "resuming session");
-            tokio::spawn(steps::run(controller.inner.clone(), handle));
+            tokio::spawn(runner::run(controller.inner.clone(), handle));
         }
         Ok(controller)
     }
@@ -240,6 +246,7 @@ impl Controller {
     fn adopt(&self, session: Session, run: bool) -> Arc<SessionHandle> {
         let handle = Arc::new(SessionHandle {
             record: Mutex::new(session.clone()),
+            persist: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             cancel: AtomicBool::new(false),
         });
@@ -247,7 +254,7 @@ impl Controller {
             .sessions
             .insert(session.id.clone(), handle.clone());
         if run {
-            tokio::spawn(steps::run(self.inner.clone(), handle.clone()));
+            tokio::spawn(runner::run(self.inner.clone(), handle.clone()));
         }
         handle
     }
@@ -527,14 +534,14 @@ impl Controller {
     }
 
     /// Changes a session's record under its lock, persists it, wakes its runner.
-    fn command(
+    async fn command(
         &self,
         id: &str,
         action: &'static str,
         change: impl FnOnce(&mut Session) -> Result<(), ControllerError>,
     ) -> Result<Session, ControllerError> {
         let handle = self.handle(id)?;
-        let updated = steps::update(&self.inner, &handle, |s| {
+        let updated = runner::update(&self.inner, &handle, |s| {
             change(s).map_err(|e| match e {
                 ControllerError::WrongState { .. } => ControllerError::WrongState {
                     id: s.id.clone(),
@@ -543,7 +550,8 @@ impl Controller {
                 },
                 other => other,
             })
-        })?;
+        })
+        .await?;
         handle.wake.notify_one();
         Ok(updated)
     }
@@ -602,26 +610,28 @@ impl Controller {
             });
             s.state = SessionState::Migrating;
             Ok(())
-        })?;
+        }).await?;
         info!(session = %id, method = ?req.method, to = %req.to, "migration asked");
         Ok(self.view(session).await)
     }
 
     /// Runs a waiting or failed session's step again now.
     pub async fn retry(&self, id: &str) -> Result<SessionView, ControllerError> {
-        let session = self.command(id, "retry", |s| {
-            if !matches!(s.state, SessionState::Waiting | SessionState::Failed) {
-                return Err(ControllerError::WrongState {
-                    id: String::new(),
-                    state: String::new(),
-                    action: "retry",
-                });
-            }
-            s.state = s.resume.unwrap_or(SessionState::Validating);
-            s.retries.attempt = 0;
-            s.retries.next_at = None;
-            Ok(())
-        })?;
+        let session = self
+            .command(id, "retry", |s| {
+                if !matches!(s.state, SessionState::Waiting | SessionState::Failed) {
+                    return Err(ControllerError::WrongState {
+                        id: String::new(),
+                        state: String::new(),
+                        action: "retry",
+                    });
+                }
+                s.state = s.resume.unwrap_or(SessionState::Validating);
+                s.retries.attempt = 0;
+                s.retries.next_at = None;
+                Ok(())
+            })
+            .await?;
         info!(session = %id, step = %session.state, "manual retry");
         Ok(self.view(session).await)
     }
@@ -630,19 +640,21 @@ impl Controller {
     /// folder, deletes its write cache.
     pub async fn stop(&self, id: &str) -> Result<SessionView, ControllerError> {
         let handle = self.handle(id)?;
-        let session = self.command(id, "stop", |s| {
-            if s.state.is_terminal() {
-                return Err(ControllerError::WrongState {
-                    id: String::new(),
-                    state: String::new(),
-                    action: "stop",
-                });
-            }
-            s.state = SessionState::Stopping;
-            s.resume = None;
-            s.retries.next_at = None;
-            Ok(())
-        })?;
+        let session = self
+            .command(id, "stop", |s| {
+                if s.state.is_terminal() {
+                    return Err(ControllerError::WrongState {
+                        id: String::new(),
+                        state: String::new(),
+                        action: "stop",
+                    });
+                }
+                s.state = SessionState::Stopping;
+                s.resume = None;
+                s.retries.next_at = None;
+                Ok(())
+            })
+            .await?;
         handle.cancel.store(true, Ordering::SeqCst);
         info!(session = %id, "stop asked");
         Ok(self.view(session).await)

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::clones::{self, Wanted};
-use super::steps::update;
+use super::runner::update;
 use super::{ControllerError, Inner, Session, SessionHandle, SessionState};
 use crate::drivers::{DatastoreSpec, Driver, VmFile, VmSpec};
 use crate::snapshots::{
@@ -121,7 +121,8 @@ pub(super) async fn validate(
     update(inner, handle, |s| {
         s.vm_spec = Some(spec);
         Ok(())
-    })?;
+    })
+    .await?;
     Ok(SessionState::Publishing)
 }
 
@@ -177,7 +178,8 @@ pub(super) async fn publish(
                 };
                 s.export = export.clone();
                 Ok(())
-            })?;
+            })
+            .await?;
             Ok(SessionState::RegisteringDatastore)
         }
         Presentation::Block { disks } => {
@@ -192,7 +194,8 @@ pub(super) async fn publish(
                     }
                 }
                 Ok(())
-            })?;
+            })
+            .await?;
             // Nothing to mount: the hypervisor opens each disk itself.
             Ok(SessionState::RegisteringVm)
         }

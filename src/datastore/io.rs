@@ -1,6 +1,9 @@
-//! Data paths of the datastore: READ (cache first, else the backup through the
-//! block cache, with readahead), WRITE (into the write cache, copy-on-write of
-//! partial blocks from the backup) and COMMIT.
+//! The machinery of the datastore's data paths (the `FileOps` methods read,
+//! write and commit are in `ops.rs`): a file's runtime state, its write cache
+//! created on first need, readahead, and the mapping of repository and cache
+//! errors. Reads come from the cache first, else the backup through the block
+//! cache; writes go to the write cache with copy-on-write of partial blocks
+//! from the backup.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,10 +14,7 @@ use tracing::error;
 
 use super::namespace::{Content, Node};
 use super::{Datastore, DatastoreError, DsResult, ExportId, ExportState, FileId, FileState};
-use super::{ReadReply, Stability, WriteReply};
-use crate::cache::{
-    BaseRead, CacheError, NoBase, Origin, SessionCache, WriteCache, DEFAULT_BLOCK_SIZE,
-};
+use crate::cache::{BaseRead, CacheError, Origin, SessionCache, WriteCache, DEFAULT_BLOCK_SIZE};
 use crate::repo::{FileReader, RepoError};
 
 /// A WRITE updates the file's mtime and ctime only when the last update by
@@ -22,16 +22,16 @@ use crate::repo::{FileReader, RepoError};
 /// WRITE serialized all writes of all files on it; Linux file systems stamp
 /// times from a clock of similar (jiffy, 1-10 ms) granularity, so clients
 /// see nothing they would not see on a local disk.
-const MTIME_GRANULARITY: Duration = Duration::from_millis(1);
+pub(super) const MTIME_GRANULARITY: Duration = Duration::from_millis(1);
 
 /// Nanoseconds since the Unix epoch (0 for earlier times).
-fn unix_nanos(t: SystemTime) -> u64 {
+pub(super) fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
 }
 
 /// The backup under a presented file, as the write cache reads it.
-struct Base<'a>(&'a FileReader);
+pub(super) struct Base<'a>(pub(super) &'a FileReader);
 
 impl BaseRead for Base<'_> {
     async fn read_base(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
@@ -54,7 +54,7 @@ fn repo_io(e: &RepoError) -> std::io::Error {
 
 /// A repository failure as the datastore's error: transient store failures
 /// become JUKEBOX (retry later), everything else EIO.
-fn repo_err(e: &RepoError) -> DatastoreError {
+pub(super) fn repo_err(e: &RepoError) -> DatastoreError {
     let io = repo_io(e);
     if io.kind() == std::io::ErrorKind::TimedOut {
         DatastoreError::Jukebox
@@ -223,7 +223,11 @@ impl Datastore {
     /// The runtime state and size of a file for READ. Once the file has its
     /// state, this only looks the node up under the namespace read lock:
     /// no clone of the node (name, publication) per READ.
-    async fn read_state(&self, export: ExportId, id: FileId) -> DsResult<(Arc<FileState>, u64)> {
+    pub(super) async fn read_state(
+        &self,
+        export: ExportId,
+        id: FileId,
+    ) -> DsResult<(Arc<FileState>, u64)> {
         let state = self.state(export)?;
         {
             let ns = state.ns.read().await;
@@ -241,50 +245,8 @@ impl Datastore {
         Ok((st, size))
     }
 
-    /// READ: at most `count` bytes at `offset`.
-    pub async fn read(
-        &self,
-        export: ExportId,
-        id: FileId,
-        offset: u64,
-        count: u32,
-    ) -> DsResult<ReadReply> {
-        let (st, size) = self.read_state(export, id).await?;
-        if offset >= size {
-            return Ok(ReadReply {
-                data: Bytes::new(),
-                eof: true,
-                attr: None,
-            });
-        }
-        let len = (count as u64).min(size - offset);
-        if let Some(base) = &st.base {
-            self.readahead(&st, base, offset, len).await;
-        }
-        let data = match (st.cache.get(), &st.base) {
-            (Some(cache), Some(base)) => cache
-                .read_overlay(offset, len, &Base(base))
-                .await
-                .map_err(cache_err)?,
-            (Some(cache), None) => cache
-                .read_overlay(offset, len, &NoBase)
-                .await
-                .map_err(cache_err)?,
-            (None, Some(base)) => base
-                .read_at(offset, len as usize)
-                .await
-                .map_err(|e| repo_err(&e))?,
-            (None, None) => Bytes::from(vec![0u8; len as usize]),
-        };
-        Ok(ReadReply {
-            eof: offset + data.len() as u64 >= size,
-            data,
-            attr: None,
-        })
-    }
-
     /// Prefetches the chunks after a read that continues the previous one.
-    async fn readahead(&self, st: &FileState, base: &FileReader, offset: u64, len: u64) {
+    pub(super) async fn readahead(&self, st: &FileState, base: &FileReader, offset: u64, len: u64) {
         let end = offset + len;
         let previous = st.next_offset.swap(end, Ordering::Relaxed);
         if previous != offset || self.config.readahead_chunks == 0 {
@@ -296,47 +258,5 @@ impl Datastore {
         for index in first..last {
             base.prefetch(index).await;
         }
-    }
-
-    /// WRITE: into the write cache, durable as asked.
-    pub async fn write(
-        &self,
-        export: ExportId,
-        id: FileId,
-        offset: u64,
-        data: Bytes,
-        stability: Stability,
-    ) -> DsResult<WriteReply> {
-        let (state, node, st) = self.regular(export, id).await?;
-        let count = data.len() as u32;
-        let cache = self.ensure_cache(&state, &node, &st).await?;
-        match &st.base {
-            Some(base) => cache.write(offset, data, stability, &Base(base)).await,
-            None => cache.write(offset, data, stability, &NoBase).await,
-        }
-        .map_err(cache_err)?;
-        let now = SystemTime::now();
-        let (now_ns, last) = (unix_nanos(now), st.mtime_ns.load(Ordering::Relaxed));
-        if now_ns.saturating_sub(last) >= MTIME_GRANULARITY.as_nanos() as u64 {
-            st.mtime_ns.store(now_ns, Ordering::Relaxed);
-            if let Ok(n) = state.ns.write().await.get_mut(id) {
-                n.mtime = now;
-                n.ctime = now;
-            }
-        }
-        Ok(WriteReply {
-            count,
-            committed: stability,
-            attr: None,
-        })
-    }
-
-    /// COMMIT: every earlier unstable write of the file becomes durable.
-    pub async fn commit(&self, export: ExportId, id: FileId) -> DsResult<()> {
-        let (_, _, st) = self.regular(export, id).await?;
-        if let Some(cache) = st.cache.get() {
-            cache.commit().await.map_err(cache_err)?;
-        }
-        Ok(())
     }
 }

@@ -5,9 +5,9 @@
 //! # Rules
 //! - The repository is never written: every client write lands in the write
 //!   cache of the publication that owns the file (`cache`).
-//! - File ids and export instances are persisted (`namespace.json`,
-//!   `exports.json`) before a change is acknowledged, so handles held by ESXi
-//!   stay valid across restarts.
+//! - File ids and export instances are persisted (the namespace's change
+//!   log and `exports.json`) before a change is acknowledged, so handles
+//!   held by ESXi stay valid across restarts.
 //! - Reads of a presented file come from the cache bitmap first, else from the
 //!   backup through the shared block cache, with readahead for sequential
 //!   readers (Storage vMotion reads every disk start to end).
@@ -15,15 +15,19 @@
 //! # State folder
 //! ```text
 //! <state>/exports.json                 export path → id, instance
-//! <state>/exports/<id>/namespace.json  the tree, publications, next file id
+//! <state>/exports/<id>/namespace.json  the tree, publications, next file id (checkpoint)
+//! <state>/exports/<id>/namespace.log   changes since the checkpoint (nslog.rs)
 //! <state>/exports/<id>/cache/          write caches of files outside publications
 //! <cache_root>/<publication>/          write caches of a publication (default location)
 //! ```
 
 mod io;
 pub mod namespace;
+mod nslog;
 mod ops;
 pub mod passthrough;
+pub mod router;
+mod surface;
 pub mod types;
 mod view;
 
@@ -43,6 +47,7 @@ use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
+pub use surface::{FileAt, FileOps, NameAt};
 pub use types::*;
 pub use view::PublishedFile;
 
@@ -134,7 +139,10 @@ impl Datastore {
                 .find(|r| r.path == ec.path)
                 .ok_or(DatastoreError::Invalid)?;
             let dir = config.state_dir.join("exports").join(record.id.to_string());
-            let ns = Namespace::open(dir.join("namespace.json"))?;
+            let path = dir.join("namespace.json");
+            let ns = tokio::task::spawn_blocking(move || Namespace::open(path))
+                .await
+                .map_err(|e| state_io("open namespace", &dir, std::io::Error::other(e)))??;
             let state = Arc::new(ExportState {
                 info: Arc::new(Export {
                     id: record.id,
@@ -171,18 +179,6 @@ impl Datastore {
         &self.block_cache
     }
 
-    /// Every export.
-    pub fn exports(&self) -> Vec<Arc<Export>> {
-        let mut v: Vec<_> = self.exports.values().map(|e| e.info.clone()).collect();
-        v.sort_by_key(|e| e.id);
-        v
-    }
-
-    /// One export by id.
-    pub fn export(&self, id: ExportId) -> Option<Arc<Export>> {
-        self.exports.get(&id).map(|e| e.info.clone())
-    }
-
     /// The export mounted at `path`.
     pub fn export_by_path(&self, path: &str) -> Option<Arc<Export>> {
         self.by_path.get(path).and_then(|id| self.export(*id))
@@ -217,6 +213,13 @@ impl Datastore {
         if ns.publication(name).is_some() || ns.lookup(ROOT_ID, name).is_ok() {
             return Err(DatastoreError::Exists);
         }
+        // Pinned before it is visible: gc must never remove what a client
+        // can read. Pinned before the tree changes, so a failed pin leaves
+        // nothing behind.
+        self.repo
+            .pin(&point.id, &pin_holder(&export.info, name))
+            .await
+            .map_err(|e| DatastoreError::Io(std::io::Error::other(e.to_string())))?;
         let template = Node::template(Content::Dir, 0o755, Some(name.to_string()));
         let folder = ns.add(ROOT_ID, name, Content::Dir, &template)?;
         for file in &point.files {
@@ -235,18 +238,15 @@ impl Datastore {
                 },
             )?;
         }
-        // Pinned before it is visible: gc must never remove what a client can read.
-        self.repo
-            .pin(&point.id, &pin_holder(&export.info, name))
-            .await
-            .map_err(|e| DatastoreError::Io(std::io::Error::other(e.to_string())))?;
         ns.add_publication(Publication {
             name: name.to_string(),
             point: point.id.clone(),
             cache_dir,
             folder,
         });
-        ns.save()?;
+        let durable = ns.commit().await?;
+        drop(ns);
+        durable.wait().await?;
         info!(export = %export_path, publication = %name, point = %point.id, "published");
         Ok(folder)
     }
@@ -265,8 +265,9 @@ impl Datastore {
             .ok_or(DatastoreError::NotFound)?;
         let removed = ns.remove_tree(publication.folder)?;
         ns.remove_publication(name);
-        ns.save()?;
+        let durable = ns.commit().await?;
         drop(ns);
+        durable.wait().await?;
         for node in removed {
             export.files.remove(&node.id);
         }
@@ -279,7 +280,17 @@ impl Datastore {
         {
             warn!(cause = %e, publication = %name, "could not unpin restore point");
         }
-        match fs::remove_dir_all(&publication.cache_dir) {
+        let dir = publication.cache_dir.clone();
+        let removed = tokio::task::spawn_blocking(move || fs::remove_dir_all(&dir))
+            .await
+            .map_err(|e| {
+                state_io(
+                    "delete write cache",
+                    &publication.cache_dir,
+                    std::io::Error::other(e),
+                )
+            })?;
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(state_io("delete write cache", &publication.cache_dir, e)),
@@ -288,9 +299,11 @@ impl Datastore {
         Ok(())
     }
 
-    /// Makes every write cache durable, for a clean stop: UNSTABLE writes
-    /// that no COMMIT covered yet then survive a restart too (clients such
-    /// as libnfs do not resend writes when the verifier changes).
+    /// Makes every write cache durable and checkpoints every namespace, for
+    /// a clean stop: UNSTABLE writes that no COMMIT covered yet then survive
+    /// a restart too (clients such as libnfs do not resend writes when the
+    /// verifier changes), and so do the mtimes WRITEs set, which are not
+    /// logged one by one.
     pub async fn flush_all(&self) -> DsResult<()> {
         for export in self.exports.values() {
             let caches: Vec<Arc<WriteCache>> = export
@@ -301,6 +314,7 @@ impl Datastore {
             for cache in caches {
                 cache.commit().await.map_err(io::cache_err)?;
             }
+            export.ns.write().await.checkpoint().await?;
         }
         Ok(())
     }

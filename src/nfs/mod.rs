@@ -1,5 +1,5 @@
 //! The NFS frontend: our own NFSv3 + MOUNT v3 + portmapper v2 server on
-//! tokio and `bytes`, dispatching to an [`NfsBackend`].
+//! tokio and `bytes`, a protocol encoding over [`FileOps`].
 //!
 //! # Why our own RPC layer
 //!
@@ -25,9 +25,7 @@
 //!  ├─ drc       duplicate request cache (non-idempotent NFS calls only)
 //!  └─ proc/     program 100003 v3: the 22 procedures (attr, io, dirop, readdir)
 //!       ├─ handle   file handle format (persistent, versioned)
-//!       ├─ error    BackendError -> nfsstat3, the only such mapping
-//!       └─ backend  the NfsBackend trait the datastore implements
-//! router      one backend over the datastore's and the passthrough exports
+//!       └─ error    DatastoreError -> nfsstat3, the only such mapping
 //! xdr         argument decoding (zero-copy, bounded) and reply packing
 //! metrics     per-procedure counters and latency buckets
 //! ```
@@ -48,8 +46,6 @@
 //! ESXi stay valid across restarts. The WRITE/COMMIT verifier is the server
 //! start time in nanoseconds, new at every start.
 
-pub mod adapter;
-pub mod backend;
 pub mod drc;
 pub mod error;
 pub mod handle;
@@ -57,15 +53,11 @@ pub mod metrics;
 pub mod mount;
 pub mod portmap;
 mod proc;
-pub mod router;
 pub mod rpc;
 pub mod server;
 pub mod xdr;
 
-pub use backend::{
-    Attr, BackendError, BackendResult, CreateMode, DirEntry, DirPage, Export, ExportId, FileId,
-    FileKind, FsStat, NfsBackend, ReadReply, SetAttr, SetTime, Stability, WriteReply,
-};
+pub use crate::datastore::{FileAt, FileOps, NameAt};
 pub use metrics::NfsMetrics;
 pub use portmap::Ports;
 pub use server::{NfsBind, NfsListeners, NfsServer};

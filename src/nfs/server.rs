@@ -25,12 +25,12 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::backend::NfsBackend;
 use super::drc::{Drc, DrcKey, Seen};
 use super::metrics::NfsMetrics;
 use super::portmap::Ports;
 use super::rpc::{Call, FrameError, RecordReader, Reply};
 use super::{mount, portmap, proc, NFS_PROGRAM, NFS_VERSION};
+use crate::datastore::FileOps;
 
 /// Calls of one connection processed at once. Bounds memory (a 1 MiB WRITE
 /// each) while letting a client's whole queue (ESXi, fio qd16..64) run in
@@ -155,7 +155,7 @@ async fn bind_pair(addr: IpAddr, port: u16) -> std::io::Result<(TcpListener, Udp
 
 /// State shared by every connection and call.
 pub(crate) struct ServerState {
-    pub backend: Arc<dyn NfsBackend>,
+    pub backend: Arc<dyn FileOps>,
     pub metrics: Arc<NfsMetrics>,
     /// WRITE/COMMIT verifier: new at every start, so clients re-send
     /// unstable writes a crash may have lost.
@@ -196,14 +196,14 @@ impl ServerState {
 
 /// An NFSv3 + MOUNT + portmapper server over one backend.
 pub struct NfsServer {
-    backend: Arc<dyn NfsBackend>,
+    backend: Arc<dyn FileOps>,
     metrics: Arc<NfsMetrics>,
     write_verifier: [u8; 8],
 }
 
 impl NfsServer {
     /// A server for `backend`, with a fresh write verifier.
-    pub fn new(backend: Arc<dyn NfsBackend>) -> Self {
+    pub fn new(backend: Arc<dyn FileOps>) -> Self {
         // Boot time in nanoseconds: differs at every start (and between
         // servers started in one process, as tests do).
         let nanos = SystemTime::now()

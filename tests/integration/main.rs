@@ -10,4 +10,6 @@ mod s3;
 mod sessions;
 mod snapshots;
 mod support;
+mod trees;
 mod vsphere;
+mod web;

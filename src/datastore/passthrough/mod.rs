@@ -4,9 +4,9 @@
 //! so clients write straight into it and the snapshot it came from is never
 //! touched.
 //!
-//! Operations have the same shapes as the [`super::Datastore`]'s (export id,
-//! file id, name), so a frontend serves both kinds of export alike; the NFS
-//! server picks one by export id ([`owns`]).
+//! [`Passthrough`] implements [`super::FileOps`], the surface every frontend
+//! calls, so a frontend serves both kinds of export alike; [`super::router`]
+//! picks one by export id ([`owns`]).
 //!
 //! # Rules
 //! - **Names never escape the folder.** Every path is walked from the
@@ -234,8 +234,8 @@ impl Passthrough {
         self.served(id).ok_or(DatastoreError::Stale)
     }
 
-    /// Every served export.
-    pub fn exports(&self) -> Vec<Arc<Export>> {
+    /// Every served export, by id.
+    fn served_exports(&self) -> Vec<Arc<Export>> {
         let map = match self.exports.read() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -245,14 +245,9 @@ impl Passthrough {
         v
     }
 
-    /// One served export by id.
-    pub fn export(&self, id: ExportId) -> Option<Arc<Export>> {
-        self.served(id).map(|e| e.info.clone())
-    }
-
     /// The served export at `path`.
     pub fn export_by_path(&self, path: &str) -> Option<Arc<Export>> {
-        self.exports().into_iter().find(|e| e.path == path)
+        self.served_exports().into_iter().find(|e| e.path == path)
     }
 }
 

@@ -6,15 +6,17 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
 
 use super::resolve::{check_name, errno};
 use super::{Passthrough, PtExport};
 use crate::datastore::types::{
-    Attr, CreateMode, DatastoreError, DirEntry, DirPage, DsResult, ExportId, FileId, FileKind,
-    FsStat, ReadReply, SetAttr, SetTime, Stability, WriteReply,
+    Attr, CreateMode, DatastoreError, DirEntry, DirPage, DsResult, Export, ExportId, FileId,
+    FileKind, FsStat, ReadReply, SetAttr, SetTime, Stability, WriteReply,
 };
+use crate::datastore::{FileAt, FileOps, NameAt};
 
 /// Runs `f` on a blocking thread: every call here is file system I/O.
 async fn blocking<T: Send + 'static>(
@@ -390,154 +392,120 @@ impl PtExport {
     }
 }
 
-impl Passthrough {
-    /// GETATTR.
-    pub async fn getattr(&self, export: ExportId, id: FileId) -> DsResult<Attr> {
-        let e = self.state(export)?;
-        blocking(move || e.getattr(id)).await
+#[async_trait]
+impl FileOps for Passthrough {
+    fn exports(&self) -> Vec<Arc<Export>> {
+        self.served_exports()
     }
 
-    /// LOOKUP of `name` in `dir` (`..` never leaves the export).
-    pub async fn lookup(&self, export: ExportId, dir: FileId, name: &str) -> DsResult<Attr> {
-        let e = self.state(export)?;
-        let name = name.to_string();
+    fn export(&self, id: ExportId) -> Option<Arc<Export>> {
+        self.served(id).map(|e| e.info.clone())
+    }
+
+    async fn getattr(&self, at: FileAt) -> DsResult<Attr> {
+        let e = self.state(at.export)?;
+        blocking(move || e.getattr(at.id)).await
+    }
+
+    /// `..` never leaves the export.
+    async fn lookup(&self, at: &NameAt) -> DsResult<Attr> {
+        let e = self.state(at.dir.export)?;
+        let (dir, name) = (at.dir.id, at.name.clone());
         blocking(move || e.lookup(dir, &name)).await
     }
 
-    /// SETATTR: size, mode, owner, times; `guard` is compared with the ctime.
-    pub async fn setattr(
+    async fn setattr(
         &self,
-        export: ExportId,
-        id: FileId,
+        at: FileAt,
         set: &SetAttr,
         guard: Option<SystemTime>,
     ) -> DsResult<Attr> {
-        let e = self.state(export)?;
+        let e = self.state(at.export)?;
         let set = set.clone();
-        blocking(move || e.setattr(id, &set, guard)).await
+        blocking(move || e.setattr(at.id, &set, guard)).await
     }
 
-    /// READ straight from the file.
-    pub async fn read(
-        &self,
-        export: ExportId,
-        id: FileId,
-        offset: u64,
-        count: u32,
-    ) -> DsResult<ReadReply> {
-        let e = self.state(export)?;
-        blocking(move || e.read(id, offset, count)).await
+    /// Straight from the file.
+    async fn read(&self, at: FileAt, offset: u64, count: u32) -> DsResult<ReadReply> {
+        let e = self.state(at.export)?;
+        blocking(move || e.read(at.id, offset, count)).await
     }
 
-    /// WRITE straight into the file; synced before the reply unless UNSTABLE.
-    pub async fn write(
+    /// Straight into the file; synced before the reply unless UNSTABLE.
+    async fn write(
         &self,
-        export: ExportId,
-        id: FileId,
+        at: FileAt,
         offset: u64,
         data: Bytes,
         stability: Stability,
     ) -> DsResult<WriteReply> {
-        let e = self.state(export)?;
-        blocking(move || e.write(id, offset, &data, stability)).await
+        let e = self.state(at.export)?;
+        blocking(move || e.write(at.id, offset, &data, stability)).await
     }
 
-    /// COMMIT: fsync of the file.
-    pub async fn commit(&self, export: ExportId, id: FileId) -> DsResult<()> {
-        let e = self.state(export)?;
-        blocking(move || e.commit(id)).await
+    /// fsync of the file.
+    async fn commit(&self, at: FileAt) -> DsResult<()> {
+        let e = self.state(at.export)?;
+        blocking(move || e.commit(at.id)).await
     }
 
-    /// CREATE a regular file.
-    pub async fn create(
-        &self,
-        export: ExportId,
-        dir: FileId,
-        name: &str,
-        mode: CreateMode,
-        attrs: &SetAttr,
-    ) -> DsResult<Attr> {
-        let e = self.state(export)?;
-        let (name, attrs) = (name.to_string(), attrs.clone());
+    async fn create(&self, at: &NameAt, mode: CreateMode, attrs: &SetAttr) -> DsResult<Attr> {
+        let e = self.state(at.dir.export)?;
+        let (dir, name, attrs) = (at.dir.id, at.name.clone(), attrs.clone());
         blocking(move || e.create(dir, &name, mode, &attrs)).await
     }
 
-    /// MKDIR.
-    pub async fn mkdir(
-        &self,
-        export: ExportId,
-        dir: FileId,
-        name: &str,
-        attrs: &SetAttr,
-    ) -> DsResult<Attr> {
-        let e = self.state(export)?;
-        let (name, attrs) = (name.to_string(), attrs.clone());
+    async fn mkdir(&self, at: &NameAt, attrs: &SetAttr) -> DsResult<Attr> {
+        let e = self.state(at.dir.export)?;
+        let (dir, name, attrs) = (at.dir.id, at.name.clone(), attrs.clone());
         blocking(move || e.mkdir(dir, &name, &attrs)).await
     }
 
-    /// SYMLINK: stored as text, never followed by the server.
-    pub async fn symlink(
-        &self,
-        export: ExportId,
-        dir: FileId,
-        name: &str,
-        target: &str,
-        attrs: &SetAttr,
-    ) -> DsResult<Attr> {
-        let e = self.state(export)?;
-        let (name, target, attrs) = (name.to_string(), target.to_string(), attrs.clone());
-        blocking(move || e.symlink(dir, &name, &target, &attrs)).await
-    }
-
-    /// READLINK.
-    pub async fn readlink(&self, export: ExportId, id: FileId) -> DsResult<String> {
-        let e = self.state(export)?;
-        blocking(move || e.readlink(id)).await
-    }
-
-    /// REMOVE a non-folder.
-    pub async fn remove(&self, export: ExportId, dir: FileId, name: &str) -> DsResult<()> {
-        let e = self.state(export)?;
-        let name = name.to_string();
+    async fn remove(&self, at: &NameAt) -> DsResult<()> {
+        let e = self.state(at.dir.export)?;
+        let (dir, name) = (at.dir.id, at.name.clone());
         blocking(move || e.remove(dir, &name, false)).await
     }
 
-    /// RMDIR of an empty folder.
-    pub async fn rmdir(&self, export: ExportId, dir: FileId, name: &str) -> DsResult<()> {
-        let e = self.state(export)?;
-        let name = name.to_string();
+    async fn rmdir(&self, at: &NameAt) -> DsResult<()> {
+        let e = self.state(at.dir.export)?;
+        let (dir, name) = (at.dir.id, at.name.clone());
         blocking(move || e.remove(dir, &name, true)).await
     }
 
-    /// RENAME, replacing a target as POSIX does.
-    pub async fn rename(
-        &self,
-        export: ExportId,
-        from_dir: FileId,
-        from: &str,
-        to_dir: FileId,
-        to: &str,
-    ) -> DsResult<()> {
-        let e = self.state(export)?;
-        let (from, to) = (from.to_string(), to.to_string());
-        blocking(move || e.rename(from_dir, &from, to_dir, &to)).await
+    /// Within one export (a handle of another export is stale here).
+    async fn rename(&self, from: &NameAt, to: &NameAt) -> DsResult<()> {
+        if from.dir.export != to.dir.export {
+            return Err(DatastoreError::Invalid);
+        }
+        let e = self.state(from.dir.export)?;
+        let (from_dir, from_name) = (from.dir.id, from.name.clone());
+        let (to_dir, to_name) = (to.dir.id, to.name.clone());
+        blocking(move || e.rename(from_dir, &from_name, to_dir, &to_name)).await
     }
 
-    /// READDIR(PLUS): entries after `cookie` in file id order.
-    pub async fn readdir(
-        &self,
-        export: ExportId,
-        dir: FileId,
-        cookie: u64,
-        max_entries: usize,
-    ) -> DsResult<DirPage> {
-        let e = self.state(export)?;
-        blocking(move || e.readdir(dir, cookie, max_entries)).await
+    /// Entries after `cookie` in file id order.
+    async fn readdir(&self, dir: FileAt, cookie: u64, max_entries: usize) -> DsResult<DirPage> {
+        let e = self.state(dir.export)?;
+        blocking(move || e.readdir(dir.id, cookie, max_entries)).await
     }
 
-    /// FSSTAT of the file system holding the folder.
-    pub async fn fsstat(&self, export: ExportId) -> DsResult<FsStat> {
+    /// Of the file system holding the folder.
+    async fn fsstat(&self, export: ExportId) -> DsResult<FsStat> {
         let e: Arc<PtExport> = self.state(export)?;
         blocking(move || e.fsstat()).await
+    }
+
+    async fn readlink(&self, at: FileAt) -> DsResult<String> {
+        let e = self.state(at.export)?;
+        blocking(move || e.readlink(at.id)).await
+    }
+
+    /// Stored as text, never followed by the server.
+    async fn symlink(&self, at: &NameAt, target: &str, attrs: &SetAttr) -> DsResult<Attr> {
+        let e = self.state(at.dir.export)?;
+        let (dir, name) = (at.dir.id, at.name.clone());
+        let (target, attrs) = (target.to_string(), attrs.clone());
+        blocking(move || e.symlink(dir, &name, &target, &attrs)).await
     }
 }

@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::datastore::types::{Attr, CreateMode, FileKind, SetAttr, SetTime, Stability};
+use crate::datastore::{FileAt, FileOps};
 
 fn localhost() -> Vec<IpAddr> {
     vec![IpAddr::from([127, 0, 0, 1])]
@@ -35,9 +36,12 @@ impl Fixture {
 
     async fn lookup_path(&self, path: &str) -> DsResult<Attr> {
         let mut dir = self.export.root;
-        let mut attr = self.pt.getattr(self.export.id, dir).await?;
+        let mut attr = self.pt.getattr(FileAt::new(self.export.id, dir)).await?;
         for name in path.split('/') {
-            attr = self.pt.lookup(self.export.id, dir, name).await?;
+            attr = self
+                .pt
+                .lookup(&FileAt::new(self.export.id, dir).child(name))
+                .await?;
             dir = attr.fileid;
         }
         Ok(attr)
@@ -63,7 +67,10 @@ async fn file_ids_are_inodes_and_survive_a_restart() {
     let export = again.export(f.export.id).unwrap();
     assert_eq!(export.instance, f.export.instance);
     assert_eq!(export.root, f.export.root);
-    let read = again.read(export.id, disk.fileid, 0, 10).await.unwrap();
+    let read = again
+        .read(FileAt::new(export.id, disk.fileid), 0, 10)
+        .await
+        .unwrap();
     assert_eq!(&read.data[..], &[7u8; 10]);
     assert!(!read.eof);
     // Adding the same export again is a no-op.
@@ -80,8 +87,7 @@ async fn writes_land_in_the_folder_and_are_read_back() {
     let disk = f.lookup_path("vm/disk.img").await.unwrap();
     let reply =
         f.pt.write(
-            e,
-            disk.fileid,
+            FileAt::new(e, disk.fileid),
             4090,
             Bytes::from_static(b"hello!!"),
             Stability::FileSync,
@@ -90,10 +96,13 @@ async fn writes_land_in_the_folder_and_are_read_back() {
         .unwrap();
     assert_eq!(reply.count, 7);
     assert_eq!(reply.attr.unwrap().size, 4097);
-    f.pt.commit(e, disk.fileid).await.unwrap();
+    f.pt.commit(FileAt::new(e, disk.fileid)).await.unwrap();
     let on_disk = std::fs::read(f.folder().join("vm/disk.img")).unwrap();
     assert_eq!(&on_disk[4090..], b"hello!!");
-    let back = f.pt.read(e, disk.fileid, 4088, 100).await.unwrap();
+    let back =
+        f.pt.read(FileAt::new(e, disk.fileid), 4088, 100)
+            .await
+            .unwrap();
     assert_eq!(&back.data[..], b"\x07\x07hello!!");
     assert!(back.eof);
 }
@@ -107,12 +116,15 @@ async fn symlinks_are_never_followed_by_the_server() {
     symlink(f.tmp.path(), f.folder().join("up")).unwrap();
     let link = f.lookup_path("vm/escape").await.unwrap();
     assert_eq!(link.kind, FileKind::Symlink);
-    assert!(f.pt.read(e, link.fileid, 0, 100).await.is_err());
+    assert!(f
+        .pt
+        .read(FileAt::new(e, link.fileid), 0, 100)
+        .await
+        .is_err());
     assert!(f
         .pt
         .write(
-            e,
-            link.fileid,
+            FileAt::new(e, link.fileid),
             0,
             Bytes::from_static(b"x"),
             Stability::FileSync
@@ -122,29 +134,45 @@ async fn symlinks_are_never_followed_by_the_server() {
     // A folder link: nothing below it resolves.
     let up = f.lookup_path("up").await.unwrap();
     assert_eq!(up.kind, FileKind::Symlink);
-    assert!(f.pt.lookup(e, up.fileid, "secret").await.is_err());
+    assert!(f
+        .pt
+        .lookup(&FileAt::new(e, up.fileid).child("secret"))
+        .await
+        .is_err());
     // A link made by a client is stored as text.
     let vm = f.lookup_path("vm").await.unwrap();
     let made =
-        f.pt.symlink(e, vm.fileid, "l2", "../../secret", &SetAttr::default())
-            .await
-            .unwrap();
-    assert_eq!(f.pt.readlink(e, made.fileid).await.unwrap(), "../../secret");
-    assert!(f.pt.read(e, made.fileid, 0, 10).await.is_err());
+        f.pt.symlink(
+            &FileAt::new(e, vm.fileid).child("l2"),
+            "../../secret",
+            &SetAttr::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.pt.readlink(FileAt::new(e, made.fileid)).await.unwrap(),
+        "../../secret"
+    );
+    assert!(f.pt.read(FileAt::new(e, made.fileid), 0, 10).await.is_err());
     // Creating through a link name fails rather than writing outside.
     let created =
         f.pt.create(
-            e,
-            vm.fileid,
-            "escape",
+            &FileAt::new(e, vm.fileid).child("escape"),
             CreateMode::Unchecked,
             &SetAttr::default(),
         )
         .await;
     assert!(created.is_err(), "{created:?}");
     // Names with a slash or dot-dot are refused; `..` stops at the root.
-    assert!(f.pt.lookup(e, vm.fileid, "../secret").await.is_err());
-    let root = f.pt.lookup(e, f.export.root, "..").await.unwrap();
+    assert!(f
+        .pt
+        .lookup(&FileAt::new(e, vm.fileid).child("../secret"))
+        .await
+        .is_err());
+    let root =
+        f.pt.lookup(&FileAt::new(e, f.export.root).child(".."))
+            .await
+            .unwrap();
     assert_eq!(root.fileid, f.export.root);
     assert_eq!(
         std::fs::read(f.tmp.path().join("secret")).unwrap(),
@@ -165,7 +193,7 @@ async fn a_folder_swapped_for_a_symlink_is_not_followed() {
     std::fs::rename(f.folder().join("vm"), f.folder().join("moved")).unwrap();
     symlink(&outside, f.folder().join("vm")).unwrap();
     // The file is found where it moved to, by its inode.
-    let read = f.pt.read(e, disk.fileid, 0, 4).await;
+    let read = f.pt.read(FileAt::new(e, disk.fileid), 0, 4).await;
     match read {
         Ok(r) => assert_eq!(&r.data[..], &[7u8; 4]),
         Err(e) => panic!("read after move: {e}"),
@@ -182,29 +210,49 @@ async fn create_modes_rename_remove_and_listing() {
         ..SetAttr::default()
     };
     let a =
-        f.pt.create(e, vm.fileid, "a.vmx", CreateMode::Guarded, &attrs)
-            .await
-            .unwrap();
+        f.pt.create(
+            &FileAt::new(e, vm.fileid).child("a.vmx"),
+            CreateMode::Guarded,
+            &attrs,
+        )
+        .await
+        .unwrap();
     assert_eq!(a.mode, 0o600);
     assert!(matches!(
-        f.pt.create(e, vm.fileid, "a.vmx", CreateMode::Guarded, &attrs)
-            .await,
+        f.pt.create(
+            &FileAt::new(e, vm.fileid).child("a.vmx"),
+            CreateMode::Guarded,
+            &attrs
+        )
+        .await,
         Err(DatastoreError::Exists)
     ));
     // Exclusive: a retransmission with the same verifier gets the same file.
     let v = [1, 2, 3, 4, 5, 6, 7, 8];
     let x =
-        f.pt.create(e, vm.fileid, "x.lck", CreateMode::Exclusive(v), &attrs)
-            .await
-            .unwrap();
+        f.pt.create(
+            &FileAt::new(e, vm.fileid).child("x.lck"),
+            CreateMode::Exclusive(v),
+            &attrs,
+        )
+        .await
+        .unwrap();
     let again =
-        f.pt.create(e, vm.fileid, "x.lck", CreateMode::Exclusive(v), &attrs)
-            .await
-            .unwrap();
+        f.pt.create(
+            &FileAt::new(e, vm.fileid).child("x.lck"),
+            CreateMode::Exclusive(v),
+            &attrs,
+        )
+        .await
+        .unwrap();
     assert_eq!(again.fileid, x.fileid);
     assert!(f
         .pt
-        .create(e, vm.fileid, "x.lck", CreateMode::Exclusive([9; 8]), &attrs)
+        .create(
+            &FileAt::new(e, vm.fileid).child("x.lck"),
+            CreateMode::Exclusive([9; 8]),
+            &attrs
+        )
         .await
         .is_err());
     // SETATTR: size and times; the guard compares the ctime.
@@ -213,31 +261,43 @@ async fn create_modes_rename_remove_and_listing() {
         mtime: SetTime::ClientTime(epoch_plus_1000()),
         ..SetAttr::default()
     };
-    let grown = f.pt.setattr(e, a.fileid, &set, None).await.unwrap();
+    let grown =
+        f.pt.setattr(FileAt::new(e, a.fileid), &set, None)
+            .await
+            .unwrap();
     assert_eq!(grown.size, 100);
     assert_eq!(grown.mtime, epoch_plus_1000());
     assert!(matches!(
-        f.pt.setattr(e, a.fileid, &set, Some(std::time::UNIX_EPOCH))
+        f.pt.setattr(FileAt::new(e, a.fileid), &set, Some(std::time::UNIX_EPOCH))
             .await,
         Err(DatastoreError::NotSync)
     ));
     // Rename keeps the id; the old name is gone.
-    f.pt.rename(e, vm.fileid, "a.vmx", f.export.root, "b.vmx")
-        .await
-        .unwrap();
+    f.pt.rename(
+        &FileAt::new(e, vm.fileid).child("a.vmx"),
+        &FileAt::new(e, f.export.root).child("b.vmx"),
+    )
+    .await
+    .unwrap();
     assert!(f.folder().join("b.vmx").exists());
-    let b = f.pt.lookup(e, f.export.root, "b.vmx").await.unwrap();
+    let b =
+        f.pt.lookup(&FileAt::new(e, f.export.root).child("b.vmx"))
+            .await
+            .unwrap();
     assert_eq!(b.fileid, a.fileid);
     assert!(matches!(
-        f.pt.lookup(e, vm.fileid, "a.vmx").await,
+        f.pt.lookup(&FileAt::new(e, vm.fileid).child("a.vmx")).await,
         Err(DatastoreError::NotFound)
     ));
     // Listing in id order, resumable by cookie.
-    let page = f.pt.readdir(e, f.export.root, 0, 1).await.unwrap();
+    let page =
+        f.pt.readdir(FileAt::new(e, f.export.root), 0, 1)
+            .await
+            .unwrap();
     assert_eq!(page.entries.len(), 1);
     assert!(!page.eof);
     let rest =
-        f.pt.readdir(e, f.export.root, page.entries[0].cookie, 10)
+        f.pt.readdir(FileAt::new(e, f.export.root), page.entries[0].cookie, 10)
             .await
             .unwrap();
     assert!(rest.eof);
@@ -251,24 +311,33 @@ async fn create_modes_rename_remove_and_listing() {
     assert_eq!(names, ["b.vmx", "vm"]);
     // Remove and rmdir refuse the wrong kind.
     assert!(matches!(
-        f.pt.remove(e, f.export.root, "vm").await,
+        f.pt.remove(&FileAt::new(e, f.export.root).child("vm"))
+            .await,
         Err(DatastoreError::IsDir)
     ));
     assert!(matches!(
-        f.pt.rmdir(e, f.export.root, "b.vmx").await,
+        f.pt.rmdir(&FileAt::new(e, f.export.root).child("b.vmx"))
+            .await,
         Err(DatastoreError::NotDir)
     ));
-    f.pt.remove(e, f.export.root, "b.vmx").await.unwrap();
+    f.pt.remove(&FileAt::new(e, f.export.root).child("b.vmx"))
+        .await
+        .unwrap();
     assert!(matches!(
-        f.pt.getattr(e, b.fileid).await,
+        f.pt.getattr(FileAt::new(e, b.fileid)).await,
         Err(DatastoreError::Stale)
     ));
     let sub =
-        f.pt.mkdir(e, f.export.root, "sub", &SetAttr::default())
-            .await
-            .unwrap();
+        f.pt.mkdir(
+            &FileAt::new(e, f.export.root).child("sub"),
+            &SetAttr::default(),
+        )
+        .await
+        .unwrap();
     assert_eq!(sub.kind, FileKind::Directory);
-    f.pt.rmdir(e, f.export.root, "sub").await.unwrap();
+    f.pt.rmdir(&FileAt::new(e, f.export.root).child("sub"))
+        .await
+        .unwrap();
     assert!(f.pt.fsstat(e).await.unwrap().total_bytes > 0);
 }
 
@@ -291,7 +360,7 @@ async fn removed_exports_are_stale_and_forgotten() {
     f.pt.remove_export("/snap/c1").unwrap();
     assert!(f.pt.export(f.export.id).is_none());
     assert!(matches!(
-        f.pt.getattr(f.export.id, f.export.root).await,
+        f.pt.getattr(FileAt::new(f.export.id, f.export.root)).await,
         Err(DatastoreError::Stale)
     ));
     let again = Passthrough::open(&f.tmp.path().join("state")).unwrap();

@@ -27,7 +27,7 @@ pub(super) async fn getattr(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply)
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 0),
     };
-    match ctx.state.backend.getattr(t.export.id, t.file).await {
+    match ctx.state.backend.getattr(t.at()).await {
         Ok(a) => ok(
             reply,
             &GETATTR3resok {
@@ -47,12 +47,7 @@ pub(super) async fn setattr(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply)
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 2),
     };
-    match ctx
-        .state
-        .backend
-        .setattr(t.export.id, t.file, &set, guard)
-        .await
-    {
+    match ctx.state.backend.setattr(t.at(), &set, guard).await {
         Ok(a) => ok(
             reply,
             &SETATTR3resok {
@@ -74,7 +69,7 @@ pub(super) async fn access(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 1),
     };
-    match ctx.state.backend.getattr(t.export.id, t.file).await {
+    match ctx.state.backend.getattr(t.at()).await {
         Ok(a) => ok(
             reply,
             &nfs3_types::nfs3::ACCESS3resok {
@@ -118,7 +113,7 @@ pub(super) async fn fsinfo(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 1),
     };
-    let attr = ctx.state.backend.getattr(t.export.id, t.file).await.ok();
+    let attr = ctx.state.backend.getattr(t.at()).await.ok();
     ok(
         reply,
         &FSINFO3resok {

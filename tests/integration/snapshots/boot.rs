@@ -157,8 +157,7 @@ async fn btrfs_inner() {
         drive_file(&run_dir.join(&name).join("qmp.sock")).await,
         migrated.to_str().expect("utf8")
     );
-    serial.send("ping");
-    assert_eq!(serial.wait_line("pong", 0, ANSWER_TIMEOUT), "pong 1");
+    assert_eq!(serial.ask("ping", "pong", 0, ANSWER_TIMEOUT), "pong 1");
     assert!(pool.clones().is_empty(), "the clone is left");
     assert_eq!(snapshot_tree(&snap), before, "the snapshot changed");
     // The VM is production's now: power it off with the driver.

@@ -136,14 +136,18 @@ impl Serial {
         }
     }
 
-    /// Types one command line into the console.
-    pub fn send(&self, line: &str) {
+    /// Types one command line into the console and waits for the guest's
+    /// answer: the `skip`-th line starting with `prefix` (see
+    /// [`SerialConsole::wait_line`]). The connection stays open until the
+    /// answer is there, so QEMU has read the command whatever the timing.
+    pub fn ask(&self, line: &str, prefix: &str, skip: usize, timeout: Duration) -> String {
         let mut s = UnixStream::connect(&self.socket)
             .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
         s.write_all(format!("{line}\n").as_bytes())
             .expect("write serial");
-        // Let QEMU read it before the connection closes.
-        std::thread::sleep(Duration::from_millis(200));
+        let answer = self.wait_line(prefix, skip, timeout);
+        drop(s);
+        answer
     }
 }
 
