@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{ControllerError, Inner, Session};
+use super::{Controller, ControllerError, Inner, Session};
 use crate::fsutil::write_atomic;
 use crate::snapshots::{
     clone_name, CloneRef, Presentation, Snapshot, SnapshotProvider, SnapshotVm,
@@ -114,25 +114,37 @@ impl CloneBook {
         self.dir.join(format!("{name}.json"))
     }
 
-    fn save(&self, record: &CloneRecord) -> Result<(), ControllerError> {
+    /// Writes `record` durably (temp file, fsync, rename) off the async threads.
+    async fn save(&self, record: &CloneRecord) -> Result<(), ControllerError> {
         let path = self.path(&record.clone.name);
         let json = serde_json::to_vec_pretty(record)
             .map_err(|e| state_err("encode clone record", &path)(std::io::Error::other(e)))?;
-        write_atomic(&path, &json).map_err(state_err("write clone record", &path))
+        blocking(&path, "write clone record", move |p| write_atomic(p, &json)).await
     }
 
-    fn remove(&self, name: &str) -> Result<(), ControllerError> {
-        let path = self.path(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(state_err("remove clone record", &path)(e)),
-        }
+    async fn remove(&self, name: &str) -> Result<(), ControllerError> {
+        blocking(
+            &self.path(name),
+            "remove clone record",
+            |p| match std::fs::remove_file(p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        )
+        .await
     }
 
-    /// Every record; an unreadable one is logged and skipped.
-    pub(super) fn load_all(&self) -> Result<Vec<CloneRecord>, ControllerError> {
-        let entries = std::fs::read_dir(&self.dir).map_err(state_err("list clones", &self.dir))?;
+    /// Every record (see [`CloneBook::load_now`]), read off the async threads.
+    pub(super) async fn load_all(&self) -> Result<Vec<CloneRecord>, ControllerError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || Self::load_now(&dir))
+            .await
+            .map_err(|e| state_err("list clones", &self.dir)(std::io::Error::other(e)))?
+    }
+
+    /// Every record in `dir`; an unreadable one is logged and skipped.
+    fn load_now(dir: &Path) -> Result<Vec<CloneRecord>, ControllerError> {
+        let entries = std::fs::read_dir(dir).map_err(state_err("list clones", dir))?;
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
@@ -160,6 +172,50 @@ impl CloneBook {
     }
 }
 
+impl Controller {
+    /// Clones of storage snapshots by source, and how many sessions use them
+    /// (from the clone records; a failure to read them counts none).
+    pub async fn clone_counts(&self) -> Vec<(String, u64, u64)> {
+        let records = match self.inner.clones.load_all().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(cause = %e, "could not read clone records for metrics");
+                Vec::new()
+            }
+        };
+        let mut by_source: std::collections::BTreeMap<String, (u64, u64)> = self
+            .inner
+            .snapshots
+            .all()
+            .into_iter()
+            .map(|(name, _)| (name, (0, 0)))
+            .collect();
+        for r in records {
+            let entry = by_source.entry(r.source).or_default();
+            entry.0 += 1;
+            entry.1 += r.users.len() as u64;
+        }
+        by_source
+            .into_iter()
+            .map(|(source, (clones, users))| (source, clones, users))
+            .collect()
+    }
+}
+
+/// Runs file I/O `f` on `path` on a blocking thread.
+async fn blocking(
+    path: &Path,
+    action: &'static str,
+    f: impl FnOnce(&Path) -> std::io::Result<()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || f(&owned))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(state_err(action, path))
+}
+
 /// Whether session `id` is known and not finished.
 fn live(inner: &Inner, id: &str) -> bool {
     inner
@@ -182,7 +238,9 @@ async fn test_pause(point: &str) {
     if at != point || Path::new(marker).exists() {
         return;
     }
-    if let Err(e) = std::fs::write(marker, point) {
+    let write = (marker.to_string(), point.to_string());
+    let written = tokio::task::spawn_blocking(move || std::fs::write(&write.0, &write.1)).await;
+    if let Err(e) = written.map_err(std::io::Error::other).and_then(|r| r) {
         warn!(marker, cause = %e, "test hook: cannot write marker");
         return;
     }
@@ -216,7 +274,7 @@ pub(super) async fn acquire(
 ) -> Result<(CloneRecord, Presentation), ControllerError> {
     let book = &inner.clones;
     let _guard = book.lock.lock().await;
-    let records = book.load_all()?;
+    let records = book.load_all().await?;
     let same_snapshot =
         |r: &CloneRecord| r.source == want.source && r.clone.snapshot == want.snapshot.id;
     let mine = records
@@ -240,7 +298,7 @@ pub(super) async fn acquire(
                 session: session.id.clone(),
                 vm: session.vm.clone(),
             });
-            book.save(&r)?;
+            book.save(&r).await?;
             info!(session = %session.id, clone = %r.clone.name, users = r.users.len(), "sharing the snapshot's clone");
             r
         }
@@ -266,7 +324,7 @@ pub(super) async fn acquire(
                 presentation: None,
                 created: mine.map_or_else(Utc::now, |m| m.created),
             };
-            book.save(&record)?;
+            book.save(&record).await?;
             test_pause("recorded").await;
             match want.provider.create_clone(&record.clone).await {
                 Ok(made) => record.clone.protected_snapshot |= made.protected_snapshot,
@@ -276,16 +334,16 @@ pub(super) async fn acquire(
                         warn!(clone = %record.clone.name, cause = %cleanup, "could not remove a failed clone; the next start retries");
                         record.state = CloneState::Deleting;
                         record.users.clear();
-                        book.save(&record)?;
+                        book.save(&record).await?;
                     } else {
-                        book.remove(&record.clone.name)?;
+                        book.remove(&record.clone.name).await?;
                     }
                     return Err(snap_err(e));
                 }
             }
             test_pause("cloned").await;
             record.state = CloneState::Ready;
-            book.save(&record)?;
+            book.save(&record).await?;
             info!(session = %session.id, clone = %record.clone.name, snapshot = %record.clone.snapshot, "clone made");
             record
         }
@@ -297,7 +355,7 @@ pub(super) async fn acquire(
         .map_err(snap_err)?;
     if record.presentation.as_ref() != Some(&presentation) {
         record.presentation = Some(presentation.clone());
-        book.save(&record)?;
+        book.save(&record).await?;
     }
     Ok((record, presentation))
 }
@@ -307,11 +365,11 @@ async fn destroy(inner: &Inner, mut record: CloneRecord) -> Result<(), Controlle
     let provider = inner.snapshots.get(&record.source).map_err(snap_err)?;
     if record.state != CloneState::Deleting {
         record.state = CloneState::Deleting;
-        inner.clones.save(&record)?;
+        inner.clones.save(&record).await?;
     }
     provider.unpresent(&record.clone).await.map_err(snap_err)?;
     provider.destroy(&record.clone).await.map_err(snap_err)?;
-    inner.clones.remove(&record.clone.name)?;
+    inner.clones.remove(&record.clone.name).await?;
     info!(clone = %record.clone.name, source = %record.source, "clone destroyed");
     Ok(())
 }
@@ -319,7 +377,7 @@ async fn destroy(inner: &Inner, mut record: CloneRecord) -> Result<(), Controlle
 /// Session `session` stops using its clone; the clone goes with its last user.
 pub(super) async fn release(inner: &Inner, session: &Session) -> Result<(), ControllerError> {
     let _guard = inner.clones.lock.lock().await;
-    for mut record in inner.clones.load_all()? {
+    for mut record in inner.clones.load_all().await? {
         if !record.users.iter().any(|u| u.session == session.id) {
             continue;
         }
@@ -329,7 +387,7 @@ pub(super) async fn release(inner: &Inner, session: &Session) -> Result<(), Cont
         if record.users.is_empty() {
             destroy(inner, record).await?;
         } else {
-            inner.clones.save(&record)?;
+            inner.clones.save(&record).await?;
             info!(session = %session.id, clone = %record.clone.name, users = record.users.len(), "clone kept for its other sessions");
         }
     }
@@ -342,7 +400,7 @@ pub(super) async fn release(inner: &Inner, session: &Session) -> Result<(), Cont
 /// the next start (or when a session releases the clone).
 pub(super) async fn sweep(inner: &Inner) -> Result<(), ControllerError> {
     let _guard = inner.clones.lock.lock().await;
-    let records = inner.clones.load_all()?;
+    let records = inner.clones.load_all().await?;
     for mut record in records.clone() {
         let before = record.users.len();
         record.users.retain(|u| live(inner, &u.session));
@@ -351,7 +409,7 @@ pub(super) async fn sweep(inner: &Inner) -> Result<(), ControllerError> {
             info!(clone = %name, state = ?record.state, users = record.users.len(), "sweeping clone");
             destroy(inner, record).await
         } else if record.users.len() != before {
-            inner.clones.save(&record)
+            inner.clones.save(&record).await
         } else {
             Ok(())
         };

@@ -19,6 +19,7 @@ use super::{
     SnapshotProvider, SnapshotVm, StorageCommand, Volume, CLONE_PREFIX, EXPORT_ROOT,
 };
 use crate::datastore::passthrough::Passthrough;
+use crate::datastore::DatastoreError;
 
 /// Default clone folder below the file system's top level.
 pub const DEFAULT_CLONE_DIR: &str = ".revive-clones";
@@ -187,9 +188,9 @@ impl BtrfsProvider {
         format!("{EXPORT_ROOT}/{}", clone.name)
     }
 
-    fn passthrough(&self, clone: &CloneRef) -> SnapResult<&Passthrough> {
+    fn passthrough(&self, clone: &CloneRef) -> SnapResult<Arc<Passthrough>> {
         self.passthrough
-            .as_deref()
+            .clone()
             .ok_or_else(|| SnapshotError::Present {
                 clone: clone.name.clone(),
                 reason: "this process runs no NFS server (only `revive serve` presents clones)"
@@ -286,8 +287,13 @@ impl SnapshotProvider for BtrfsProvider {
     ) -> SnapResult<Presentation> {
         let folder = self.check_ours(clone)?;
         let export = Self::export_path(clone);
-        self.passthrough(clone)?
-            .add_export(&export, &folder, clients)
+        let passthrough = self.passthrough(clone)?;
+        // The export is persisted (fsync) before it is served: off the async threads.
+        let (path, dir, allowed) = (export.clone(), folder.clone(), clients.to_vec());
+        tokio::task::spawn_blocking(move || passthrough.add_export(&path, &dir, &allowed))
+            .await
+            .map_err(|e| DatastoreError::Io(std::io::Error::other(e)))
+            .and_then(|r| r)
             .map_err(|e| SnapshotError::Present {
                 clone: clone.name.clone(),
                 reason: format!("export '{export}' of '{}': {e}", folder.display()),
@@ -297,8 +303,12 @@ impl SnapshotProvider for BtrfsProvider {
 
     async fn unpresent(&self, clone: &CloneRef) -> SnapResult<()> {
         let export = Self::export_path(clone);
-        self.passthrough(clone)?
-            .remove_export(&export)
+        let passthrough = self.passthrough(clone)?;
+        let path = export.clone();
+        tokio::task::spawn_blocking(move || passthrough.remove_export(&path))
+            .await
+            .map_err(|e| DatastoreError::Io(std::io::Error::other(e)))
+            .and_then(|r| r)
             .map_err(|e| SnapshotError::Present {
                 clone: clone.name.clone(),
                 reason: format!("remove export '{export}': {e}"),

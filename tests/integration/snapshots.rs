@@ -134,6 +134,32 @@ impl Lab {
             .clone()
     }
 
+    /// The clone gauges of `/metrics`: (clones, sessions using them) of source pool1.
+    async fn clone_gauges(&self) -> (String, String) {
+        let text = reqwest::Client::new()
+            .get(format!(
+                "http://127.0.0.1:{}/metrics",
+                self.server.api_port.expect("api")
+            ))
+            .bearer_auth(crate::support::server::API_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let gauge = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}{{source=\"pool1\"}} ")))
+                .unwrap_or_else(|| panic!("no {name} of pool1 in:\n{text}"))
+                .to_string()
+        };
+        (
+            gauge("revive_snapshot_clones"),
+            gauge("revive_snapshot_clone_users"),
+        )
+    }
+
     /// Exports of snapshot clones, as revive persisted them.
     fn clone_exports(&self) -> Vec<String> {
         let path = self.server.state_dir().join("passthrough.json");
@@ -265,6 +291,7 @@ async fn share_inner() {
     let clones = lab.pool.clones();
     assert_eq!(clones.len(), 1, "{clones:?}");
     let clone = clones[0].1.rsplit('/').next().expect("name").to_string();
+    assert_eq!(lab.clone_gauges().await, ("1".into(), "3".into()));
     assert!(
         started
             .iter()
@@ -329,6 +356,7 @@ async fn share_inner() {
         .unwrap_or_else(|e| panic!("recover: {e}\nlog:\n{}", lab.server.log()));
     assert_eq!(second[0]["state"], "running", "{:#}", second[0]);
     assert_eq!(lab.pool.clones().len(), 2);
+    assert_eq!(lab.clone_gauges().await, ("2".into(), "4".into()));
     assert_eq!(inventory(&vcsim, "web").await.nas.len(), 2);
     assert_eq!(inventory(&vcsim, "web").await.vms.len(), 4);
 
@@ -339,6 +367,7 @@ async fn share_inner() {
         lab.stop(&id(s));
     }
     lab.assert_clean();
+    assert_eq!(lab.clone_gauges().await, ("0".into(), "0".into()));
     let inv = inventory(&vcsim, "web").await;
     assert_eq!(inv.nas, Vec::<(String, String, String)>::new());
     assert_eq!(inv.vms.len(), 0, "{:?}", inv.vms);
