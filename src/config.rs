@@ -16,6 +16,7 @@ use crate::nfs::limits::{
 };
 use crate::nfs::{ConnLimits, NfsBind};
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
+use crate::snapshots::SnapshotSourceConfig;
 use crate::store::{S3Settings, StoreError, StoreLocation};
 
 /// Environment variable naming the configuration file when `--config` is absent.
@@ -59,6 +60,9 @@ pub struct Config {
     /// Hypervisor hosts sessions can run VMs on (`[[host]]`).
     #[serde(rename = "host")]
     pub hosts: Vec<HostConfig>,
+    /// Storage systems whose snapshots VMs can be recovered from (`[[snapshot_source]]`).
+    #[serde(rename = "snapshot_source")]
+    pub snapshot_sources: Vec<SnapshotSourceConfig>,
 }
 
 /// `[sessions]`
@@ -451,6 +455,19 @@ mod tests {
         );
         let local = config.repository.location(Some("/srv/repo")).unwrap();
         assert_eq!(local, Some(StoreLocation::Local("/srv/repo".into())));
+    }
+
+    #[test]
+    fn snapshot_sources_and_host_clients_parse() {
+        let config = Config::parse(
+            "[[host]]\nname = \"kvm1\"\ndriver = \"qemu\"\nrun_dir = \"/q\"\n\
+             nfs_clients = [\"10.0.0.7\"]\n\
+             [[snapshot_source]]\nname = \"pool1\"\nprovider = \"btrfs\"\npath = \"/mnt/pool1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.hosts[0].nfs_clients, [IpAddr::from([10, 0, 0, 7])]);
+        assert_eq!(config.snapshot_sources[0].name, "pool1");
+        assert!(Config::parse("").unwrap().snapshot_sources.is_empty());
     }
 
     #[test]

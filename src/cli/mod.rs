@@ -4,6 +4,7 @@ mod progress;
 mod repo_cmds;
 mod serve;
 mod sessions;
+mod snapshot_cmds;
 
 use std::path::PathBuf;
 
@@ -94,7 +95,7 @@ pub enum Command {
         /// VM folder, image file or folder tree to back up.
         path: PathBuf,
     },
-    /// List restore points.
+    /// List restore points (of the repository, or a storage system's snapshots).
     Points {
         #[command(flatten)]
         repo: RepoArg,
@@ -104,6 +105,10 @@ pub enum Command {
         /// Print one JSON array.
         #[arg(long)]
         json: bool,
+        /// Where the points are: "repo" (the repository), or snap:NAME for
+        /// the snapshots of [[snapshot_source]] NAME in the config file.
+        #[arg(long, default_value = "repo", value_name = "repo|snap:NAME")]
+        source: String,
     },
     /// Restore a restore point's files (a tree: with folders, symlinks, modes, owners, mtimes) into a folder.
     Restore {
@@ -147,7 +152,8 @@ pub enum Command {
         /// VM to recover (repeat for several VMs sharing one datastore).
         #[arg(long = "vm", required = true)]
         vms: Vec<String>,
-        /// Restore point (id, prefix, VM@latest); single VM only. Default: the latest.
+        /// Restore point (id, prefix, VM@latest; single VM only), or a storage
+        /// snapshot snap:SOURCE/SNAPSHOT (several VMs share its clone). Default: the latest.
         #[arg(long)]
         point: Option<String>,
         /// Configured [[host]] to run on (default: publish only).
@@ -337,8 +343,17 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             json,
             path,
         } => repo_cmds::backup(&repo.resolve()?, name, tree, json, &path).await,
-        Command::Points { repo, vm, json } => {
-            repo_cmds::points(&repo.resolve()?, vm.as_deref(), json).await
+        Command::Points {
+            repo,
+            vm,
+            json,
+            source,
+        } => {
+            if source == "repo" {
+                repo_cmds::points(&repo.resolve()?, vm.as_deref(), json).await
+            } else {
+                snapshot_cmds::points(repo.config.as_ref(), &source, vm.as_deref(), json).await
+            }
         }
         Command::Restore { repo, point, dest } => {
             repo_cmds::restore(&repo.resolve()?, &point, &dest).await

@@ -15,12 +15,17 @@
 //!   when the last session using it ends.
 //! - Drivers are called through [`crate::drivers::Driver`] only, and every
 //!   call is idempotent, so a step may be run again after a crash.
+//! - A session recovered from a storage snapshot (`snap:SOURCE/SNAPSHOT`)
+//!   runs from a writable clone of it, shared by every VM recovered from
+//!   that snapshot and destroyed with its last user (`clones`).
 
+pub mod clones;
 mod copy;
 mod error;
 mod hosts;
 mod runner;
 pub mod session;
+mod snapshot_steps;
 mod steps;
 
 use std::collections::HashMap;
@@ -41,6 +46,7 @@ pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, Se
 
 use crate::datastore::Datastore;
 use crate::drivers::{self, DatastoreSpec, Driver, DriverConfig, HostConfig, NoneConfig};
+use crate::snapshots::{SnapshotSources, SnapshotSpec};
 
 /// Name of the built-in publish-only host used when `recover` names none.
 pub const NONE_HOST: &str = "none";
@@ -162,6 +168,10 @@ struct Inner {
     /// Serializes name choice and session creation.
     create_lock: tokio::sync::Mutex<()>,
     metrics: ControllerMetrics,
+    /// Storage systems whose snapshots sessions recover from.
+    snapshots: Arc<SnapshotSources>,
+    /// Clones of their snapshots, with the sessions using them.
+    clones: clones::CloneBook,
 }
 
 /// The session controller.
@@ -176,7 +186,19 @@ impl Controller {
         config: ControllerConfig,
         datastore: Arc<Datastore>,
     ) -> Result<Controller, ControllerError> {
+        Self::start_with_snapshots(config, datastore, Arc::new(SnapshotSources::none())).await
+    }
+
+    /// As [`Controller::start`], with storage snapshot sources: clones
+    /// left by a crash or by finished sessions are swept before any
+    /// session resumes.
+    pub async fn start_with_snapshots(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        snapshots: Arc<SnapshotSources>,
+    ) -> Result<Controller, ControllerError> {
         let store = SessionStore::open(&config.state_dir)?;
+        let clones = clones::CloneBook::open(&config.state_dir)?;
         let mut drivers = HashMap::new();
         drivers.insert(
             NONE_HOST.to_string(),
@@ -198,14 +220,25 @@ impl Controller {
             host_locks: DashMap::new(),
             create_lock: tokio::sync::Mutex::new(()),
             metrics: ControllerMetrics::default(),
+            snapshots,
+            clones,
         });
         let controller = Controller { inner };
+        let mut resumed = Vec::new();
         for session in controller.inner.store.load_all()? {
             let resume = !session.state.is_terminal();
+            let handle = controller.adopt(session, false);
             if resume {
-                info!(session = %session.id, name = %session.name, state = %session.state, "resuming session");
+                resumed.push(handle);
             }
-            controller.adopt(session, resume);
+        }
+        // Every session is known now, so the sweep sees which clones are
+        // still in use; none runs yet, so none races it.
+        clones::sweep(&controller.inner).await?;
+        for handle in resumed {
+            let s = handle.snapshot();
+            info!(session = %s.id, name = %s.name, state = %s.state, "resuming session");
+            tokio::spawn(runner::run(controller.inner.clone(), handle));
         }
         Ok(controller)
     }
@@ -257,10 +290,23 @@ impl Controller {
                 "name at least one VM to recover".into(),
             ));
         }
-        if vms.len() > 1 && (req.name.is_some() || req.point.is_some()) {
+        let snapshot = req
+            .point
+            .as_deref()
+            .filter(|p| SnapshotSpec::is_snapshot(p));
+        // Several VMs may come from one storage snapshot (they share its clone).
+        if vms.len() > 1 && (req.name.is_some() || (req.point.is_some() && snapshot.is_none())) {
             return Err(ControllerError::BadRequest(
-                "--name and --point apply to a single VM; recover several VMs from their latest points without them".into(),
+                "--name and --point apply to a single VM; recover several VMs from their latest points (or from one --point snap:SOURCE/SNAPSHOT) without them".into(),
             ));
+        }
+        if let Some(point) = snapshot {
+            let spec = SnapshotSpec::parse(point)
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+            self.inner
+                .snapshots
+                .get(&spec.source)
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
         }
         let host = self.pick_host(req.host.as_deref(), req.driver.as_deref())?;
         let driver_kind = match self.inner.drivers.get(&host) {
@@ -543,6 +589,11 @@ impl Controller {
             // A copy migration stops the VM before it asks the driver to
             // start the copy; vSphere cannot (ESXi does not see the copy), so
             // refuse before the VM is stopped.
+            if req.method == MigrationMethod::Copy && snapshot_steps::is_snapshot(s) {
+                return Err(ControllerError::BadRequest(
+                    "a session recovered from a storage snapshot runs from its clone, which copy migration cannot read yet; use --method live".into(),
+                ));
+            }
             if req.method == MigrationMethod::Copy && s.driver == "vsphere" {
                 return Err(ControllerError::BadRequest(
                     "the vsphere driver cannot start a VM from a copy; use --method live --to <datastore> (Storage vMotion)".into(),

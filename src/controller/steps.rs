@@ -11,6 +11,7 @@ use tracing::info;
 
 use super::copy;
 use super::runner::update;
+use super::{clones, snapshot_steps};
 use super::{ControllerError, Inner, SessionHandle};
 use super::{Migration, MigrationMethod, Session, SessionState};
 use crate::datastore::DatastoreError;
@@ -107,6 +108,7 @@ pub(super) async fn validate(
             name: f.name.clone(),
             size: f.size,
             disk: f.kind.is_disk(),
+            location: None,
         });
         if f.name.ends_with(".vmx") && f.size <= 1 << 20 {
             let reader = FileReader::new(repo, &point, &f.name)?;
@@ -375,6 +377,7 @@ pub(super) async fn release(
             let s = h.value().snapshot();
             s.id != session.id
                 && s.host == session.host
+                && s.datastore.name == session.datastore.name
                 && s.datastore_attached
                 && !s.state.is_terminal()
         });
@@ -389,6 +392,9 @@ pub(super) async fn release(
             Ok(())
         })
         .await?;
+    }
+    if snapshot_steps::is_snapshot(session) {
+        clones::release(inner, session).await?;
     }
     Ok(())
 }

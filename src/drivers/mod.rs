@@ -103,8 +103,9 @@ pub struct DatastoreSpec {
     pub remote_host: String,
     /// Export path (the NFS "share").
     pub remote_path: String,
-    /// Where the export's files are on this machine, when a peer needs it
-    /// (vcsim treats a NAS datastore's local path as a folder). `None` on real hosts.
+    /// Where the export's files are on this machine, when revive knows it
+    /// (a snapshot clone's folder). Only a simulator uses it (vcsim treats a
+    /// NAS datastore's local path as a folder); real hosts ignore it.
     pub local_path: Option<PathBuf>,
 }
 
@@ -117,6 +118,11 @@ pub struct VmFile {
     pub size: u64,
     /// A virtual disk (flat extent or raw image) rather than a small file.
     pub disk: bool,
+    /// Where the hypervisor opens this disk itself instead of in the VM's
+    /// folder on the datastore: a block image such as `rbd:POOL/IMAGE`
+    /// (a clone of a Ceph snapshot). `None`: in the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// A VM to register: its folder on a datastore and what the backup says about it.
@@ -235,6 +241,11 @@ pub struct HostConfig {
     pub name: String,
     /// Address the host uses to reach revive's NFS server (default: the NFS bind address, or 127.0.0.1).
     pub nfs_address: Option<String>,
+    /// Addresses the host's NFS client connects from: the export of a
+    /// snapshot clone recovered on this host admits only these (default:
+    /// the allowed_clients of the sessions' export).
+    #[serde(default)]
+    pub nfs_clients: Vec<std::net::IpAddr>,
     /// The driver and its settings.
     #[serde(flatten)]
     pub driver: DriverConfig,

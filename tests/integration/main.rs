@@ -9,6 +9,7 @@ mod qemu;
 mod repo_cli;
 mod s3;
 mod sessions;
+mod snapshots;
 mod support;
 mod trees;
 mod vsphere;

@@ -280,10 +280,13 @@ impl Driver for QemuDriver {
             .disks()
             .map(|d| DiskState {
                 name: d.name.clone(),
-                location: format!(
-                    "nfs://{}{}/{}/{}",
-                    datastore.remote_host, export, vm.folder, d.name
-                ),
+                // A block image (a Ceph clone) is opened as itself.
+                location: d.location.clone().unwrap_or_else(|| {
+                    format!(
+                        "nfs://{}{}/{}/{}",
+                        datastore.remote_host, export, vm.folder, d.name
+                    )
+                }),
                 format: process::format_for(&d.name).into(),
                 size: d.size,
             })
