@@ -56,6 +56,8 @@ pub struct Config {
     /// Hypervisor hosts sessions can run VMs on (`[[host]]`).
     #[serde(rename = "host")]
     pub hosts: Vec<HostConfig>,
+    /// Verification boots (`revive verify --boot`).
+    pub verify: crate::controller::VerifyBootConfig,
 }
 
 /// `[sessions]`
@@ -328,6 +330,7 @@ impl Config {
             migration_bandwidth: self.sessions.migration_bandwidth,
             cache_root: self.datastore.cache_root.clone(),
             hosts: self.hosts.clone(),
+            verify: self.verify.clone(),
         }
     }
 

@@ -16,12 +16,14 @@
 //! - Drivers are called through [`crate::drivers::Driver`] only, and every
 //!   call is idempotent, so a step may be run again after a crash.
 
+pub mod boot_signals;
 mod copy;
 mod error;
 mod hosts;
 mod runner;
 pub mod session;
 mod steps;
+pub mod verify_boot;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,9 +40,12 @@ use tracing::{info, warn};
 pub use error::ControllerError;
 pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
+pub use verify_boot::{BootItem, BootJobView, BootPhase, VerifyBootConfig, VerifyBootRequest};
 
 use crate::datastore::Datastore;
-use crate::drivers::{self, DatastoreSpec, Driver, DriverConfig, HostConfig, NoneConfig};
+use crate::drivers::{
+    self, DatastoreSpec, Driver, DriverConfig, HostConfig, LabNetwork, NoneConfig,
+};
 
 /// Name of the built-in publish-only host used when `recover` names none.
 pub const NONE_HOST: &str = "none";
@@ -69,6 +74,8 @@ pub struct ControllerConfig {
     pub cache_root: PathBuf,
     /// Configured hosts.
     pub hosts: Vec<HostConfig>,
+    /// Verification boots (`[verify]`).
+    pub verify: VerifyBootConfig,
 }
 
 /// A `recover` request: one or several VMs on one host.
@@ -95,6 +102,9 @@ pub struct RecoverRequest {
     /// Power the VMs on once registered.
     #[serde(default)]
     pub power_on: bool,
+    /// Boot on an isolated lab network (verification boots); single VM only.
+    #[serde(default)]
+    pub lab: Option<LabNetwork>,
 }
 
 /// A `migrate` request.
@@ -162,6 +172,8 @@ struct Inner {
     /// Serializes name choice and session creation.
     create_lock: tokio::sync::Mutex<()>,
     metrics: ControllerMetrics,
+    /// Verification boot jobs of this server's life.
+    boot_jobs: verify_boot::BootJobs,
 }
 
 /// The session controller.
@@ -198,14 +210,27 @@ impl Controller {
             host_locks: DashMap::new(),
             create_lock: tokio::sync::Mutex::new(()),
             metrics: ControllerMetrics::default(),
+            boot_jobs: DashMap::new(),
         });
         let controller = Controller { inner };
+        let mut interrupted_boots = Vec::new();
         for session in controller.inner.store.load_all()? {
             let resume = !session.state.is_terminal();
             if resume {
                 info!(session = %session.id, name = %session.name, state = %session.state, "resuming session");
+                if session.lab.is_some() {
+                    interrupted_boots.push(session.id.clone());
+                }
             }
             controller.adopt(session, resume);
+        }
+        // A verification boot cut short by a restart has nobody watching
+        // it any more: clean it up rather than leave a lab VM running.
+        for id in interrupted_boots {
+            warn!(session = %id, "stopping a verification boot interrupted by a restart");
+            if let Err(e) = controller.stop(&id).await {
+                warn!(session = %id, cause = %e, "could not stop an interrupted verification boot");
+            }
         }
         Ok(controller)
     }
@@ -257,7 +282,7 @@ impl Controller {
                 "name at least one VM to recover".into(),
             ));
         }
-        if vms.len() > 1 && (req.name.is_some() || req.point.is_some()) {
+        if vms.len() > 1 && (req.name.is_some() || req.point.is_some() || req.lab.is_some()) {
             return Err(ControllerError::BadRequest(
                 "--name and --point apply to a single VM; recover several VMs from their latest points without them".into(),
             ));
@@ -332,6 +357,7 @@ impl Controller {
                 vm_spec: None,
                 datastore_attached: false,
                 migration: None,
+                lab: req.lab.clone(),
                 created: now,
                 updated: now,
             };

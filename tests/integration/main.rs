@@ -10,5 +10,6 @@ mod s3;
 mod sessions;
 mod support;
 mod trees;
+mod verify_boot;
 mod vsphere;
 mod web;
