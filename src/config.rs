@@ -63,6 +63,8 @@ pub struct Config {
     /// Storage systems whose snapshots VMs can be recovered from (`[[snapshot_source]]`).
     #[serde(rename = "snapshot_source")]
     pub snapshot_sources: Vec<SnapshotSourceConfig>,
+    /// Verification boots (`revive verify --boot`).
+    pub verify: crate::controller::VerifyBootConfig,
 }
 
 /// `[sessions]`
@@ -347,6 +349,7 @@ impl Config {
             migration_bandwidth: self.sessions.migration_bandwidth,
             cache_root: self.datastore.cache_root.clone(),
             hosts: self.hosts.clone(),
+            verify: self.verify.clone(),
         }
     }
 

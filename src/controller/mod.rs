@@ -19,6 +19,7 @@
 //!   runs from a writable clone of it, shared by every VM recovered from
 //!   that snapshot and destroyed with its last user (`clones`).
 
+pub mod boot_signals;
 pub mod clones;
 mod copy;
 mod error;
@@ -27,6 +28,7 @@ mod runner;
 pub mod session;
 mod snapshot_steps;
 mod steps;
+pub mod verify_boot;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,9 +45,12 @@ use tracing::{info, warn};
 pub use error::ControllerError;
 pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
+pub use verify_boot::{BootItem, BootJobView, BootPhase, VerifyBootConfig, VerifyBootRequest};
 
 use crate::datastore::Datastore;
-use crate::drivers::{self, DatastoreSpec, Driver, DriverConfig, HostConfig, NoneConfig};
+use crate::drivers::{
+    self, DatastoreSpec, Driver, DriverConfig, HostConfig, LabNetwork, NoneConfig,
+};
 use crate::snapshots::{SnapshotSources, SnapshotSpec};
 
 /// Name of the built-in publish-only host used when `recover` names none.
@@ -75,6 +80,8 @@ pub struct ControllerConfig {
     pub cache_root: PathBuf,
     /// Configured hosts.
     pub hosts: Vec<HostConfig>,
+    /// Verification boots (`[verify]`).
+    pub verify: VerifyBootConfig,
 }
 
 /// A `recover` request: one or several VMs on one host.
@@ -101,6 +108,9 @@ pub struct RecoverRequest {
     /// Power the VMs on once registered.
     #[serde(default)]
     pub power_on: bool,
+    /// Boot on an isolated lab network (verification boots); single VM only.
+    #[serde(default)]
+    pub lab: Option<LabNetwork>,
 }
 
 /// A `migrate` request.
@@ -172,6 +182,8 @@ struct Inner {
     snapshots: Arc<SnapshotSources>,
     /// Clones of their snapshots, with the sessions using them.
     clones: clones::CloneBook,
+    /// Verification boot jobs of this server's life.
+    boot_jobs: verify_boot::BootJobs,
 }
 
 /// The session controller.
@@ -222,13 +234,18 @@ impl Controller {
             metrics: ControllerMetrics::default(),
             snapshots,
             clones,
+            boot_jobs: DashMap::new(),
         });
         let controller = Controller { inner };
         let mut resumed = Vec::new();
+        let mut interrupted_boots = Vec::new();
         for session in controller.inner.store.load_all()? {
             let resume = !session.state.is_terminal();
             let handle = controller.adopt(session, false);
             if resume {
+                if handle.snapshot().lab.is_some() {
+                    interrupted_boots.push(handle.snapshot().id);
+                }
                 resumed.push(handle);
             }
         }
@@ -239,6 +256,14 @@ impl Controller {
             let s = handle.snapshot();
             info!(session = %s.id, name = %s.name, state = %s.state, "resuming session");
             tokio::spawn(runner::run(controller.inner.clone(), handle));
+        }
+        // A verification boot cut short by a restart has nobody watching
+        // it any more: clean it up rather than leave a lab VM running.
+        for id in interrupted_boots {
+            warn!(session = %id, "stopping a verification boot interrupted by a restart");
+            if let Err(e) = controller.stop(&id).await {
+                warn!(session = %id, cause = %e, "could not stop an interrupted verification boot");
+            }
         }
         Ok(controller)
     }
@@ -295,7 +320,11 @@ impl Controller {
             .as_deref()
             .filter(|p| SnapshotSpec::is_snapshot(p));
         // Several VMs may come from one storage snapshot (they share its clone).
-        if vms.len() > 1 && (req.name.is_some() || (req.point.is_some() && snapshot.is_none())) {
+        if vms.len() > 1
+            && (req.name.is_some()
+                || (req.point.is_some() && snapshot.is_none())
+                || req.lab.is_some())
+        {
             return Err(ControllerError::BadRequest(
                 "--name and --point apply to a single VM; recover several VMs from their latest points (or from one --point snap:SOURCE/SNAPSHOT) without them".into(),
             ));
@@ -378,6 +407,7 @@ impl Controller {
                 vm_spec: None,
                 datastore_attached: false,
                 migration: None,
+                lab: req.lab.clone(),
                 created: now,
                 updated: now,
             };

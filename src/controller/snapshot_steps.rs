@@ -96,6 +96,7 @@ pub(super) async fn validate(
         name: session.name.clone(),
         source_vm: vm.name.clone(),
         folder: vm.folder.clone(),
+        lab: session.lab.clone(),
         files: vm
             .files
             .iter()

@@ -122,6 +122,7 @@ pub(super) async fn validate(
         folder: session.name.clone(),
         files,
         memory_mib,
+        lab: session.lab.clone(),
     };
     match driver.validate(&spec).await {
         Ok(_) => {}

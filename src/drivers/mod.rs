@@ -138,6 +138,30 @@ pub struct VmSpec {
     pub files: Vec<VmFile>,
     /// Memory the VM is configured with (from the .vmx `memsize`), if known.
     pub memory_mib: Option<u64>,
+    /// Boot on an isolated lab network (verification boots) instead of as
+    /// configured; only drivers that can isolate a guest accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<LabNetwork>,
+}
+
+/// An isolated network for a verification boot: the guest gets one NIC on a
+/// network that routes nowhere (not to the host, not to production), a
+/// screen that can be captured, and only `forwards` reach into it, from
+/// 127.0.0.1 on the hypervisor's machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabNetwork {
+    /// Guest TCP ports reachable from the hypervisor's loopback.
+    #[serde(default)]
+    pub forwards: Vec<PortForward>,
+}
+
+/// One TCP port of a lab guest, reachable at `127.0.0.1:host_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Port on the hypervisor's loopback.
+    pub host_port: u16,
+    /// Port in the guest.
+    pub guest_port: u16,
 }
 
 impl VmSpec {
@@ -230,6 +254,23 @@ pub trait Driver: Send + Sync {
         vm: &VmSpec,
         folder: &std::path::Path,
     ) -> DriverResult<Option<VmRef>>;
+
+    /// What the guest wrote on its serial console so far (verification
+    /// boots look for their success signal in it).
+    async fn console_output(&self, _vm: &VmRef) -> DriverResult<Vec<u8>> {
+        Err(DriverError::NotSupported {
+            driver: self.kind(),
+            operation: "reading the guest's console",
+        })
+    }
+
+    /// A PNG picture of the guest's screen.
+    async fn screenshot(&self, _vm: &VmRef) -> DriverResult<Vec<u8>> {
+        Err(DriverError::NotSupported {
+            driver: self.kind(),
+            operation: "screenshots",
+        })
+    }
 }
 
 /// One hypervisor host as configured (`[[host]]`).

@@ -12,5 +12,6 @@ mod sessions;
 mod snapshots;
 mod support;
 mod trees;
+mod verify_boot;
 mod vsphere;
 mod web;

@@ -133,6 +133,7 @@ impl Fixture {
                 file("vmware.log", false),
             ],
             memory_mib: Some(memory_mib),
+            lab: None,
         }
     }
 

@@ -45,6 +45,7 @@ fn vm(memory: Option<u64>) -> VmSpec {
             },
         ],
         memory_mib: memory,
+        lab: None,
     }
 }
 

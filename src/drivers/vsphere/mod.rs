@@ -445,6 +445,14 @@ impl Driver for VsphereDriver {
     }
 
     async fn register_vm(&self, datastore: &DatastoreSpec, vm: &VmSpec) -> DriverResult<VmRef> {
+        if vm.lab.is_some() {
+            // Isolating a guest here needs a port group without uplinks on
+            // the host, which revive does not create.
+            return Err(DriverError::NotSupported {
+                driver: "vsphere",
+                operation: "lab networks (verification boots run on a qemu host)",
+            });
+        }
         let vmx = vm.vmx().ok_or_else(|| DriverError::UnsupportedVm {
             driver: "vsphere",
             vm: vm.source_vm.clone(),

@@ -91,6 +91,7 @@ pub fn vm_spec(vm_dir: &Path, name: &str, folder: &str, memory_mib: Option<u64>)
         folder: folder.into(),
         files,
         memory_mib,
+        lab: None,
     }
 }
 
