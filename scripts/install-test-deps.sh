@@ -32,6 +32,11 @@
 #                     /usr/lib/postgresql/15/bin   (tests/integration/trees/postgres.rs);
 #                     installed without the default cluster (create_main_cluster = false),
 #                     so nothing listens on 5432: tests start their own clusters
+#   btrfs-progs       mkfs.btrfs, btrfs         (tests/integration/snapshots.rs: a btrfs file
+#                                                system on a loop device, its snapshots and clones)
+#   ceph-mon, ceph-osd, ceph-common (rbd)       (tests/integration/snapshots/boot.rs: RBD clones;
+#                                                ~51 packages, ~51 MB; the cluster itself is
+#                                                started by scripts/ceph-single-host.sh)
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
@@ -89,9 +94,11 @@ HERE=$(dirname "$0")
 # vcsim first: it installs its own packages, and is a no-op when built.
 "$HERE/build-vcsim.sh" >/dev/null
 
+snapshot_tools() { have mkfs.btrfs && have btrfs && have ceph-mon && have ceph-osd && have rbd; }
+
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have moto_server && have qemu-system-x86_64 && boot_tools && nbd_tools && iscsi_tools && browser && have_selenium \
-    && have_pg; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools && nbd_tools && iscsi_tools && browser \
+    && have_selenium && have_pg && snapshot_tools; then
     "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
@@ -103,6 +110,7 @@ apt-get install -y --no-install-recommends busybox-static syslinux syslinux-comm
 apt-get install -y --no-install-recommends libnbd-bin nbdkit fio fuse3 e2fsprogs
 apt-get install -y --no-install-recommends libiscsi-bin tgt
 apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core
+apt-get install -y --no-install-recommends btrfs-progs ceph-mon ceph-osd ceph-common
 if ! qemu_nfs || ! have qemu-system-x86_64; then
     apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils qemu-block-extra \
         qemu-system-x86

@@ -16,6 +16,7 @@ use crate::nfs::limits::{
 };
 use crate::nfs::{ConnLimits, NfsBind};
 use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
+use crate::snapshots::SnapshotSourceConfig;
 use crate::store::{S3Settings, StoreError, StoreLocation};
 
 /// Environment variable naming the configuration file when `--config` is absent.
@@ -66,6 +67,11 @@ pub struct Config {
     pub nbd: crate::block::NbdSection,
     /// The iSCSI target (`[iscsi]`).
     pub iscsi: crate::block::IscsiSection,
+    /// Storage systems whose snapshots VMs can be recovered from (`[[snapshot_source]]`).
+    #[serde(rename = "snapshot_source")]
+    pub snapshot_sources: Vec<SnapshotSourceConfig>,
+    /// Verification boots (`revive verify --boot`).
+    pub verify: crate::controller::VerifyBootConfig,
 }
 
 /// `[sessions]`
@@ -350,6 +356,7 @@ impl Config {
             migration_bandwidth: self.sessions.migration_bandwidth,
             cache_root: self.datastore.cache_root.clone(),
             hosts: self.hosts.clone(),
+            verify: self.verify.clone(),
         }
     }
 
@@ -461,6 +468,19 @@ mod tests {
         );
         let local = config.repository.location(Some("/srv/repo")).unwrap();
         assert_eq!(local, Some(StoreLocation::Local("/srv/repo".into())));
+    }
+
+    #[test]
+    fn snapshot_sources_and_host_clients_parse() {
+        let config = Config::parse(
+            "[[host]]\nname = \"kvm1\"\ndriver = \"qemu\"\nrun_dir = \"/q\"\n\
+             nfs_clients = [\"10.0.0.7\"]\n\
+             [[snapshot_source]]\nname = \"pool1\"\nprovider = \"btrfs\"\npath = \"/mnt/pool1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.hosts[0].nfs_clients, [IpAddr::from([10, 0, 0, 7])]);
+        assert_eq!(config.snapshot_sources[0].name, "pool1");
+        assert!(Config::parse("").unwrap().snapshot_sources.is_empty());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //!   metrics (Prometheus and a JSON summary), behind a token.
 //! - [`controller`]: instant-recovery sessions: state machine, retries, migration.
 //! - [`drivers`]: what the controller asks of a hypervisor (none, vSphere, QEMU).
+//! - [`snapshots`]: storage snapshots (btrfs, Ceph RBD) as restore points:
+//!   list, clone, present to hosts, destroy.
 //! - [`block`]: block exports (NBD, iSCSI) of presented disk files, over a
 //!   [`block::BlockDevice`].
 //! - [`nfs`]: NFSv3, MOUNT v3 and portmapper v2 over TCP (and UDP for the
@@ -13,7 +15,9 @@
 //!   page that talks to the API like any client.
 //! - [`datastore`]: the namespace clients see: exports, one folder per
 //!   published restore point, stable file ids, cache over backup; its
-//!   [`datastore::FileOps`] is the one operation surface of every frontend.
+//!   [`datastore::FileOps`] is the one operation surface of every frontend,
+//!   over the repository's exports and passthrough exports of live folders
+//!   (snapshot clones) alike.
 //! - [`cache`]: the write cache of a published file: sparse data file,
 //!   persistent bitmap, write-ahead journal, group commit, crash-safe
 //!   ordering.
@@ -36,5 +40,6 @@ pub mod fsutil;
 pub mod nfs;
 pub mod progress;
 pub mod repo;
+pub mod snapshots;
 pub mod store;
 pub mod web;

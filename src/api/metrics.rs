@@ -75,6 +75,7 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore, controller: &Contro
     write_caches(&mut e, datastore).await;
     sessions(&mut e, controller);
     block_exports(&mut e, controller);
+    snapshot_clones(&mut e, controller).await;
     e.out
 }
 
@@ -361,6 +362,27 @@ fn block_exports(e: &mut Exposition, controller: &Controller) {
                 load(pick(&x.metrics)),
             );
         }
+    }
+}
+
+/// Clones of storage snapshots and the sessions using them, by source.
+async fn snapshot_clones(e: &mut Exposition, controller: &Controller) {
+    let counts = controller.clone_counts().await;
+    e.family(
+        "revive_snapshot_clones",
+        "gauge",
+        "Writable clones of storage snapshots that revive holds, by snapshot source.",
+    );
+    for (source, clones, _) in &counts {
+        e.sample("revive_snapshot_clones", &[("source", source)], clones);
+    }
+    e.family(
+        "revive_snapshot_clone_users",
+        "gauge",
+        "Sessions running from clones of storage snapshots, by snapshot source.",
+    );
+    for (source, _, users) in &counts {
+        e.sample("revive_snapshot_clone_users", &[("source", source)], users);
     }
 }
 

@@ -16,6 +16,7 @@ pub mod metrics;
 mod points;
 mod sessions;
 pub mod summary;
+mod verify;
 
 pub use error::ApiError;
 pub use info::ServerInfo;
@@ -82,6 +83,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(points::routes())
         .merge(info::routes())
         .merge(summary::routes())
+        .merge(verify::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     // Merged after the token layer: `route_layer` covers only the routes
     // added before it, so the console's assets stay public.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::ApiState;
 use crate::datastore::FileOps;
-use crate::repo::RestorePoint;
+use crate::repo::{BootRecord, RestorePoint};
 
 /// The routes, relative to the API root.
 pub(super) fn routes() -> Router<ApiState> {
@@ -56,6 +56,8 @@ pub struct PointSummary {
     /// while the repository records none (`revive verify` reports to its
     /// caller only).
     pub verify: Option<String>,
+    /// The last verification boot (`revive verify --boot`), if any.
+    pub boot: Option<BootRecord>,
     /// Folders presenting this point now.
     pub published: Vec<Publication>,
 }
@@ -74,6 +76,7 @@ impl PointSummary {
             bytes_stored: p.stats.bytes_stored,
             seconds: p.stats.seconds,
             verify: None,
+            boot: None,
             published,
         }
     }
@@ -106,11 +109,14 @@ async fn list(
             });
         }
     }
-    Ok(Json(
-        points
-            .iter()
-            .filter(|p| filter.vm.as_ref().is_none_or(|vm| *vm == p.vm))
-            .map(|p| PointSummary::of(p, published.remove(&p.id).unwrap_or_default()))
-            .collect(),
-    ))
+    let mut summaries = Vec::new();
+    for p in points
+        .iter()
+        .filter(|p| filter.vm.as_ref().is_none_or(|vm| *vm == p.vm))
+    {
+        let mut summary = PointSummary::of(p, published.remove(&p.id).unwrap_or_default());
+        summary.boot = state.datastore.repo().boot_record(&p.id).await?;
+        summaries.push(summary);
+    }
+    Ok(Json(summaries))
 }

@@ -4,6 +4,8 @@ mod progress;
 mod repo_cmds;
 mod serve;
 mod sessions;
+mod snapshot_cmds;
+mod verify_boot;
 
 use std::path::PathBuf;
 
@@ -94,7 +96,7 @@ pub enum Command {
         /// VM folder, image file or folder tree to back up.
         path: PathBuf,
     },
-    /// List restore points.
+    /// List restore points (of the repository, or a storage system's snapshots).
     Points {
         #[command(flatten)]
         repo: RepoArg,
@@ -104,6 +106,10 @@ pub enum Command {
         /// Print one JSON array.
         #[arg(long)]
         json: bool,
+        /// Where the points are: "repo" (the repository), or snap:NAME for
+        /// the snapshots of [[snapshot_source]] NAME in the config file.
+        #[arg(long, default_value = "repo", value_name = "repo|snap:NAME")]
+        source: String,
     },
     /// Restore a restore point's files (a tree: with folders, symlinks, modes, owners, mtimes) into a folder.
     Restore {
@@ -114,15 +120,53 @@ pub enum Command {
         /// Destination folder (created if missing; existing files are never overwritten).
         dest: PathBuf,
     },
-    /// Re-read and check every chunk (of one restore point, or of all).
+    /// Re-read and check every chunk (of one restore point, or of all); with
+    /// --boot, prove restore points boot instead.
+    ///
+    /// --boot asks the running `revive serve` (its API) to boot each point on
+    /// an isolated lab network of a qemu host ([verify] host), watch for its
+    /// success signals (console pattern, TCP port, script), take a
+    /// screenshot, clean everything up and record the verdict beside the
+    /// point (`revive points` shows it). Exit status 1 if any point failed.
+    #[command(verbatim_doc_comment)]
     Verify {
         #[command(flatten)]
         repo: RepoArg,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
-        /// Restore point: full id, unique prefix, or VM@latest.
-        point: Option<String>,
+        /// Boot the points instead of re-reading their chunks.
+        #[arg(long)]
+        boot: bool,
+        /// With --boot: also the latest point of every VM (a nightly run).
+        #[arg(long, requires = "boot")]
+        all_latest: bool,
+        /// With --boot: points booted at once (default: [verify] parallel).
+        #[arg(long, requires = "boot")]
+        parallel: Option<usize>,
+        /// With --boot: the qemu host to boot on (default: [verify] host).
+        #[arg(long, requires = "boot")]
+        host: Option<String>,
+        /// With --boot: seconds each boot may take (default: [verify] timeout_secs).
+        #[arg(long, requires = "boot")]
+        timeout: Option<u64>,
+        /// With --boot: a regular expression a console line must match.
+        #[arg(long, requires = "boot", value_name = "REGEX")]
+        console: Option<String>,
+        /// With --boot: a guest TCP port that must answer (e.g. 22).
+        #[arg(long, requires = "boot", value_name = "PORT")]
+        tcp_port: Option<u16>,
+        /// With --boot: a script run against the booted guest; exit 0 is success.
+        #[arg(long, requires = "boot", value_name = "FILE")]
+        script: Option<PathBuf>,
+        /// With --boot: API base URL (default: http://<[api] bind> of --config).
+        #[arg(long, env = "REVIVE_API", value_name = "URL")]
+        api: Option<String>,
+        /// With --boot: API token (default: [api] token of --config).
+        #[arg(long, env = "REVIVE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Restore points: full id, unique prefix, or VM@latest (several with --boot).
+        points: Vec<String>,
     },
     /// Drop a restore point (its chunks stay until gc).
     Forget {
@@ -147,7 +191,8 @@ pub enum Command {
         /// VM to recover (repeat for several VMs sharing one datastore).
         #[arg(long = "vm", required = true)]
         vms: Vec<String>,
-        /// Restore point (id, prefix, VM@latest); single VM only. Default: the latest.
+        /// Restore point (id, prefix, VM@latest; single VM only), or a storage
+        /// snapshot snap:SOURCE/SNAPSHOT (several VMs share its clone). Default: the latest.
         #[arg(long)]
         point: Option<String>,
         /// Configured [[host]] to run on (default: publish only).
@@ -340,6 +385,8 @@ pub enum Outcome {
     Damaged,
     /// `--wait` ended with a session short of its goal (failed, waiting, cancelled).
     Unfinished,
+    /// `verify --boot`: a restore point did not boot.
+    BootFailed,
 }
 
 impl Outcome {
@@ -347,7 +394,7 @@ impl Outcome {
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Ok => 0,
-            Outcome::Damaged => 1,
+            Outcome::Damaged | Outcome::BootFailed => 1,
             Outcome::Unfinished => 3,
         }
     }
@@ -382,14 +429,62 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             json,
             path,
         } => repo_cmds::backup(&repo.resolve()?, name, tree, json, &path).await,
-        Command::Points { repo, vm, json } => {
-            repo_cmds::points(&repo.resolve()?, vm.as_deref(), json).await
+        Command::Points {
+            repo,
+            vm,
+            json,
+            source,
+        } => {
+            if source == "repo" {
+                repo_cmds::points(&repo.resolve()?, vm.as_deref(), json).await
+            } else {
+                snapshot_cmds::points(repo.config.as_ref(), &source, vm.as_deref(), json).await
+            }
         }
         Command::Restore { repo, point, dest } => {
             repo_cmds::restore(&repo.resolve()?, &point, &dest).await
         }
-        Command::Verify { repo, json, point } => {
-            repo_cmds::verify(&repo.resolve()?, point.as_deref(), json).await
+        Command::Verify {
+            repo,
+            json,
+            boot: true,
+            all_latest,
+            parallel,
+            host,
+            timeout,
+            console,
+            tcp_port,
+            script,
+            api,
+            token,
+            points,
+        } => {
+            let api = sessions::ApiArgs {
+                config: repo.config,
+                api,
+                token,
+            };
+            let req = revive::controller::VerifyBootRequest {
+                points,
+                all_latest,
+                parallel,
+                host,
+                timeout_secs: timeout,
+                signals: revive::controller::boot_signals::Signals {
+                    console,
+                    tcp_port,
+                    script,
+                },
+            };
+            verify_boot::run(&api, req, json).await
+        }
+        Command::Verify {
+            repo, json, points, ..
+        } => {
+            if points.len() > 1 {
+                anyhow::bail!("verify checks one restore point or all; --boot takes several");
+            }
+            repo_cmds::verify(&repo.resolve()?, points.first().map(String::as_str), json).await
         }
         Command::Forget { repo, point } => repo_cmds::forget(&repo.resolve()?, &point).await,
         Command::Serve { config, repo } => serve::serve(config, repo).await,
@@ -420,6 +515,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
                 kind: kind.into(),
                 disk,
                 protocol: protocol.map(Into::into),
+                lab: None,
             };
             sessions::recover(&api, req, wait, json).await
         }

@@ -124,10 +124,15 @@ pub async fn points(
         .into_iter()
         .filter(|p| vm.is_none_or(|vm| p.vm == vm))
         .collect();
+    let mut boots = Vec::with_capacity(points.len());
+    for p in &points {
+        boots.push(repo.boot_record(&p.id).await?);
+    }
     if json {
         let rows: Vec<_> = points
             .iter()
-            .map(|p| {
+            .zip(&boots)
+            .map(|(p, boot)| {
                 // A tree's entries (thousands) are not listed here: counts only.
                 json!({
                     "id": p.id,
@@ -140,6 +145,8 @@ pub async fn points(
                     "bytes_stored": p.stats.bytes_stored,
                     "entries": p.entry_count(),
                     "counts": counts_json(p),
+                    "verified_boot": boot_text(boot.as_ref()),
+                    "boot": boot,
                     "files": p.files.iter().map(|f| json!({
                         "name": f.name, "kind": f.kind, "size": f.size,
                     })).collect::<Vec<_>>(),
@@ -150,12 +157,12 @@ pub async fn points(
         return Ok(Outcome::Ok);
     }
     println!(
-        "{:<16}  {:<16}  {:<4}  {:<20}  {:<16}  {:>7}  {:>10}  {:>10}",
-        "ID", "NAME", "KIND", "CREATED", "PARENT", "ENTRIES", "SIZE", "NEW"
+        "{:<16}  {:<16}  {:<4}  {:<20}  {:<16}  {:>7}  {:>10}  {:>10}  {:<6}",
+        "ID", "NAME", "KIND", "CREATED", "PARENT", "ENTRIES", "SIZE", "NEW", "BOOT"
     );
-    for p in &points {
+    for (p, boot) in points.iter().zip(&boots) {
         println!(
-            "{:<16}  {:<16}  {:<4}  {:<20}  {:<16}  {:>7}  {:>10}  {:>10}",
+            "{:<16}  {:<16}  {:<4}  {:<20}  {:<16}  {:>7}  {:>10}  {:>10}  {:<6}",
             p.id,
             p.vm,
             p.kind.as_str(),
@@ -163,10 +170,16 @@ pub async fn points(
             p.parent.as_deref().unwrap_or("-"),
             p.entry_count(),
             human(p.logical_size()),
-            human(p.stats.bytes_new)
+            human(p.stats.bytes_new),
+            boot_text(boot.as_ref())
         );
     }
     Ok(Outcome::Ok)
+}
+
+/// The verified-boot column: ok, failed, or never.
+fn boot_text(boot: Option<&revive::repo::BootRecord>) -> &'static str {
+    boot.map_or("never", |b| b.verdict.as_str())
 }
 
 pub async fn restore(location: &StoreLocation, spec: &str, dest: &Path) -> anyhow::Result<Outcome> {

@@ -11,10 +11,13 @@ use revive::block::nbd::NbdServer;
 use revive::block::{BlockExports, BlockProtocol};
 use revive::config::Config;
 use revive::controller::Controller;
+use revive::datastore::passthrough::Passthrough;
+use revive::datastore::router::Router;
 use revive::datastore::Datastore;
 use revive::datastore::FileOps;
 use revive::nfs::{ConnLimits, NfsListeners, NfsServer};
 use revive::repo::{OpenOptions, Repository};
+use revive::snapshots::SnapshotSources;
 use serde_json::json;
 use tracing::info;
 
@@ -132,10 +135,24 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
     export_blocks(&datastore, &blocks, &config).await?;
     let iscsi_port = blocks.listening(BlockProtocol::Iscsi).map(|a| a.port());
     let nbd_port = blocks.listening(BlockProtocol::Nbd).map(|a| a.port());
-    let controller = Controller::start_with(
+    // Snapshot clones are served beside the repository's exports.
+    let passthrough = Arc::new(Passthrough::open(&config.datastore.state_dir).with_context(
+        || {
+            format!(
+                "open passthrough exports in '{}'",
+                config.datastore.state_dir.display()
+            )
+        },
+    )?);
+    let snapshots = Arc::new(SnapshotSources::build(
+        &config.snapshot_sources,
+        Some(passthrough.clone()),
+    ));
+    let controller = Controller::start_full(
         config.controller_config(),
         datastore.clone(),
         blocks.clone(),
+        snapshots,
     )
     .await
     .context("start the session controller")?;
@@ -144,8 +161,11 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
         .await
         .with_context(|| format!("bind NFS ports on {} ({:?})", bind.addr, bind))?;
     let ports = listeners.ports()?;
-    let server =
-        NfsServer::new(datastore.clone()).with_limits(connection_limits(&config, open_files));
+    let server = NfsServer::new(Arc::new(Router::new(
+        datastore.clone(),
+        passthrough.clone(),
+    )))
+    .with_limits(connection_limits(&config, open_files));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

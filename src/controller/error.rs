@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::datastore::DatastoreError;
 use crate::drivers::DriverError;
 use crate::repo::RepoError;
+use crate::snapshots::SnapshotError;
 
 /// What went wrong in the controller.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,9 @@ pub enum ControllerError {
     /// The hypervisor driver failed.
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// A storage snapshot, its clone or the storage's CLI failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// A copy migration's destination failed.
     #[error("{action} '{path}' - {source}")]
     Destination {

@@ -15,14 +15,21 @@
 //!   when the last session using it ends.
 //! - Drivers are called through [`crate::drivers::Driver`] only, and every
 //!   call is idempotent, so a step may be run again after a crash.
+//! - A session recovered from a storage snapshot (`snap:SOURCE/SNAPSHOT`)
+//!   runs from a writable clone of it, shared by every VM recovered from
+//!   that snapshot and destroyed with its last user (`clones`).
 
 mod block;
+pub mod boot_signals;
+pub mod clones;
 mod copy;
 mod error;
 mod hosts;
 mod runner;
 pub mod session;
+mod snapshot_steps;
 mod steps;
+pub mod verify_boot;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,10 +47,14 @@ pub use block::{BlockTarget, RecoveryKind};
 pub use error::ControllerError;
 pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
+pub use verify_boot::{BootItem, BootJobView, BootPhase, VerifyBootConfig, VerifyBootRequest};
 
 use crate::block::{BlockExports, BlockProtocol};
 use crate::datastore::Datastore;
-use crate::drivers::{self, DatastoreSpec, Driver, DriverConfig, HostConfig, NoneConfig};
+use crate::drivers::{
+    self, DatastoreSpec, Driver, DriverConfig, HostConfig, LabNetwork, NoneConfig,
+};
+use crate::snapshots::{SnapshotSources, SnapshotSpec};
 
 /// Name of the built-in publish-only host used when `recover` names none.
 pub const NONE_HOST: &str = "none";
@@ -72,6 +83,8 @@ pub struct ControllerConfig {
     pub cache_root: PathBuf,
     /// Configured hosts.
     pub hosts: Vec<HostConfig>,
+    /// Verification boots (`[verify]`).
+    pub verify: VerifyBootConfig,
 }
 
 /// A `recover` request: one or several VMs on one host.
@@ -107,6 +120,9 @@ pub struct RecoverRequest {
     /// Protocol of the block export (`kind` block; default nbd).
     #[serde(default)]
     pub protocol: Option<BlockProtocol>,
+    /// Boot on an isolated lab network (verification boots); single VM only.
+    #[serde(default)]
+    pub lab: Option<LabNetwork>,
 }
 
 /// A `migrate` request.
@@ -176,6 +192,12 @@ struct Inner {
     /// Serializes name choice and session creation.
     create_lock: tokio::sync::Mutex<()>,
     metrics: ControllerMetrics,
+    /// Storage systems whose snapshots sessions recover from.
+    snapshots: Arc<SnapshotSources>,
+    /// Clones of their snapshots, with the sessions using them.
+    clones: clones::CloneBook,
+    /// Verification boot jobs of this server's life.
+    boot_jobs: verify_boot::BootJobs,
 }
 
 /// The session controller.
@@ -191,7 +213,13 @@ impl Controller {
         config: ControllerConfig,
         datastore: Arc<Datastore>,
     ) -> Result<Controller, ControllerError> {
-        Self::start_with(config, datastore, BlockExports::new()).await
+        Self::start_full(
+            config,
+            datastore,
+            BlockExports::new(),
+            Arc::new(SnapshotSources::none()),
+        )
+        .await
     }
 
     /// As [`Controller::start`], with the block exports `revive serve`
@@ -202,7 +230,30 @@ impl Controller {
         datastore: Arc<Datastore>,
         blocks: Arc<BlockExports>,
     ) -> Result<Controller, ControllerError> {
+        Self::start_full(config, datastore, blocks, Arc::new(SnapshotSources::none())).await
+    }
+
+    /// As [`Controller::start`], with storage snapshot sources: clones
+    /// left by a crash or by finished sessions are swept before any
+    /// session resumes.
+    pub async fn start_with_snapshots(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        snapshots: Arc<SnapshotSources>,
+    ) -> Result<Controller, ControllerError> {
+        Self::start_full(config, datastore, BlockExports::new(), snapshots).await
+    }
+
+    /// As [`Controller::start`], with both the block exports and the
+    /// storage snapshot sources `revive serve` serves.
+    pub async fn start_full(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        blocks: Arc<BlockExports>,
+        snapshots: Arc<SnapshotSources>,
+    ) -> Result<Controller, ControllerError> {
         let store = SessionStore::open(&config.state_dir)?;
+        let clones = clones::CloneBook::open(&config.state_dir)?;
         let mut drivers = HashMap::new();
         drivers.insert(
             NONE_HOST.to_string(),
@@ -225,15 +276,39 @@ impl Controller {
             host_locks: DashMap::new(),
             create_lock: tokio::sync::Mutex::new(()),
             metrics: ControllerMetrics::default(),
+            snapshots,
+            clones,
+            boot_jobs: DashMap::new(),
         });
         let controller = Controller { inner };
+        let mut resumed = Vec::new();
+        let mut interrupted_boots = Vec::new();
         for session in controller.inner.store.load_all()? {
             block::restore(&controller.inner, &session).await;
             let resume = !session.state.is_terminal();
+            let handle = controller.adopt(session, false);
             if resume {
-                info!(session = %session.id, name = %session.name, state = %session.state, "resuming session");
+                if handle.snapshot().lab.is_some() {
+                    interrupted_boots.push(handle.snapshot().id);
+                }
+                resumed.push(handle);
             }
-            controller.adopt(session, resume);
+        }
+        // Every session is known now, so the sweep sees which clones are
+        // still in use; none runs yet, so none races it.
+        clones::sweep(&controller.inner).await?;
+        for handle in resumed {
+            let s = handle.snapshot();
+            info!(session = %s.id, name = %s.name, state = %s.state, "resuming session");
+            tokio::spawn(runner::run(controller.inner.clone(), handle));
+        }
+        // A verification boot cut short by a restart has nobody watching
+        // it any more: clean it up rather than leave a lab VM running.
+        for id in interrupted_boots {
+            warn!(session = %id, "stopping a verification boot interrupted by a restart");
+            if let Err(e) = controller.stop(&id).await {
+                warn!(session = %id, cause = %e, "could not stop an interrupted verification boot");
+            }
         }
         Ok(controller)
     }
@@ -290,9 +365,18 @@ impl Controller {
                 "name at least one VM to recover".into(),
             ));
         }
-        if vms.len() > 1 && (req.name.is_some() || req.point.is_some()) {
+        let snapshot = req
+            .point
+            .as_deref()
+            .filter(|p| SnapshotSpec::is_snapshot(p));
+        // Several VMs may come from one storage snapshot (they share its clone).
+        if vms.len() > 1
+            && (req.name.is_some()
+                || (req.point.is_some() && snapshot.is_none())
+                || req.lab.is_some())
+        {
             return Err(ControllerError::BadRequest(
-                "--name and --point apply to a single VM; recover several VMs from their latest points without them".into(),
+                "--name and --point apply to a single VM; recover several VMs from their latest points (or from one --point snap:SOURCE/SNAPSHOT) without them".into(),
             ));
         }
         if req.kind != RecoveryKind::Block && (req.disk.is_some() || req.protocol.is_some()) {
@@ -304,6 +388,20 @@ impl Controller {
             return Err(ControllerError::BadRequest(
                 "--disk applies to a single VM".into(),
             ));
+        }
+        if snapshot.is_some() && req.kind == RecoveryKind::Block {
+            return Err(ControllerError::BadRequest(
+                "--kind block serves a disk of a backup restore point, not of a storage snapshot"
+                    .into(),
+            ));
+        }
+        if let Some(point) = snapshot {
+            let spec = SnapshotSpec::parse(point)
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+            self.inner
+                .snapshots
+                .get(&spec.source)
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
         }
         let host = self.pick_host(req.host.as_deref(), req.driver.as_deref())?;
         let driver_kind = match self.inner.drivers.get(&host) {
@@ -383,6 +481,7 @@ impl Controller {
                 datastore_attached: false,
                 block,
                 migration: None,
+                lab: req.lab.clone(),
                 created: now,
                 updated: now,
             };
@@ -594,6 +693,11 @@ impl Controller {
             // A copy migration stops the VM before it asks the driver to
             // start the copy; vSphere cannot (ESXi does not see the copy), so
             // refuse before the VM is stopped.
+            if req.method == MigrationMethod::Copy && snapshot_steps::is_snapshot(s) {
+                return Err(ControllerError::BadRequest(
+                    "a session recovered from a storage snapshot runs from its clone, which copy migration cannot read yet; use --method live".into(),
+                ));
+            }
             if req.method == MigrationMethod::Copy && s.driver == "vsphere" {
                 return Err(ControllerError::BadRequest(
                     "the vsphere driver cannot start a VM from a copy; use --method live --to <datastore> (Storage vMotion)".into(),

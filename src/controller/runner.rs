@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tracing::{error, info, warn};
 
+use super::snapshot_steps;
 use super::steps::{host_lock, migrate, publish, release, switch_over, validate, vm_spec};
 use super::{ControllerError, Inner, SessionHandle};
 use super::{Session, SessionState};
@@ -204,7 +205,13 @@ async fn run_step(
 ) -> Result<SessionState, ControllerError> {
     let driver = driver_of(inner, session);
     match step {
+        SessionState::Validating if snapshot_steps::is_snapshot(session) => {
+            snapshot_steps::validate(inner, handle, session, &driver?).await
+        }
         SessionState::Validating => validate(inner, handle, session, &driver?).await,
+        SessionState::Publishing if snapshot_steps::is_snapshot(session) => {
+            snapshot_steps::publish(inner, handle, session).await
+        }
         SessionState::Publishing => publish(inner, session)
             .await
             .map(|next| super::block::after_publish(session, next)),

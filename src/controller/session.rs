@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ControllerError;
-use crate::drivers::{DatastoreSpec, TaskRef, VmRef, VmSpec};
+use crate::drivers::{DatastoreSpec, LabNetwork, TaskRef, VmRef, VmSpec};
 use crate::fsutil::write_atomic;
 
 /// Where a session is in its life.
@@ -205,6 +205,9 @@ pub struct Session {
     /// The migration, once asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// Boot on an isolated lab network (a verification boot), not as configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<LabNetwork>,
     /// Creation time.
     pub created: DateTime<Utc>,
     /// Last change.

@@ -11,6 +11,7 @@ use tracing::info;
 
 use super::copy;
 use super::runner::update;
+use super::{clones, snapshot_steps};
 use super::{ControllerError, Inner, SessionHandle};
 use super::{Migration, MigrationMethod, Session, SessionState};
 use crate::datastore::DatastoreError;
@@ -108,6 +109,7 @@ pub(super) async fn validate(
             size: f.size,
             disk: f.kind.is_disk(),
             url: None,
+            location: None,
         });
         if f.name.ends_with(".vmx") && f.size <= 1 << 20 {
             let reader = FileReader::new(repo, &point, &f.name)?;
@@ -121,6 +123,7 @@ pub(super) async fn validate(
         folder: session.name.clone(),
         files,
         memory_mib,
+        lab: session.lab.clone(),
     };
     let block_disk = super::block::validate(inner, session, &mut spec)?;
     match driver.validate(&spec).await {
@@ -381,6 +384,7 @@ pub(super) async fn release(
             let s = h.value().snapshot();
             s.id != session.id
                 && s.host == session.host
+                && s.datastore.name == session.datastore.name
                 && s.datastore_attached
                 && !s.state.is_terminal()
         });
@@ -395,6 +399,9 @@ pub(super) async fn release(
             Ok(())
         })
         .await?;
+    }
+    if snapshot_steps::is_snapshot(session) {
+        clones::release(inner, session).await?;
     }
     Ok(())
 }

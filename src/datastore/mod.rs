@@ -27,6 +27,8 @@ mod io;
 pub mod namespace;
 mod nslog;
 mod ops;
+pub mod passthrough;
+pub mod router;
 mod surface;
 pub mod types;
 mod usage;

@@ -103,8 +103,9 @@ pub struct DatastoreSpec {
     pub remote_host: String,
     /// Export path (the NFS "share").
     pub remote_path: String,
-    /// Where the export's files are on this machine, when a peer needs it
-    /// (vcsim treats a NAS datastore's local path as a folder). `None` on real hosts.
+    /// Where the export's files are on this machine, when revive knows it
+    /// (a snapshot clone's folder). Only a simulator uses it (vcsim treats a
+    /// NAS datastore's local path as a folder); real hosts ignore it.
     pub local_path: Option<PathBuf>,
 }
 
@@ -121,6 +122,11 @@ pub struct VmFile {
     /// folder: the block export of a block session (`nbd://HOST:PORT/NAME`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Where the hypervisor opens this disk itself instead of in the VM's
+    /// folder on the datastore: a block image such as `rbd:POOL/IMAGE`
+    /// (a clone of a Ceph snapshot). `None`: in the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// A VM to register: its folder on a datastore and what the backup says about it.
@@ -136,6 +142,30 @@ pub struct VmSpec {
     pub files: Vec<VmFile>,
     /// Memory the VM is configured with (from the .vmx `memsize`), if known.
     pub memory_mib: Option<u64>,
+    /// Boot on an isolated lab network (verification boots) instead of as
+    /// configured; only drivers that can isolate a guest accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<LabNetwork>,
+}
+
+/// An isolated network for a verification boot: the guest gets one NIC on a
+/// network that routes nowhere (not to the host, not to production), a
+/// screen that can be captured, and only `forwards` reach into it, from
+/// 127.0.0.1 on the hypervisor's machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabNetwork {
+    /// Guest TCP ports reachable from the hypervisor's loopback.
+    #[serde(default)]
+    pub forwards: Vec<PortForward>,
+}
+
+/// One TCP port of a lab guest, reachable at `127.0.0.1:host_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Port on the hypervisor's loopback.
+    pub host_port: u16,
+    /// Port in the guest.
+    pub guest_port: u16,
 }
 
 impl VmSpec {
@@ -228,6 +258,23 @@ pub trait Driver: Send + Sync {
         vm: &VmSpec,
         folder: &std::path::Path,
     ) -> DriverResult<Option<VmRef>>;
+
+    /// What the guest wrote on its serial console so far (verification
+    /// boots look for their success signal in it).
+    async fn console_output(&self, _vm: &VmRef) -> DriverResult<Vec<u8>> {
+        Err(DriverError::NotSupported {
+            driver: self.kind(),
+            operation: "reading the guest's console",
+        })
+    }
+
+    /// A PNG picture of the guest's screen.
+    async fn screenshot(&self, _vm: &VmRef) -> DriverResult<Vec<u8>> {
+        Err(DriverError::NotSupported {
+            driver: self.kind(),
+            operation: "screenshots",
+        })
+    }
 }
 
 /// One hypervisor host as configured (`[[host]]`).
@@ -239,6 +286,11 @@ pub struct HostConfig {
     pub name: String,
     /// Address the host uses to reach revive's NFS server (default: the NFS bind address, or 127.0.0.1).
     pub nfs_address: Option<String>,
+    /// Addresses the host's NFS client connects from: the export of a
+    /// snapshot clone recovered on this host admits only these (default:
+    /// the allowed_clients of the sessions' export).
+    #[serde(default)]
+    pub nfs_clients: Vec<std::net::IpAddr>,
     /// The driver and its settings.
     #[serde(flatten)]
     pub driver: DriverConfig,

@@ -21,6 +21,8 @@
 //! pages/<2 hex>/<64 hex>      index pages (format.rs), keyed by BLAKE3 of the page
 //! points/<id>.json            restore point manifests (manifest.rs)
 //! pins/<id>/<holder>          a live session reads restore point <id> (pins.rs)
+//! checks/<id>/boot.json       result of the last verification boot of <id>, and
+//! checks/<id>/boot.png        its console screenshot (boot_record.rs)
 //! lock                        local stores only: flock, shared by backups, exclusive for gc
 //! locks/exclusive.json        S3: gc's lease (store/lease.rs)
 //! locks/shared/<holder>.json  S3: a backup's or forget's lease
@@ -48,6 +50,7 @@
 
 mod backup;
 pub mod block_cache;
+mod boot_record;
 pub mod chunk;
 pub mod format;
 mod gc;
@@ -66,6 +69,7 @@ mod verify;
 
 pub use backup::{backup, BackupOptions};
 pub use block_cache::BlockCache;
+pub use boot_record::{BootRecord, BootVerdict};
 pub use chunk::ChunkId;
 pub use gc::{GcOptions, GcReport};
 pub use index::{IndexPage, PageId};
@@ -405,6 +409,7 @@ impl Repository {
                 holders: holders.join(", "),
             });
         }
+        self.drop_boot_record(id).await?;
         lock.release().await?;
         Ok(())
     }

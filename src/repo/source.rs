@@ -202,6 +202,17 @@ pub fn descriptor_extents(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// `memsize = "2048"` of a `.vmx` file: the VM's memory in MiB.
+pub fn vmx_memsize(vmx: &str) -> Option<u64> {
+    vmx.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        if !key.trim().eq_ignore_ascii_case("memsize") {
+            return None;
+        }
+        value.trim().trim_matches('"').parse().ok()
+    })
+}
+
 fn check_extents(descriptor: &Path, folder: &Path) -> Result<(), RepoError> {
     let text = fs::read_to_string(descriptor).map_err(source_err(descriptor))?;
     for extent in descriptor_extents(&text) {
@@ -224,6 +235,14 @@ mod tests {
 
     const DESCRIPTOR: &str = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\n\
         createType=\"vmfs\"\n\n# Extent description\nRW 524288 VMFS \"web01-flat.vmdk\"\n";
+
+    #[test]
+    fn memsize_is_read_from_vmx() {
+        let vmx = ".encoding = \"UTF-8\"\nmemSize = \"2048\"\nnumvcpus = \"2\"\n";
+        assert_eq!(vmx_memsize(vmx), Some(2048));
+        assert_eq!(vmx_memsize("numvcpus = \"2\"\n"), None);
+        assert_eq!(vmx_memsize("memsize = \"lots\"\n"), None);
+    }
 
     #[test]
     fn extents_are_parsed() {

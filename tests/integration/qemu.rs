@@ -14,10 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use revive::drivers::qemu::qmp::Qmp;
 use revive::drivers::qemu::{self, QemuConfig};
 use revive::drivers::{DatastoreSpec, Driver, MigrationStatus, VmRef};
-use serde_json::Value;
 
 use crate::support::client::run_tool;
 use crate::support::qemu::*;
@@ -88,19 +86,6 @@ fn driver(run_dir: &Path) -> Arc<dyn Driver> {
     let config: QemuConfig =
         toml::from_str(&format!("run_dir = {:?}\naccel = \"tcg\"", run_dir)).expect("config");
     qemu::build("kvm1", &config).expect("qemu driver")
-}
-
-/// The file a drive reads and writes now, from QMP `query-block`.
-async fn drive_file(qmp_socket: &Path) -> String {
-    let mut qmp = Qmp::connect(qmp_socket).await.expect("qmp");
-    let block = qmp.execute("query-block", None).await.expect("query-block");
-    block
-        .as_array()
-        .and_then(|a| a.iter().find(|b| b["device"] == "disk0"))
-        .and_then(|b| b.pointer("/inserted/file"))
-        .and_then(Value::as_str)
-        .expect("disk0 file")
-        .to_string()
 }
 
 const DONE: &str = "QEMU-DRIVER-CHECKS-PASSED";

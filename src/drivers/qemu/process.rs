@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::drivers::{DriverError, DriverResult};
+use crate::drivers::{DriverError, DriverResult, LabNetwork};
 
 /// How long a daemonizing QEMU may take to come up (it opens the NFS disk
 /// before the parent returns, which includes portmapper and MOUNT calls).
@@ -92,6 +92,9 @@ pub struct VmState {
     pub memory_mib: u64,
     /// Disks in boot order.
     pub disks: Vec<DiskState>,
+    /// A verification boot's isolated network and capturable screen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<LabNetwork>,
 }
 
 /// The `-drive` id of disk `index`: the block backend name QMP commands use.
@@ -168,8 +171,32 @@ pub fn qemu_args(state: &VmState, paths: &VmPaths, launch: &Launch<'_>) -> Vec<S
             drive_id(i)
         ));
     }
+    if let Some(lab) = &state.lab {
+        args.extend(lab_args(lab));
+    }
     args.extend(launch.extra_args.iter().cloned());
     args
+}
+
+/// A lab guest's screen (for `screendump`) and its one NIC, on a user-mode
+/// network with `restrict=on`: the guest reaches nothing, not even the
+/// host; only the explicit forwards reach in, from 127.0.0.1.
+fn lab_args(lab: &LabNetwork) -> Vec<String> {
+    let mut netdev = String::from("user,id=lab0,restrict=on");
+    for f in &lab.forwards {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{}-:{}",
+            f.host_port, f.guest_port
+        ));
+    }
+    vec![
+        "-device".into(),
+        "VGA".into(),
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        "virtio-net-pci,netdev=lab0".into(),
+    ]
 }
 
 /// Starts QEMU daemonized. QEMU's parent process returns once the VM is
@@ -288,6 +315,7 @@ mod tests {
                     size: 1 << 20,
                 },
             ],
+            lab: None,
         }
     }
 

@@ -30,21 +30,25 @@ fn vm(memory: Option<u64>) -> VmSpec {
                 size: 200,
                 disk: false,
                 url: None,
+                location: None,
             },
             VmFile {
                 name: "tiny.vmdk".into(),
                 size: 200,
                 disk: false,
                 url: None,
+                location: None,
             },
             VmFile {
                 name: "tiny-flat.vmdk".into(),
                 size: 64 << 20,
                 disk: true,
                 url: None,
+                location: None,
             },
         ],
         memory_mib: memory,
+        lab: None,
     }
 }
 

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod btrfs;
+pub mod ceph;
 pub mod client;
 pub mod iscsi;
 pub mod memfs;

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use revive::drivers::qemu::qmp::Qmp;
 use revive::drivers::{VmFile, VmSpec};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{have_tool, qemu_has_nfs, skip_missing_peer};
@@ -79,6 +81,7 @@ pub fn vm_spec(vm_dir: &Path, name: &str, folder: &str, memory_mib: Option<u64>)
                 size: e.metadata().expect("metadata").len(),
                 name,
                 url: None,
+                location: None,
             }
         })
         .collect();
@@ -89,6 +92,7 @@ pub fn vm_spec(vm_dir: &Path, name: &str, folder: &str, memory_mib: Option<u64>)
         folder: folder.into(),
         files,
         memory_mib,
+        lab: None,
     }
 }
 
@@ -191,4 +195,17 @@ pub async fn rerun_isolated(test: &str, done: &str, timeout: Duration) {
     .await;
     // Pass the inner run's report lines (benchmark figures) on.
     print!("{stdout}");
+}
+
+/// The file a drive reads and writes now, from QMP `query-block`.
+pub async fn drive_file(qmp_socket: &Path) -> String {
+    let mut qmp = Qmp::connect(qmp_socket).await.expect("qmp");
+    let block = qmp.execute("query-block", None).await.expect("query-block");
+    block
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["device"] == "disk0"))
+        .and_then(|b| b.pointer("/inserted/file"))
+        .and_then(Value::as_str)
+        .expect("disk0 file")
+        .to_string()
 }

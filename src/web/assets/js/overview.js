@@ -10,6 +10,7 @@ function tile(label, value, id) {
 }
 
 function verifyText(p) {
+  if (p.boot) return 'boot ' + p.boot.verdict;
   return p.verify === null || p.verify === undefined ? 'not recorded' : p.verify;
 }
 
@@ -22,7 +23,7 @@ function pointRow(p, ctx) {
     cell('Size', bytes(p.size)),
     cell('New', bytes(p.bytes_new)),
     cell('Stored', bytes(p.bytes_stored)),
-    cell('Verified', h('span', { class: p.verify ? 'badge' : 'muted' }, verifyText(p))),
+    cell('Verified', h('span', { class: p.verify || p.boot ? 'badge' : 'muted' }, verifyText(p))),
     cell('Published', published || h('span', { class: 'muted' }, '—')),
     h('td', { class: 'row-action' }, h('button', {
       type: 'button', class: 'quiet', 'data-action': 'recover',
