@@ -16,6 +16,14 @@
 #                                                 into /usr/local/bin
 #   golang-go + golang-github-vmware-govmomi-dev  vcsim, built by scripts/build-vcsim.sh
 #                                               (tests/integration/vsphere.rs; VCSIM=<binary>)
+#   libnbd-bin        nbdinfo, nbdcopy, nbdfuse  (tests/integration/nbd.rs)
+#   fuse3, e2fsprogs  fusermount3, mkfs.ext4     (nbdfuse + loop mount of an ext4 image)
+#   nbdkit, fio       reference NBD server and fio's nbd engine (scripts/bench-block.sh)
+#   libiscsi-bin      iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-perf
+#                                               (tests/integration/iscsi.rs); QEMU's iscsi
+#                                               driver is in qemu-block-extra (above)
+#   tgt               tgtd, the reference iSCSI target (conformance comparison,
+#                                               scripts/bench-iscsi.sh)
 #   chromium, chromium-driver, fonts-dejavu-core  headless browser for the web console
 #                                               (tests/integration/web.rs), driven by
 #   selenium          (pip, in /opt/revive-venv)  Selenium through Debian's chromedriver
@@ -34,6 +42,10 @@ export DEBIAN_FRONTEND=noninteractive
 
 have() { command -v "$1" >/dev/null 2>&1; }
 qemu_nfs() { have qemu-img && qemu-img --help 2>/dev/null | grep -qw nfs; }
+nbd_tools() { have nbdinfo && have nbdcopy && have nbdfuse && have nbdkit && have fio \
+    && have fusermount3 && have mkfs.ext4; }
+iscsi_tools() { have iscsi-test-cu && have iscsi-inq && have iscsi-ls && have iscsi-readcapacity16 \
+    && have tgtd && have tgtadm && have qemu-storage-daemon; }
 boot_tools() { have busybox && have syslinux && have mcopy && have mkfs.fat && have cpio \
     && dpkg -s busybox-static >/dev/null 2>&1; }
 
@@ -85,8 +97,8 @@ HERE=$(dirname "$0")
 snapshot_tools() { have mkfs.btrfs && have btrfs && have ceph-mon && have ceph-osd && have rbd; }
 
 if have nfs-ls && have nfs-cat && have nfs-cp && qemu_nfs && have unshare && have ip && have python3 \
-    && have moto_server && have qemu-system-x86_64 && boot_tools && browser && have_selenium && have_pg \
-    && snapshot_tools; then
+    && have moto_server && have qemu-system-x86_64 && boot_tools && nbd_tools && iscsi_tools && browser \
+    && have_selenium && have_pg && snapshot_tools; then
     "$HERE/build-boot-image.sh" >/dev/null
     echo "install-test-deps: everything already installed"
     exit 0
@@ -95,6 +107,8 @@ fi
 apt-get update
 apt-get install -y --no-install-recommends libnfs-utils util-linux iproute2 python3 python3-venv
 apt-get install -y --no-install-recommends busybox-static syslinux syslinux-common mtools dosfstools cpio
+apt-get install -y --no-install-recommends libnbd-bin nbdkit fio fuse3 e2fsprogs
+apt-get install -y --no-install-recommends libiscsi-bin tgt
 apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core
 apt-get install -y --no-install-recommends btrfs-progs ceph-mon ceph-osd ceph-common
 if ! qemu_nfs || ! have qemu-system-x86_64; then

@@ -60,6 +60,13 @@ pub struct Config {
     /// Hypervisor hosts sessions can run VMs on (`[[host]]`).
     #[serde(rename = "host")]
     pub hosts: Vec<HostConfig>,
+    /// Presented files served as disks (`[[block_export]]`).
+    #[serde(rename = "block_export")]
+    pub block_exports: Vec<crate::block::BlockExportConfig>,
+    /// The NBD server (`[nbd]`).
+    pub nbd: crate::block::NbdSection,
+    /// The iSCSI target (`[iscsi]`).
+    pub iscsi: crate::block::IscsiSection,
     /// Storage systems whose snapshots VMs can be recovered from (`[[snapshot_source]]`).
     #[serde(rename = "snapshot_source")]
     pub snapshot_sources: Vec<SnapshotSourceConfig>,
@@ -407,6 +414,9 @@ mod tests {
             config.hosts[0].driver,
             crate::drivers::DriverConfig::None(Default::default())
         );
+        assert_eq!(config.nbd, crate::block::NbdSection::default());
+        assert_eq!(config.iscsi, crate::block::IscsiSection::default());
+        assert!(config.block_exports.is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Prometheus text exposition of revive's counters: NFS calls and latency,
 //! block cache hits and fetches, publications, write caches, sessions and
-//! migrations.
+//! migrations, block exports.
 //!
 //! [`render`] writes one family after another; each family is a small
 //! function over an [`Exposition`], which owns the text format (HELP and
@@ -74,6 +74,7 @@ pub async fn render(nfs: &NfsMetrics, datastore: &Datastore, controller: &Contro
     publications(&mut e, datastore).await;
     write_caches(&mut e, datastore).await;
     sessions(&mut e, controller);
+    block_exports(&mut e, controller);
     snapshot_clones(&mut e, controller).await;
     e.out
 }
@@ -301,6 +302,66 @@ fn sessions(e: &mut Exposition, controller: &Controller) {
     );
     for (state, n) in controller.state_counts() {
         e.sample("revive_sessions", &[("state", state.as_str())], n);
+    }
+}
+
+/// Per block export: bytes, requests, errors, connections.
+fn block_exports(e: &mut Exposition, controller: &Controller) {
+    let exports = controller.block_exports().all();
+    type Pick = fn(&crate::block::BlockMetrics) -> &AtomicU64;
+    let families: [(&str, &str, &str, Pick); 7] = [
+        (
+            "revive_block_read_bytes_total",
+            "counter",
+            "Bytes block clients read.",
+            |m| &m.bytes_read,
+        ),
+        (
+            "revive_block_written_bytes_total",
+            "counter",
+            "Bytes block clients wrote (into write caches).",
+            |m| &m.bytes_written,
+        ),
+        (
+            "revive_block_requests_total",
+            "counter",
+            "Block requests answered.",
+            |m| &m.requests,
+        ),
+        (
+            "revive_block_errors_total",
+            "counter",
+            "Block requests answered with an error.",
+            |m| &m.errors,
+        ),
+        (
+            "revive_block_connections_total",
+            "counter",
+            "Connections that chose the export.",
+            |m| &m.connections,
+        ),
+        (
+            "revive_block_connections_open",
+            "gauge",
+            "Connections serving the export now.",
+            |m| &m.connections_open,
+        ),
+        (
+            "revive_block_refused_total",
+            "counter",
+            "Clients refused by the export's allow-list.",
+            |m| &m.refused,
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        e.family(name, kind, help);
+        for x in &exports {
+            e.sample(
+                name,
+                &[("export", &x.name), ("protocol", x.protocol.as_str())],
+                load(pick(&x.metrics)),
+            );
+        }
     }
 }
 

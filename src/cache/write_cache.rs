@@ -228,6 +228,25 @@ impl WriteCache {
         self.shared.lock().bitmap.get(block)
     }
 
+    /// Byte ranges of `[offset, offset + len)` whose blocks are present in
+    /// the cache (written, punched or copied on write), clipped to the range
+    /// and to the logical size, merged and in order. For block status
+    /// queries: present bytes are served from the cache, never the base.
+    pub fn present_ranges(&self, offset: u64, len: u64) -> Vec<std::ops::Range<u64>> {
+        let bs = self.shared.block_size;
+        let inner = self.shared.lock();
+        let end = offset.saturating_add(len).min(inner.header.logical_size);
+        if offset >= end {
+            return Vec::new();
+        }
+        inner
+            .bitmap
+            .runs(offset / bs, end.div_ceil(bs))
+            .into_iter()
+            .map(|r| (r.start * bs).max(offset)..(r.end * bs).min(end))
+            .collect()
+    }
+
     /// Splits `[offset, offset + len)` into cached bytes, base ranges and
     /// zeros, truncated at the logical size. Adjacent pieces of one kind are
     /// merged.

@@ -175,7 +175,7 @@ pub enum Command {
         /// Restore point: full id, unique prefix, or VM@latest.
         point: String,
     },
-    /// Serve the NFSv3 datastore: published restore points as VM folders.
+    /// Serve the NFSv3 datastore (published restore points as VM folders) and block exports (NBD).
     Serve {
         /// Configuration file (default: $REVIVE_CONFIG, else built-in defaults).
         #[arg(long, env = revive::config::CONFIG_ENV, value_name = "FILE")]
@@ -210,6 +210,15 @@ pub enum Command {
         /// Power the VM on once registered.
         #[arg(long)]
         power_on: bool,
+        /// vm: the VM folder on the NFS datastore; block: a disk as a block export (NBD or iSCSI).
+        #[arg(long, value_enum, default_value = "vm")]
+        kind: KindArg,
+        /// Disk file to export with --kind block (default: the only disk).
+        #[arg(long, value_name = "FILE")]
+        disk: Option<String>,
+        /// Protocol of the block export with --kind block (default: nbd).
+        #[arg(long, value_enum)]
+        protocol: Option<ProtocolArg>,
         /// Wait until the sessions run (or need attention).
         #[arg(long)]
         wait: bool,
@@ -309,6 +318,42 @@ impl Command {
         match self {
             Command::Serve { .. } => "info",
             _ => "warn",
+        }
+    }
+}
+
+/// `--kind` of `revive recover`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KindArg {
+    /// The VM folder on the NFS datastore, registered with the host.
+    Vm,
+    /// One disk served as a block export (NBD or iSCSI); a QEMU host boots it from nbd:// or iscsi://.
+    Block,
+}
+
+/// `--protocol` of `revive recover --kind block`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProtocolArg {
+    /// NBD (`[nbd]`).
+    Nbd,
+    /// iSCSI (`[iscsi]`): one target per export, the disk as LUN 0.
+    Iscsi,
+}
+
+impl From<ProtocolArg> for revive::block::BlockProtocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Nbd => revive::block::BlockProtocol::Nbd,
+            ProtocolArg::Iscsi => revive::block::BlockProtocol::Iscsi,
+        }
+    }
+}
+
+impl From<KindArg> for revive::controller::RecoveryKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Vm => revive::controller::RecoveryKind::Vm,
+            KindArg::Block => revive::controller::RecoveryKind::Block,
         }
     }
 }
@@ -453,6 +498,9 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             cache,
             name,
             power_on,
+            kind,
+            disk,
+            protocol,
             wait,
             json,
         } => {
@@ -464,6 +512,9 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
                 cache,
                 name,
                 power_on,
+                kind: kind.into(),
+                disk,
+                protocol: protocol.map(Into::into),
                 lab: None,
             };
             sessions::recover(&api, req, wait, json).await

@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use revive::api::ApiState;
+use revive::block::iscsi::{ExportTargets, IscsiServer};
+use revive::block::nbd::NbdServer;
+use revive::block::{BlockExports, BlockProtocol};
 use revive::config::Config;
 use revive::controller::Controller;
 use revive::datastore::passthrough::Passthrough;
@@ -107,6 +110,31 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
             })?,
     );
     publish_configured(&datastore, &config).await?;
+    let blocks = BlockExports::new();
+    // Bound (and recorded in the registry) before sessions resume: a block
+    // session's steps need to know where NBD and iSCSI are served.
+    let nbd_listener = if config.nbd.serves(&config.block_exports) {
+        let listener = tokio::net::TcpListener::bind((config.nbd.bind, config.nbd.port))
+            .await
+            .with_context(|| format!("bind NBD port {}:{}", config.nbd.bind, config.nbd.port))?;
+        blocks.set_listening(BlockProtocol::Nbd, listener.local_addr()?);
+        Some(listener)
+    } else {
+        None
+    };
+    let iscsi_listener = if config.iscsi.serves(&config.block_exports) {
+        let (bind, port) = (config.iscsi.bind, config.iscsi.port);
+        let listener = tokio::net::TcpListener::bind((bind, port))
+            .await
+            .with_context(|| format!("bind iSCSI port {bind}:{port}"))?;
+        blocks.set_listening(BlockProtocol::Iscsi, listener.local_addr()?);
+        Some(listener)
+    } else {
+        None
+    };
+    export_blocks(&datastore, &blocks, &config).await?;
+    let iscsi_port = blocks.listening(BlockProtocol::Iscsi).map(|a| a.port());
+    let nbd_port = blocks.listening(BlockProtocol::Nbd).map(|a| a.port());
     // Snapshot clones are served beside the repository's exports.
     let passthrough = Arc::new(Passthrough::open(&config.datastore.state_dir).with_context(
         || {
@@ -120,10 +148,14 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
         &config.snapshot_sources,
         Some(passthrough.clone()),
     ));
-    let controller =
-        Controller::start_with_snapshots(config.controller_config(), datastore.clone(), snapshots)
-            .await
-            .context("start the session controller")?;
+    let controller = Controller::start_full(
+        config.controller_config(),
+        datastore.clone(),
+        blocks.clone(),
+        snapshots,
+    )
+    .await
+    .context("start the session controller")?;
     let bind = config.nfs_bind();
     let listeners = NfsListeners::bind(&bind)
         .await
@@ -175,6 +207,9 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
             "portmap_port": ports.portmap_tcp,
             "api_port": api_port,
             "exports": datastore.exports().iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
+            "nbd_port": nbd_port,
+            "iscsi_port": iscsi_port,
+            "block_exports": blocks.all().iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
         })
     )?;
     out.flush()?;
@@ -182,10 +217,14 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
     // restore point can be published without restarting the datastore.
     if let (Some(path), Some(mut hup)) = (config_path.clone(), hangup) {
         let datastore = datastore.clone();
+        let blocks = blocks.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 let result = match Config::load(&path) {
-                    Ok(config) => publish_configured(&datastore, &config).await,
+                    Ok(config) => match publish_configured(&datastore, &config).await {
+                        Ok(()) => export_blocks(&datastore, &blocks, &config).await,
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e.into()),
                 };
                 match result {
@@ -199,7 +238,20 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let nbd = nbd_listener
+        .map(|listener| tokio::spawn(NbdServer::new(blocks.clone()).serve(listener, stopped())));
+    let iscsi = iscsi_listener.map(|listener| {
+        let targets = ExportTargets::new(blocks.clone());
+        tokio::spawn(IscsiServer::new(targets).serve(listener, stopped()))
+    });
     server.serve(listeners, stopped()).await?;
+    if let Some(nbd) = nbd {
+        // Block clients' requests in flight are answered before the flush.
+        nbd.await.context("NBD server task")??;
+    }
+    if let Some(iscsi) = iscsi {
+        iscsi.await.context("iSCSI server task")??;
+    }
     // UNSTABLE writes not yet committed by a client are made durable on a
     // clean stop: libnfs clients (QEMU, fio) do not resend them.
     datastore
@@ -227,6 +279,35 @@ async fn publish_configured(datastore: &Datastore, config: &Config) -> anyhow::R
             .publish(&export, &p.name, &p.point, p.cache.clone())
             .await
             .with_context(|| format!("publish '{}' ({}) in export '{export}'", p.name, p.point))?;
+    }
+    Ok(())
+}
+
+/// Creates every configured block export not served yet (SIGHUP adds new
+/// ones). The protocol servers start with the process: an export added on
+/// SIGHUP for a protocol not served since start waits for a restart.
+async fn export_blocks(
+    datastore: &Arc<Datastore>,
+    blocks: &BlockExports,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let default_export = datastore
+        .exports()
+        .first()
+        .map(|e| e.path.clone())
+        .context("no export configured")?;
+    revive::block::setup::export_configured(
+        datastore,
+        blocks,
+        &config.block_exports,
+        &default_export,
+    )
+    .await?;
+    for e in &config.block_exports {
+        let protocol = e.protocol.protocol();
+        if blocks.listening(protocol).is_none() {
+            tracing::warn!(export = %e.name, %protocol, "block export not served: its protocol's server was not started; restart revive serve");
+        }
     }
     Ok(())
 }

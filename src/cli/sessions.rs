@@ -133,6 +133,9 @@ pub async fn recover(
                 "session {} - VM {} as '{}' on host {}: {}",
                 s.session.id, s.session.vm, s.session.name, s.session.host, s.session.state
             );
+            if let Some(url) = s.session.block.as_ref().and_then(|b| b.url.as_ref()) {
+                println!("  disk served at {url}");
+            }
         }
     }
     Ok(settled(&sessions, wait, SessionState::Running))
@@ -211,6 +214,14 @@ pub async fn show(api: &ApiArgs, id: &str, json: bool) -> anyhow::Result<Outcome
         x.host, x.driver, x.datastore.name, x.datastore.remote_host, x.datastore.remote_path
     );
     println!("state     {}", state_text(&s));
+    if let Some(b) = &x.block {
+        println!(
+            "block     {} over {}: {}",
+            b.disk.as_deref().unwrap_or("(the only disk)"),
+            b.protocol,
+            b.url.as_deref().unwrap_or("not exported yet")
+        );
+    }
     if let Some(at) = x.retries.next_at {
         println!("next try  {at}");
     }

@@ -19,6 +19,7 @@
 //!   runs from a writable clone of it, shared by every VM recovered from
 //!   that snapshot and destroyed with its last user (`clones`).
 
+mod block;
 pub mod boot_signals;
 pub mod clones;
 mod copy;
@@ -42,11 +43,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+pub use block::{BlockTarget, RecoveryKind};
 pub use error::ControllerError;
 pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
 pub use verify_boot::{BootItem, BootJobView, BootPhase, VerifyBootConfig, VerifyBootRequest};
 
+use crate::block::{BlockExports, BlockProtocol};
 use crate::datastore::Datastore;
 use crate::drivers::{
     self, DatastoreSpec, Driver, DriverConfig, HostConfig, LabNetwork, NoneConfig,
@@ -108,6 +111,15 @@ pub struct RecoverRequest {
     /// Power the VMs on once registered.
     #[serde(default)]
     pub power_on: bool,
+    /// A VM folder on the NFS datastore (default) or a disk as a block export.
+    #[serde(default)]
+    pub kind: RecoveryKind,
+    /// Disk to export (`kind` block; default: the only disk).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Protocol of the block export (`kind` block; default nbd).
+    #[serde(default)]
+    pub protocol: Option<BlockProtocol>,
     /// Boot on an isolated lab network (verification boots); single VM only.
     #[serde(default)]
     pub lab: Option<LabNetwork>,
@@ -170,6 +182,8 @@ impl SessionHandle {
 struct Inner {
     config: ControllerConfig,
     datastore: Arc<Datastore>,
+    /// Block exports being served (block sessions add theirs).
+    blocks: Arc<BlockExports>,
     store: SessionStore,
     drivers: HashMap<String, Result<Arc<dyn Driver>, String>>,
     sessions: DashMap<String, Arc<SessionHandle>>,
@@ -193,12 +207,30 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Loads every session record and resumes the unfinished ones.
+    /// Loads every session record and resumes the unfinished ones, without
+    /// a block export server (block sessions fail validation).
     pub async fn start(
         config: ControllerConfig,
         datastore: Arc<Datastore>,
     ) -> Result<Controller, ControllerError> {
-        Self::start_with_snapshots(config, datastore, Arc::new(SnapshotSources::none())).await
+        Self::start_full(
+            config,
+            datastore,
+            BlockExports::new(),
+            Arc::new(SnapshotSources::none()),
+        )
+        .await
+    }
+
+    /// As [`Controller::start`], with the block exports `revive serve`
+    /// serves: block sessions add theirs there, and those of sessions
+    /// already exported are re-created now.
+    pub async fn start_with(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        blocks: Arc<BlockExports>,
+    ) -> Result<Controller, ControllerError> {
+        Self::start_full(config, datastore, blocks, Arc::new(SnapshotSources::none())).await
     }
 
     /// As [`Controller::start`], with storage snapshot sources: clones
@@ -207,6 +239,17 @@ impl Controller {
     pub async fn start_with_snapshots(
         config: ControllerConfig,
         datastore: Arc<Datastore>,
+        snapshots: Arc<SnapshotSources>,
+    ) -> Result<Controller, ControllerError> {
+        Self::start_full(config, datastore, BlockExports::new(), snapshots).await
+    }
+
+    /// As [`Controller::start`], with both the block exports and the
+    /// storage snapshot sources `revive serve` serves.
+    pub async fn start_full(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        blocks: Arc<BlockExports>,
         snapshots: Arc<SnapshotSources>,
     ) -> Result<Controller, ControllerError> {
         let store = SessionStore::open(&config.state_dir)?;
@@ -226,6 +269,7 @@ impl Controller {
         let inner = Arc::new(Inner {
             config,
             datastore,
+            blocks,
             store,
             drivers,
             sessions: DashMap::new(),
@@ -240,6 +284,7 @@ impl Controller {
         let mut resumed = Vec::new();
         let mut interrupted_boots = Vec::new();
         for session in controller.inner.store.load_all()? {
+            block::restore(&controller.inner, &session).await;
             let resume = !session.state.is_terminal();
             let handle = controller.adopt(session, false);
             if resume {
@@ -289,6 +334,11 @@ impl Controller {
         &self.inner.metrics
     }
 
+    /// The block exports being served (for `/metrics`).
+    pub fn block_exports(&self) -> &Arc<BlockExports> {
+        &self.inner.blocks
+    }
+
     /// Number of sessions in each state.
     pub fn state_counts(&self) -> Vec<(SessionState, u64)> {
         let mut counts: HashMap<SessionState, u64> = HashMap::new();
@@ -327,6 +377,22 @@ impl Controller {
         {
             return Err(ControllerError::BadRequest(
                 "--name and --point apply to a single VM; recover several VMs from their latest points (or from one --point snap:SOURCE/SNAPSHOT) without them".into(),
+            ));
+        }
+        if req.kind != RecoveryKind::Block && (req.disk.is_some() || req.protocol.is_some()) {
+            return Err(ControllerError::BadRequest(
+                "--disk and --protocol apply to --kind block".into(),
+            ));
+        }
+        if vms.len() > 1 && req.disk.is_some() {
+            return Err(ControllerError::BadRequest(
+                "--disk applies to a single VM".into(),
+            ));
+        }
+        if snapshot.is_some() && req.kind == RecoveryKind::Block {
+            return Err(ControllerError::BadRequest(
+                "--kind block serves a disk of a backup restore point, not of a storage snapshot"
+                    .into(),
             ));
         }
         if let Some(point) = snapshot {
@@ -383,6 +449,13 @@ impl Controller {
                 .unwrap_or_else(|| self.inner.config.cache_root.clone())
                 .join(&name);
             let now = Utc::now();
+            let block = (req.kind == RecoveryKind::Block).then(|| {
+                BlockTarget::new(
+                    &name,
+                    req.disk.clone(),
+                    req.protocol.unwrap_or(BlockProtocol::Nbd),
+                )
+            });
             let session = Session {
                 id: new_id(),
                 request: request.clone(),
@@ -406,6 +479,7 @@ impl Controller {
                 vm_ref: None,
                 vm_spec: None,
                 datastore_attached: false,
+                block,
                 migration: None,
                 lab: req.lab.clone(),
                 created: now,

@@ -212,7 +212,10 @@ async fn run_step(
         SessionState::Publishing if snapshot_steps::is_snapshot(session) => {
             snapshot_steps::publish(inner, handle, session).await
         }
-        SessionState::Publishing => publish(inner, session).await,
+        SessionState::Publishing => publish(inner, session)
+            .await
+            .map(|next| super::block::after_publish(session, next)),
+        SessionState::Exporting => super::block::export(inner, handle, session).await,
         SessionState::RegisteringDatastore => {
             let driver = driver?;
             let lock = host_lock(inner, &session.host);

@@ -105,6 +105,7 @@ pub(super) async fn validate(
                 size: f.size,
                 disk: f.disk,
                 location: None,
+                url: None,
             })
             .collect(),
         memory_mib: vm.memory_mib,

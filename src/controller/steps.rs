@@ -108,6 +108,7 @@ pub(super) async fn validate(
             name: f.name.clone(),
             size: f.size,
             disk: f.kind.is_disk(),
+            url: None,
             location: None,
         });
         if f.name.ends_with(".vmx") && f.size <= 1 << 20 {
@@ -116,7 +117,7 @@ pub(super) async fn validate(
             memory_mib = vmx_memsize(&String::from_utf8_lossy(&text));
         }
     }
-    let spec = VmSpec {
+    let mut spec = VmSpec {
         name: session.name.clone(),
         source_vm: session.vm.clone(),
         folder: session.name.clone(),
@@ -124,6 +125,7 @@ pub(super) async fn validate(
         memory_mib,
         lab: session.lab.clone(),
     };
+    let block_disk = super::block::validate(inner, session, &mut spec)?;
     match driver.validate(&spec).await {
         Ok(_) => {}
         Err(e) if e.is_transient() => return Err(e.into()),
@@ -138,6 +140,7 @@ pub(super) async fn validate(
     update(inner, handle, |s| {
         s.point = point_id;
         s.vm_spec = Some(spec);
+        super::block::set_disk(s, block_disk);
         Ok(())
     })
     .await?;
@@ -309,6 +312,8 @@ pub(super) async fn switch_over(
     if let Some(vm) = &session.vm_ref {
         driver.power_off(vm).await?;
     }
+    // No block client may write once the last ranges are copied.
+    super::block::unexport(inner, handle, session).await?;
     let folder = copy::final_pass(inner, handle, session, &migration).await?;
     if let Some(vm) = &session.vm_ref {
         driver.unregister_vm(vm).await?;
@@ -347,6 +352,7 @@ pub(super) async fn release(
             .await?;
         }
     }
+    super::block::unexport(inner, handle, session).await?;
     match inner
         .datastore
         .unpublish(&session.export, &session.name)

@@ -22,6 +22,7 @@
 //! ```
 
 mod cache_dirs;
+mod extents;
 mod io;
 pub mod namespace;
 mod nslog;
@@ -48,6 +49,7 @@ use tracing::{info, warn};
 use crate::cache::{SessionCache, WriteCache};
 use crate::repo::{BlockCache, FileReader, Repository};
 pub use cache_dirs::CACHE_MARKER;
+pub use extents::FileExtent;
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
 pub use surface::{FileAt, FileOps, NameAt};

@@ -1,6 +1,7 @@
 //! [`FileOps`] on the datastore: the namespace operations (attributes,
 //! lookup, create, remove, rename, listing, space figures) here, the data
-//! operations (read, write, commit) in `io.rs`. Every change is saved
+//! operations (read, write, commit) here over `io.rs`'s file state, extents
+//! and punch in `extents.rs`. Every change is saved
 //! before it returns.
 
 use std::sync::atomic::Ordering;
@@ -14,6 +15,7 @@ use crate::cache::NoBase;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::extents::FileExtent;
 use super::surface::{FileAt, FileOps, NameAt};
 use super::{
     Attr, CreateMode, Datastore, DatastoreError, DirEntry, DirPage, DsResult, Export, ExportId,
@@ -462,6 +464,14 @@ impl FileOps for Datastore {
             cache.commit().await.map_err(cache_err)?;
         }
         Ok(())
+    }
+
+    async fn extents(&self, at: FileAt, offset: u64, len: u64) -> DsResult<Vec<FileExtent>> {
+        self.file_extents(at, offset, len).await
+    }
+
+    async fn punch(&self, at: FileAt, offset: u64, len: u64) -> DsResult<()> {
+        self.punch_range(at, offset, len).await
     }
 
     /// The real size and free space of where this export's writes

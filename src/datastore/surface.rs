@@ -18,6 +18,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::extents::FileExtent;
 use super::types::{
     Attr, CreateMode, DatastoreError, DirPage, DsResult, Export, ExportId, FileId, FsStat,
     ReadReply, SetAttr, Stability, WriteReply,
@@ -130,6 +131,20 @@ pub trait FileOps: Send + Sync + 'static {
 
     /// Creates a hard link to `file` (revive's datastore has none).
     async fn link(&self, _file: FileAt, _at: &NameAt) -> DsResult<Attr> {
+        Err(DatastoreError::NotSupported)
+    }
+
+    /// What `[offset, offset + len)` of a file holds (NBD BLOCK_STATUS,
+    /// SCSI GET LBA STATUS): consecutive extents from `offset`, covering at
+    /// least its first byte and at most the range (ask again from where a
+    /// long answer stops). Beyond the end of the file reads as zeros.
+    async fn extents(&self, _at: FileAt, _offset: u64, _len: u64) -> DsResult<Vec<FileExtent>> {
+        Err(DatastoreError::NotSupported)
+    }
+
+    /// Makes `[offset, offset + len)` of a file read as zeros, freeing what
+    /// it can (NBD TRIM and WRITE_ZEROES, SCSI UNMAP); durable on return.
+    async fn punch(&self, _at: FileAt, _offset: u64, _len: u64) -> DsResult<()> {
         Err(DatastoreError::NotSupported)
     }
 }

@@ -44,7 +44,7 @@ impl Datastore {
         let size = base.size();
         let mut data = vec![0u64; count.div_ceil(64) as usize];
         let mut total = 0;
-        for (index, hole) in base.holes().await?.into_iter().enumerate() {
+        for (index, hole) in base.holes(0..count).await?.into_iter().enumerate() {
             let index = index as u64;
             if !hole {
                 data[(index / 64) as usize] |= 1 << (index % 64);

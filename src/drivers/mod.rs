@@ -118,6 +118,10 @@ pub struct VmFile {
     pub size: u64,
     /// A virtual disk (flat extent or raw image) rather than a small file.
     pub disk: bool,
+    /// Where the hypervisor opens this disk instead of the datastore
+    /// folder: the block export of a block session (`nbd://HOST:PORT/NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Where the hypervisor opens this disk itself instead of in the VM's
     /// folder on the datastore: a block image such as `rbd:POOL/IMAGE`
     /// (a clone of a Ceph snapshot). `None`: in the folder.

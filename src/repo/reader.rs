@@ -139,25 +139,46 @@ impl FileReader {
         }
     }
 
-    /// Whether each chunk of the file, in order, is a hole (all zeros):
-    /// every index page of the file, most already cached. For `used`.
+    /// For chunks `chunks` (clipped to the file), whether each is a hole
+    /// (an all-zero chunk the backup did not store), in order. Reads each
+    /// index page once, never a chunk: what block status queries and
+    /// `used` need.
     ///
     /// # Errors
-    /// An index page could not be read.
-    pub async fn holes(&self) -> Result<Vec<bool>, RepoError> {
-        let count = self.chunk_count() as usize;
-        let mut holes = Vec::with_capacity(count);
-        match &self.index {
-            ChunkIndex::Inline(chunks) => holes.extend(chunks.iter().map(ChunkId::is_hole)),
-            ChunkIndex::Pages(pages) => {
-                for page_id in pages {
-                    let page = self.repo.page(page_id).await?;
-                    holes.extend(page.entries.iter().map(ChunkId::is_hole));
+    /// A page that cannot be read or does not cover a chunk it should.
+    pub async fn holes(&self, chunks: std::ops::Range<u64>) -> Result<Vec<bool>, RepoError> {
+        let end = chunks.end.min(self.chunk_count());
+        let mut out = Vec::with_capacity(end.saturating_sub(chunks.start) as usize);
+        let mut index = chunks.start;
+        let corrupt = |index: u64| RepoError::CorruptObject {
+            key: format!("index of '{}'", self.path),
+            reason: format!("no entry for chunk {index}"),
+        };
+        let pages = match &self.index {
+            ChunkIndex::Inline(ids) => {
+                for i in index..end {
+                    out.push(ids.get(i as usize).ok_or_else(|| corrupt(i))?.is_hole());
                 }
+                return Ok(out);
             }
+            ChunkIndex::Pages(pages) => pages,
+        };
+        while index < end {
+            let (page_no, slot) = locate(index);
+            let page_id = pages.get(page_no).ok_or_else(|| corrupt(index))?;
+            let page = self.repo.page(page_id).await?;
+            let take = (page.entries.len().saturating_sub(slot) as u64).min(end - index);
+            if take == 0 {
+                return Err(corrupt(index));
+            }
+            out.extend(
+                page.entries[slot..slot + take as usize]
+                    .iter()
+                    .map(ChunkId::is_hole),
+            );
+            index += take;
         }
-        holes.truncate(count);
-        Ok(holes)
+        Ok(out)
     }
 
     /// Plain bytes of chunk number `index`, verified; zeros for a hole.

@@ -4,6 +4,8 @@
 
 mod datastore;
 mod hardening;
+mod iscsi;
+mod nbd;
 mod nfs_proto;
 mod qemu;
 mod repo_cli;

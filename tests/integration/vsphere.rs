@@ -119,6 +119,7 @@ impl Fixture {
             name: n.into(),
             size: std::fs::metadata(self.vm.dir.join(n)).expect("stat").len(),
             disk,
+            url: None,
             location: None,
         };
         VmSpec {

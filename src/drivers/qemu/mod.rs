@@ -280,13 +280,18 @@ impl Driver for QemuDriver {
             .disks()
             .map(|d| DiskState {
                 name: d.name.clone(),
-                // A block image (a Ceph clone) is opened as itself.
-                location: d.location.clone().unwrap_or_else(|| {
-                    format!(
-                        "nfs://{}{}/{}/{}",
-                        datastore.remote_host, export, vm.folder, d.name
-                    )
-                }),
+                // A block session's disk is opened from its block export,
+                // a block image (a Ceph clone) as itself.
+                location: d
+                    .url
+                    .clone()
+                    .or_else(|| d.location.clone())
+                    .unwrap_or_else(|| {
+                        format!(
+                            "nfs://{}{}/{}/{}",
+                            datastore.remote_host, export, vm.folder, d.name
+                        )
+                    }),
                 format: process::format_for(&d.name).into(),
                 size: d.size,
             })

@@ -80,6 +80,7 @@ pub fn vm_spec(vm_dir: &Path, name: &str, folder: &str, memory_mib: Option<u64>)
                 disk: name.ends_with("-flat.vmdk") || name.ends_with(".img"),
                 size: e.metadata().expect("metadata").len(),
                 name,
+                url: None,
                 location: None,
             }
         })

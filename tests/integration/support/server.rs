@@ -61,6 +61,10 @@ pub struct ServerSpec {
     pub repository_extra: String,
     /// Body of `[repository.s3]`.
     pub s3_section: String,
+    /// Serve NBD (`[nbd]`) on a free loopback port.
+    pub nbd: bool,
+    /// Serve iSCSI (`[iscsi]`) on a free loopback port.
+    pub iscsi: bool,
     /// `RLIMIT_NOFILE` (soft, hard) the server process starts with.
     pub nofile: Option<(u64, u64)>,
     /// Extra TOML lines of `[nfs]` (connection limits, timeouts).
@@ -87,9 +91,18 @@ impl ServerSpec {
             env: Vec::new(),
             repository_extra: String::new(),
             s3_section: String::new(),
+            nbd: false,
+            iscsi: false,
             nofile: None,
             nfs_extra: String::new(),
         }
+    }
+
+    /// Serves iSCSI on a free loopback port (`[iscsi] enabled`), for block
+    /// exports and block sessions.
+    pub fn with_iscsi(mut self) -> Self {
+        self.iscsi = true;
+        self
     }
 
     /// Adds TOML lines to `[nfs]`.
@@ -103,6 +116,31 @@ impl ServerSpec {
     /// (`soft = hard` keeps it from raising its own limit).
     pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
         self.nofile = Some((soft, hard));
+        self
+    }
+
+    /// Serves NBD on a free loopback port (`[nbd] enabled`), for block
+    /// exports and block sessions.
+    pub fn with_nbd(mut self) -> Self {
+        self.nbd = true;
+        self
+    }
+
+    /// A `[[block_export]]` over NBD of `file` (default: the only disk) of
+    /// restore point `point`, for `allowed` clients; serves NBD.
+    pub fn block_export(
+        mut self,
+        name: &str,
+        point: &str,
+        file: Option<&str>,
+        allowed: &[&str],
+    ) -> Self {
+        self.nbd = true;
+        let file = file.map_or(String::new(), |f| format!("file = {f:?}\n"));
+        self.extra_toml += &format!(
+            "\n[[block_export]]\nname = {name:?}\npoint = {point:?}\n{file}protocol = \"nbd\"\n\
+             allowed_clients = {allowed:?}\n"
+        );
         self
     }
 
@@ -185,6 +223,10 @@ pub struct ReviveServer {
     pub portmap_port: Option<u16>,
     /// API port of the current boot, when the spec asks for the API.
     pub api_port: Option<u16>,
+    /// NBD port of the current boot, when NBD is served.
+    pub nbd_port: Option<u16>,
+    /// iSCSI port, when served.
+    pub iscsi_port: Option<u16>,
     /// Spawn to ports line, of the last boot.
     pub startup: Duration,
 }
@@ -207,6 +249,8 @@ impl ReviveServer {
             mount_port: 0,
             portmap_port: None,
             api_port: None,
+            nbd_port: None,
+            iscsi_port: None,
             startup: Duration::ZERO,
         };
         let ports = s.spec.ports;
@@ -266,6 +310,12 @@ impl ReviveServer {
         );
         if self.spec.api {
             text += &format!("\n[api]\nbind = \"127.0.0.1:0\"\ntoken = {API_TOKEN:?}\n");
+        }
+        if self.spec.nbd {
+            text += "\n[nbd]\nenabled = true\nbind = \"127.0.0.1\"\nport = 0\n";
+        }
+        if self.spec.iscsi {
+            text += "\n[iscsi]\nenabled = true\nbind = \"127.0.0.1\"\nport = 0\n";
         }
         for (path, allowed) in &self.spec.exports {
             text += &format!("\n[[export]]\npath = {path:?}\nallowed_clients = {allowed:?}\n");
@@ -357,8 +407,38 @@ impl ReviveServer {
         self.mount_port = port("mount_port").ok_or("no mount_port")?;
         self.portmap_port = port("portmap_port");
         self.api_port = port("api_port");
+        self.nbd_port = port("nbd_port");
+        self.iscsi_port = port("iscsi_port");
         self.child = Some(child);
         Ok(())
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME` of a block export of this boot.
+    pub fn nbd_url(&self, name: &str) -> String {
+        let port = self.nbd_port.expect("server started without NBD");
+        format!("nbd://127.0.0.1:{port}/{name}")
+    }
+
+    /// `iscsi://127.0.0.1:PORT/IQN/0`, LUN 0 of target `iqn` of this boot.
+    pub fn iscsi_url(&self, iqn: &str) -> String {
+        let port = self.iscsi_port.expect("server started without iSCSI");
+        format!("iscsi://127.0.0.1:{port}/{iqn}/0")
+    }
+
+    /// The API's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let port = self.api_port.expect("server started without the API");
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .error_for_status()
+            .expect("metrics status")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// `revive` with `--api` and `--token` of this server, for the session commands.
