@@ -30,6 +30,17 @@ pub(super) fn unix_nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
 }
 
+/// A time from nanoseconds since the Unix epoch (negative: before it).
+pub(super) fn time_of_nanos(ns: i64) -> std::time::SystemTime {
+    let epoch = std::time::UNIX_EPOCH;
+    let magnitude = std::time::Duration::from_nanos(ns.unsigned_abs());
+    if ns >= 0 {
+        epoch + magnitude
+    } else {
+        epoch - magnitude
+    }
+}
+
 /// The backup under a presented file, as the write cache reads it.
 pub(super) struct Base<'a>(pub(super) &'a FileReader);
 
@@ -95,6 +106,16 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
             DatastoreError::Jukebox
         }
         other => DatastoreError::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// Refuses data operations on what has no data: folders (EISDIR) and
+/// symlinks (EINVAL, as for `read(2)` on a link).
+pub(super) fn check_regular(node: &Node) -> DsResult<()> {
+    match node.content {
+        Content::Dir => Err(DatastoreError::IsDir),
+        Content::Symlink { .. } => Err(DatastoreError::Invalid),
+        Content::Presented { .. } | Content::New => Ok(()),
     }
 }
 
@@ -245,9 +266,7 @@ impl Datastore {
     ) -> DsResult<(Arc<ExportState>, Node, Arc<FileState>)> {
         let state = self.state(export)?.clone();
         let node = state.ns.read().await.get(id)?.clone();
-        if node.is_dir() {
-            return Err(DatastoreError::IsDir);
-        }
+        check_regular(&node)?;
         let st = self.file_state(&state, &node).await?;
         Ok((state, node, st))
     }
@@ -264,9 +283,7 @@ impl Datastore {
         {
             let ns = state.ns.read().await;
             let node = ns.get(id)?;
-            if node.is_dir() {
-                return Err(DatastoreError::IsDir);
-            }
+            check_regular(node)?;
             if let Some(st) = state.files.get(&id).map(|e| Arc::clone(e.value())) {
                 let size = st.size(node);
                 return Ok((st, size));

@@ -1,6 +1,8 @@
 //! `datastore`: the namespace a client sees. Exports, one folder per
-//! publication (a restore point presented as a VM folder), stable file ids,
-//! and the overlay of each file's write cache on its backup.
+//! publication (a restore point presented as a folder: a VM point's flat
+//! folder, or a tree point's folders, files and symlinks with the modes,
+//! owners and times the backup recorded), stable file ids, and the overlay
+//! of each file's write cache on its backup.
 //!
 //! # Rules
 //! - The repository is never written: every client write lands in the write
@@ -47,6 +49,7 @@ use tokio::sync::{OnceCell, RwLock};
 use tracing::{info, warn};
 
 use crate::cache::{SessionCache, WriteCache};
+use crate::repo::tree::{EntryContent, Tree, TreeEntry};
 use crate::repo::{BlockCache, FileReader, Repository};
 pub use cache_dirs::CACHE_MARKER;
 pub use extents::FileExtent;
@@ -240,24 +243,7 @@ impl Datastore {
             .pin(&point.id, &pin_holder(&export.info, name))
             .await
             .map_err(|e| DatastoreError::Io(std::io::Error::other(e.to_string())))?;
-        let template = Node::template(Content::Dir, 0o755, Some(name.to_string()));
-        let folder = ns.add(ROOT_ID, name, Content::Dir, &template)?;
-        for file in &point.files {
-            let content = Content::Presented {
-                file: file.name.clone(),
-                base_size: file.size,
-            };
-            let mode = if file.kind.is_disk() { 0o600 } else { 0o644 };
-            ns.add(
-                folder,
-                &file.name,
-                content,
-                &Node {
-                    mode,
-                    ..template.clone()
-                },
-            )?;
-        }
+        let folder = add_tree(&mut ns, name, &Tree::of(&point))?;
         ns.add_publication(Publication {
             name: name.to_string(),
             point: point.id.clone(),
@@ -393,5 +379,62 @@ fn load_export_records(config: &DatastoreConfig) -> DsResult<Vec<ExportRecord>> 
     Ok(records)
 }
 
+/// Adds a restore point's tree under the export root as folder `name`: its
+/// folders, files (read through to the backup) and symlinks, with the
+/// modes, owners and times the backup recorded. The folder gets the root
+/// entry's attributes. Folders' times are set last, since adding an entry
+/// touches its folder.
+fn add_tree(ns: &mut Namespace, name: &str, tree: &Tree) -> DsResult<FileId> {
+    let attrs = |e: &TreeEntry| {
+        let mtime = io::time_of_nanos(e.mtime_ns);
+        Node {
+            mode: e.mode & 0o7777,
+            uid: e.uid,
+            gid: e.gid,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            ..Node::template(Content::Dir, 0, Some(name.to_string()))
+        }
+    };
+    let root = tree.root();
+    let folder = ns.add(ROOT_ID, name, Content::Dir, &attrs(root))?;
+    let mut folders: HashMap<&str, FileId> = HashMap::from([("", folder)]);
+    for entry in &tree.entries()[1..] {
+        // Sorted by path, the root first: a folder always comes before its
+        // entries, so its id is known.
+        let parent = entry
+            .parent()
+            .and_then(|p| folders.get(p))
+            .copied()
+            .ok_or(DatastoreError::Invalid)?;
+        let content = match &entry.content {
+            EntryContent::Folder => Content::Dir,
+            EntryContent::File(_) => Content::Presented {
+                file: entry.path.clone(),
+                base_size: entry.size,
+            },
+            EntryContent::Symlink(target) => Content::Symlink {
+                target: target.clone(),
+            },
+        };
+        let id = ns.add(parent, entry.name(), content, &attrs(entry))?;
+        if matches!(entry.content, EntryContent::Folder) {
+            folders.insert(&entry.path, id);
+        }
+    }
+    for entry in tree.entries() {
+        if let Some(id) = folders.get(entry.path.as_str()) {
+            let at = io::time_of_nanos(entry.mtime_ns);
+            let node = ns.get_mut(*id)?;
+            node.mtime = at;
+            node.ctime = at;
+        }
+    }
+    Ok(folder)
+}
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tree_tests;

@@ -42,6 +42,12 @@ pub enum Content {
     },
     /// A file a client created: it lives wholly in the write cache.
     New,
+    /// A symbolic link: presented from a tree restore point or made by a
+    /// client; never followed by the server.
+    Symlink {
+        /// The link's target, as `readlink` returns it.
+        target: String,
+    },
 }
 
 /// One file or folder.
@@ -99,6 +105,11 @@ impl Node {
     /// True for folders.
     pub fn is_dir(&self) -> bool {
         self.content == Content::Dir
+    }
+
+    /// True for regular files (presented or new): the nodes with data.
+    pub fn is_file(&self) -> bool {
+        matches!(self.content, Content::Presented { .. } | Content::New)
     }
 }
 

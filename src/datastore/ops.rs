@@ -7,7 +7,9 @@
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use super::io::{cache_err, cache_key, repo_err, unix_nanos, Base, MTIME_GRANULARITY};
+use super::io::{
+    cache_err, cache_key, check_regular, repo_err, unix_nanos, Base, MTIME_GRANULARITY,
+};
 use super::namespace::{Content, Node, ROOT_ID};
 use std::sync::Arc;
 
@@ -67,6 +69,10 @@ impl Datastore {
                 (FileKind::Regular, *base_size, *base_size, 1)
             }
             (Content::New, None) => (FileKind::Regular, 0, 0, 1),
+            (Content::Symlink { target }, _) => {
+                let len = target.len() as u64;
+                (FileKind::Symlink, len, len, 1)
+            }
         };
         Attr {
             kind,
@@ -84,7 +90,7 @@ impl Datastore {
     }
 
     async fn attr_by_node(&self, export: &ExportState, node: &Node) -> DsResult<Attr> {
-        if node.is_dir() {
+        if !node.is_file() {
             return Ok(self.attr_of(node, None));
         }
         let st = self.file_state(export, node).await?;
@@ -95,7 +101,7 @@ impl Datastore {
     /// Frees the write cache of a removed file.
     async fn drop_file(&self, state: &ExportState, node: &Node) -> DsResult<()> {
         state.files.remove(&node.id);
-        if node.is_dir() {
+        if !node.is_file() {
             return Ok(());
         }
         let session = self.session(state, &node.publication).await?;
@@ -150,8 +156,8 @@ impl FileOps for Datastore {
             return Err(DatastoreError::NotSync);
         }
         check_size(set)?;
-        if set.size.is_some() && node.is_dir() {
-            return Err(DatastoreError::IsDir);
+        if set.size.is_some() {
+            check_regular(&node)?;
         }
         if let Some(size) = set.size {
             let st = self.file_state(&state, &node).await?;
@@ -204,7 +210,7 @@ impl FileOps for Datastore {
         };
         if let Some(node) = existing {
             return match mode {
-                CreateMode::Unchecked if !node.is_dir() => {
+                CreateMode::Unchecked if node.is_file() => {
                     let size_only = SetAttr {
                         size: attrs.size,
                         ..SetAttr::default()
@@ -259,6 +265,33 @@ impl FileOps for Datastore {
         let state = self.state(at.dir.export)?.clone();
         let mut ns = state.ns.write().await;
         let id = ns.add(at.dir.id, &at.name, Content::Dir, &new_node(attrs, 0o755))?;
+        let attr = self.attr_of(ns.get(id)?, None);
+        let durable = ns.commit().await?;
+        drop(ns);
+        durable.wait().await?;
+        Ok(attr)
+    }
+
+    async fn readlink(&self, at: FileAt) -> DsResult<String> {
+        let state = self.state(at.export)?;
+        let ns = state.ns.read().await;
+        match &ns.get(at.id)?.content {
+            Content::Symlink { target } => Ok(target.clone()),
+            _ => Err(DatastoreError::Invalid),
+        }
+    }
+
+    /// A link is only a name and its target: it has no write cache.
+    async fn symlink(&self, at: &NameAt, target: &str, attrs: &SetAttr) -> DsResult<Attr> {
+        if target.is_empty() {
+            return Err(DatastoreError::Invalid);
+        }
+        let state = self.state(at.dir.export)?.clone();
+        let mut ns = state.ns.write().await;
+        let content = Content::Symlink {
+            target: target.to_string(),
+        };
+        let id = ns.add(at.dir.id, &at.name, content, &new_node(attrs, 0o777))?;
         let attr = self.attr_of(ns.get(id)?, None);
         let durable = ns.commit().await?;
         drop(ns);
