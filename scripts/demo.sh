@@ -3,8 +3,11 @@
 # change 1% of its disk, back it up again, list, verify and restore; then
 # publish the latest restore point over NFSv3 with `revive serve`, read the VM
 # folder with a real NFS client (libnfs), write into it, and show that the
-# repository is untouched. Every byte is checked by SHA-256.
+# repository is untouched. Every byte is checked by SHA-256. The web console
+# is served on the API port while the demo runs (its URL is printed).
 # Usage: scripts/demo.sh [WORKDIR]   (default: ./work/demo)
+#        DEMO_KEEP_SERVING=1 scripts/demo.sh   keeps `revive serve` (and the
+#        console) running at the end, until Ctrl-C
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-work/demo}
@@ -90,6 +93,7 @@ for _ in $(seq 100); do [ -s serve.json ] && break; sleep 0.1; done
 port=$(python3 -c 'import json; print(json.load(open("serve.json"))["nfs_port"])')
 api=$(python3 -c 'import json; print(json.load(open("serve.json"))["api_port"])')
 export REVIVE_API="http://127.0.0.1:$api" REVIVE_TOKEN=demo-token
+echo "== web console: http://127.0.0.1:$api/  (log in with the API token: demo-token)"
 echo "== revive recover --vm web01 --wait (publish-only host: mount it by hand)"
 "$revive" recover --vm web01 --wait
 "$revive" sessions
@@ -113,6 +117,13 @@ echo "== revive migrate $id --to $PWD/production --method copy --wait"
 (cd "production/$name" && sha256sum -c --quiet ../../expected.sha256 && cmp note.txt ../../note.txt)
 echo "== production/$name holds the VM's files and the client's write, hash-checked; the session is done:"
 "$revive" sessions
+if [ -n "${DEMO_KEEP_SERVING:-}" ]; then
+  echo "== the repository is untouched by client writes:"
+  "$revive" verify --repo repo
+  echo "== revive serve keeps running: web console at http://127.0.0.1:$api/ (token: demo-token); Ctrl-C stops it"
+  wait $server || true
+  exit 0
+fi
 kill $server; wait $server 2>/dev/null || true; trap - EXIT
 echo "== the repository is untouched by client writes:"
 "$revive" verify --repo repo

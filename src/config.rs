@@ -11,11 +11,13 @@ use serde::{Deserialize, Deserializer};
 use crate::controller::ControllerConfig;
 use crate::datastore::{DatastoreConfig, ExportConfig, DEFAULT_READAHEAD_CHUNKS};
 use crate::drivers::HostConfig;
-use crate::nfs::NfsBind;
-use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
-use crate::store::{
-    StoreError, StoreLocation, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
+use crate::nfs::limits::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_CLIENT, DEFAULT_RECORD_TIMEOUT,
 };
+use crate::nfs::{ConnLimits, NfsBind};
+use crate::repo::block_cache::DEFAULT_BLOCK_CACHE_BYTES;
+use crate::snapshots::SnapshotSourceConfig;
+use crate::store::{S3Settings, StoreError, StoreLocation};
 
 /// Environment variable naming the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "REVIVE_CONFIG";
@@ -58,6 +60,18 @@ pub struct Config {
     /// Hypervisor hosts sessions can run VMs on (`[[host]]`).
     #[serde(rename = "host")]
     pub hosts: Vec<HostConfig>,
+    /// Presented files served as disks (`[[block_export]]`).
+    #[serde(rename = "block_export")]
+    pub block_exports: Vec<crate::block::BlockExportConfig>,
+    /// The NBD server (`[nbd]`).
+    pub nbd: crate::block::NbdSection,
+    /// The iSCSI target (`[iscsi]`).
+    pub iscsi: crate::block::IscsiSection,
+    /// Storage systems whose snapshots VMs can be recovered from (`[[snapshot_source]]`).
+    #[serde(rename = "snapshot_source")]
+    pub snapshot_sources: Vec<SnapshotSourceConfig>,
+    /// Verification boots (`revive verify --boot`).
+    pub verify: crate::controller::VerifyBootConfig,
 }
 
 /// `[sessions]`
@@ -133,6 +147,14 @@ pub struct NfsSection {
     pub portmap_port: u16,
     /// Run without a portmapper (clients must be told both ports).
     pub portmap: bool,
+    /// TCP connections open at once, all clients together.
+    pub max_connections: usize,
+    /// TCP connections open at once from one client address.
+    pub max_connections_per_client: usize,
+    /// Seconds a connection with no call in flight may stay silent.
+    pub idle_timeout_secs: u64,
+    /// Seconds a call's bytes may take to arrive, from its first byte.
+    pub record_timeout_secs: u64,
 }
 
 impl Default for NfsSection {
@@ -144,6 +166,10 @@ impl Default for NfsSection {
             mount_port: bind.mount_port,
             portmap_port: bind.portmap_port.unwrap_or(111),
             portmap: true,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_PER_CLIENT,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT.as_secs(),
+            record_timeout_secs: DEFAULT_RECORD_TIMEOUT.as_secs(),
         }
     }
 }
@@ -156,6 +182,8 @@ pub struct ApiSection {
     pub bind: std::net::SocketAddr,
     /// Bearer token every request must carry; without one the API is off.
     pub token: Option<String>,
+    /// Serve the web console (a page that logs in with the token) on `/`.
+    pub console: bool,
 }
 
 impl Default for ApiSection {
@@ -163,6 +191,7 @@ impl Default for ApiSection {
         ApiSection {
             bind: std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
             token: None,
+            console: true,
         }
     }
 }
@@ -221,53 +250,12 @@ pub struct RepositoryConfig {
     /// Budget of the chunk cache, e.g. "20GiB".
     #[serde(deserialize_with = "size")]
     pub chunk_cache_bytes: u64,
-    /// How to reach an S3 repository.
-    pub s3: S3Section,
+    /// How to reach an S3 repository (`[repository.s3]`).
+    pub s3: S3Settings,
 }
 
 /// Default chunk cache budget: a few booting VMs' working sets.
 pub const DEFAULT_CHUNK_CACHE_BYTES: u64 = 8 << 30;
-
-/// `[repository.s3]`: anything left out comes from the AWS_* environment.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct S3Section {
-    /// Endpoint URL of a self-hosted store (`http://rgw.example:7480`).
-    pub endpoint: Option<String>,
-    /// Region.
-    pub region: Option<String>,
-    /// Access key id.
-    pub access_key_id: Option<String>,
-    /// Secret access key.
-    pub secret_access_key: Option<String>,
-    /// Allow plain-HTTP endpoints.
-    pub allow_http: Option<bool>,
-    /// Path-style addressing (self-hosted stores); false: virtual-hosted style.
-    pub path_style: bool,
-    /// Seconds one HTTP request may take before it is retried.
-    pub request_timeout: u64,
-    /// Seconds in which failed requests are retried before reads fail
-    /// (transiently: NFS clients are told to retry).
-    pub retry_window: u64,
-    /// Seconds `gc` spares unreferenced objects (see docs/formats.md).
-    pub gc_grace: u64,
-}
-
-impl Default for S3Section {
-    fn default() -> Self {
-        S3Section {
-            endpoint: None,
-            region: None,
-            access_key_id: None,
-            secret_access_key: None,
-            allow_http: None,
-            path_style: true,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT.as_secs(),
-            retry_window: DEFAULT_RETRY_WINDOW.as_secs(),
-            gc_grace: DEFAULT_S3_GC_GRACE.as_secs(),
-        }
-    }
-}
 
 impl RepositoryConfig {
     /// Where the repository is: `cli` (from `--repo`) if given, else `url`,
@@ -282,16 +270,8 @@ impl RepositoryConfig {
         };
         let mut location = StoreLocation::parse(&text)?;
         if let StoreLocation::S3(o) = &mut location {
-            let s = &self.s3;
-            o.endpoint = s.endpoint.clone();
-            o.region = s.region.clone();
-            o.access_key_id = s.access_key_id.clone();
-            o.secret_access_key = s.secret_access_key.clone();
-            o.allow_http = s.allow_http;
-            o.path_style = s.path_style;
-            o.request_timeout = Duration::from_secs(s.request_timeout.max(1));
-            o.retry_window = Duration::from_secs(s.retry_window);
-            o.gc_grace = Duration::from_secs(s.gc_grace);
+            o.settings = self.s3.clone();
+            o.settings.request_timeout = o.settings.request_timeout.max(Duration::from_secs(1));
         }
         Ok(Some(location))
     }
@@ -376,6 +356,7 @@ impl Config {
             migration_bandwidth: self.sessions.migration_bandwidth,
             cache_root: self.datastore.cache_root.clone(),
             hosts: self.hosts.clone(),
+            verify: self.verify.clone(),
         }
     }
 
@@ -386,6 +367,17 @@ impl Config {
             nfs_port: self.nfs.nfs_port,
             mount_port: self.nfs.mount_port,
             portmap_port: self.nfs.portmap.then_some(self.nfs.portmap_port),
+        }
+    }
+
+    /// Connection limits of the NFS server (zero values mean one, or one
+    /// second: never "no limit").
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.nfs.max_connections.max(1),
+            max_per_client: self.nfs.max_connections_per_client.max(1),
+            idle_timeout: Duration::from_secs(self.nfs.idle_timeout_secs.max(1)),
+            record_timeout: Duration::from_secs(self.nfs.record_timeout_secs.max(1)),
         }
     }
 
@@ -414,6 +406,7 @@ mod tests {
         assert_eq!(config.datastore.block_cache, 256 << 20);
         assert_eq!(config.nfs.nfs_port, 2049);
         assert_eq!(config.nfs.portmap_port, 111);
+        assert_eq!(config.conn_limits(), ConnLimits::default());
         assert_eq!(config.export_configs()[0].path, "/revive");
         assert_eq!(config.sessions.retries, 10);
         assert_eq!(config.hosts[0].name, "local");
@@ -421,6 +414,9 @@ mod tests {
             config.hosts[0].driver,
             crate::drivers::DriverConfig::None(Default::default())
         );
+        assert_eq!(config.nbd, crate::block::NbdSection::default());
+        assert_eq!(config.iscsi, crate::block::IscsiSection::default());
+        assert!(config.block_exports.is_empty());
     }
 
     #[test]
@@ -478,15 +474,31 @@ mod tests {
             panic!("not s3");
         };
         assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("bkp", "site-a"));
-        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
-        assert_eq!(o.request_timeout, Duration::from_secs(3));
-        assert!(o.path_style);
+        assert_eq!(
+            o.settings.endpoint.as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(o.settings.request_timeout, Duration::from_secs(3));
+        assert!(o.settings.path_style);
         assert_eq!(
             config.repository.chunk_cache(),
             Some((PathBuf::from("/var/cache/revive"), 1 << 30))
         );
         let local = config.repository.location(Some("/srv/repo")).unwrap();
         assert_eq!(local, Some(StoreLocation::Local("/srv/repo".into())));
+    }
+
+    #[test]
+    fn snapshot_sources_and_host_clients_parse() {
+        let config = Config::parse(
+            "[[host]]\nname = \"kvm1\"\ndriver = \"qemu\"\nrun_dir = \"/q\"\n\
+             nfs_clients = [\"10.0.0.7\"]\n\
+             [[snapshot_source]]\nname = \"pool1\"\nprovider = \"btrfs\"\npath = \"/mnt/pool1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.hosts[0].nfs_clients, [IpAddr::from([10, 0, 0, 7])]);
+        assert_eq!(config.snapshot_sources[0].name, "pool1");
+        assert!(Config::parse("").unwrap().snapshot_sources.is_empty());
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Small file-system helpers shared by the layers that keep state on local disk.
+//! Small file-system helpers shared by the layers that keep state on local
+//! disk: atomic replacement of small files, and the space figures of a file
+//! system.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -22,6 +24,47 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Space figures of one file system, in bytes and file slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    /// Total bytes.
+    pub total_bytes: u64,
+    /// Free bytes.
+    pub free_bytes: u64,
+    /// Free bytes an unprivileged writer may use.
+    pub avail_bytes: u64,
+    /// Total file slots (inodes).
+    pub total_files: u64,
+    /// Free file slots.
+    pub free_files: u64,
+    /// Free file slots an unprivileged writer may use.
+    pub avail_files: u64,
+}
+
+/// The space figures of the file system holding `path` (statvfs).
+pub fn space(path: &Path) -> io::Result<Space> {
+    let st = rustix::fs::statvfs(path)?;
+    let frsize = st.f_frsize;
+    Ok(Space {
+        total_bytes: st.f_blocks.saturating_mul(frsize),
+        free_bytes: st.f_bfree.saturating_mul(frsize),
+        avail_bytes: st.f_bavail.saturating_mul(frsize),
+        total_files: st.f_files,
+        free_files: st.f_ffree,
+        avail_files: st.f_favail,
+    })
+}
+
+/// The space of the file system that holds `path`, or would hold it: the
+/// nearest existing ancestor's (a write cache folder not created yet).
+pub fn space_of_nearest(path: &Path) -> io::Result<Space> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    space(existing)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -32,5 +75,17 @@ mod tests {
         super::write_atomic(&p, b"second").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn space_of_a_real_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::space(dir.path()).unwrap();
+        assert!(s.total_bytes > 0 && s.avail_bytes <= s.total_bytes);
+        let missing = dir.path().join("not/yet");
+        assert_eq!(
+            super::space_of_nearest(&missing).unwrap().total_bytes,
+            s.total_bytes
+        );
     }
 }

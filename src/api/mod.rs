@@ -1,13 +1,27 @@
 //! `api`: the HTTP API on localhost (axum): the session endpoints of the
-//! controller (`/api/v1/sessions...`, what the CLI talks to) and Prometheus
-//! metrics (`/metrics`).
+//! controller (`/api/v1/sessions...`, what the CLI talks to), restore
+//! points, hosts and a metrics summary (what the web console shows), and
+//! Prometheus metrics (`/metrics`).
 //!
-//! Every request must carry `Authorization: Bearer <token>` with the token of
-//! the config file; without a configured token the API is not started at all
-//! (no token, no access).
+//! Every data request must carry `Authorization: Bearer <token>` with the
+//! token of the config file; without a configured token the API is not
+//! started at all (no token, no access). The web console's page and scripts
+//! ([`crate::web`]) are served on the same port without a token: they hold
+//! no data, and fetch everything through the endpoints above with the token
+//! the operator types in.
 
+mod error;
+mod info;
 pub mod metrics;
+mod points;
 mod sessions;
+pub mod summary;
+mod verify;
+
+pub use error::ApiError;
+pub use info::ServerInfo;
+pub use points::{PointSummary, Publication};
+pub use summary::{History, MetricsSummary};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,26 +49,66 @@ pub struct ApiState {
     pub token: Arc<str>,
     /// The session controller.
     pub controller: Controller,
+    /// Rates of the last minutes, for the metrics summary.
+    pub history: Arc<History>,
+    /// Serve the web console on `/` (`[api] console`).
+    pub console: bool,
 }
 
-/// The API's routes, behind the token check.
+impl ApiState {
+    /// The state of an API with the web console on and an empty history.
+    pub fn new(
+        datastore: Arc<Datastore>,
+        nfs: Arc<NfsMetrics>,
+        token: Arc<str>,
+        controller: Controller,
+    ) -> ApiState {
+        ApiState {
+            datastore,
+            nfs,
+            token,
+            controller,
+            history: Arc::new(History::default()),
+            console: true,
+        }
+    }
+}
+
+/// The API's routes behind the token check, the console's assets without
+/// it, and the security headers on every answer.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/metrics", get(metrics_handler))
         .merge(sessions::routes())
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .merge(points::routes())
+        .merge(info::routes())
+        .merge(summary::routes())
+        .merge(verify::routes())
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // Merged after the token layer: `route_layer` covers only the routes
+    // added before it, so the console's assets stay public.
+    let app = if state.console {
+        api.merge(crate::web::routes())
+    } else {
+        api
+    };
+    app.layer(middleware::from_fn(crate::web::security_headers))
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes; samples the
+/// metrics history meanwhile.
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let sampler = tokio::spawn(summary::sample_forever(state.clone()));
+    let result = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    sampler.abort();
+    result
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -83,6 +137,8 @@ async fn metrics_handler(State(state): State<ApiState>) -> Response {
 }
 
 #[cfg(test)]
+mod console_tests;
+#[cfg(test)]
 mod tests {
     use std::net::IpAddr;
 
@@ -94,7 +150,7 @@ mod tests {
     use crate::repo::Repository;
     use crate::store::LocalStore;
 
-    async fn state(dir: &std::path::Path) -> ApiState {
+    pub(super) async fn state(dir: &std::path::Path) -> ApiState {
         let store = Arc::new(LocalStore::open(dir.join("repo")).unwrap());
         let repo = Repository::init(store, 1 << 20).await.unwrap();
         let config = DatastoreConfig {
@@ -114,19 +170,19 @@ mod tests {
         let controller = Controller::start(settings.controller_config(), datastore.clone())
             .await
             .unwrap();
-        ApiState {
+        ApiState::new(
             datastore,
-            nfs: Arc::new(NfsMetrics::default()),
-            token: Arc::from("s3cret"),
+            Arc::new(NfsMetrics::default()),
+            Arc::from("s3cret"),
             controller,
-        }
+        )
     }
 
     async fn get(state: &ApiState, auth: Option<&str>) -> (StatusCode, String) {
         call(state, "GET", "/metrics", auth, None).await
     }
 
-    async fn call(
+    pub(super) async fn call(
         state: &ApiState,
         method: &str,
         uri: &str,

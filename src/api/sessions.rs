@@ -1,5 +1,5 @@
 //! Session endpoints: what `revive recover`, `sessions`, `session`,
-//! `migrate`, `retry` and `stop` call. Errors are JSON `{"error": "..."}`
+//! `migrate`, `switchover`, `retry`, `discard-cache` and `stop` call. Errors are JSON `{"error": "..."}`
 //! with a 4xx status for anything the caller can fix.
 
 use axum::extract::rejection::JsonRejection;
@@ -8,10 +8,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 
+use super::error::ApiError;
 use super::ApiState;
-use crate::controller::{ControllerError, MigrateRequest, RecoverRequest};
+use crate::controller::{MigrateRequest, RecoverRequest};
 
 /// The routes, relative to the API root.
 pub(super) fn routes() -> Router<ApiState> {
@@ -21,38 +21,8 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/api/v1/sessions/{id}/migrate", post(migrate))
         .route("/api/v1/sessions/{id}/retry", post(retry))
         .route("/api/v1/sessions/{id}/stop", post(stop))
+        .route("/api/v1/sessions/{id}/discard-cache", post(discard_cache))
         .route("/api/v1/sessions/{id}/switchover", post(switchover))
-}
-
-/// An error as the API answers it.
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<ControllerError> for ApiError {
-    fn from(e: ControllerError) -> Self {
-        let status = match &e {
-            ControllerError::BadRequest(_)
-            | ControllerError::UnknownHost { .. }
-            | ControllerError::Validation { .. } => StatusCode::BAD_REQUEST,
-            ControllerError::UnknownSession { .. } => StatusCode::NOT_FOUND,
-            ControllerError::WrongState { .. } | ControllerError::NameTaken { .. } => {
-                StatusCode::CONFLICT
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        ApiError(e.status(), e.body_text())
-    }
 }
 
 async fn list(State(state): State<ApiState>) -> Response {
@@ -86,6 +56,13 @@ async fn retry(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.controller.retry(&id).await?).into_response())
+}
+
+async fn discard_cache(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.controller.discard_cache(&id).await?).into_response())
 }
 
 async fn stop(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {

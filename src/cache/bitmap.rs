@@ -40,10 +40,55 @@ impl Bitmap {
         self.count
     }
 
+    /// Numbers of the pages holding at least one set bit, in order.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pages.keys().copied()
+    }
+
     /// Whether `block` is present.
     pub fn get(&self, block: u64) -> bool {
         let (page, word, mask) = split(block);
         self.pages.get(&page).is_some_and(|p| p[word] & mask != 0)
+    }
+
+    /// The runs of set bits within blocks `start..end`, in order, as
+    /// half-open block ranges. Skips absent pages and all-clear words, so a
+    /// sparse bitmap costs little however wide the range.
+    pub fn runs(&self, start: u64, end: u64) -> Vec<std::ops::Range<u64>> {
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        if start >= end {
+            return out;
+        }
+        let first_page = start / BLOCKS_PER_PAGE;
+        let last_page = (end - 1) / BLOCKS_PER_PAGE;
+        for (&page_no, page) in self.pages.range(first_page..=last_page) {
+            let page_start = page_no * BLOCKS_PER_PAGE;
+            let lo = start.max(page_start) - page_start;
+            let hi = end.min(page_start + BLOCKS_PER_PAGE) - page_start;
+            let mut bit = lo;
+            while bit < hi {
+                let word = page[(bit / 64) as usize] >> (bit % 64);
+                if word == 0 {
+                    // Nothing set in the rest of this word.
+                    bit = (bit / 64 + 1) * 64;
+                    continue;
+                }
+                let skip = u64::from(word.trailing_zeros());
+                let from = bit + skip;
+                if from >= hi {
+                    break;
+                }
+                let ones = u64::from((word >> skip).trailing_ones());
+                let to = (from + ones).min(hi);
+                let (s, e) = (page_start + from, page_start + to);
+                match out.last_mut() {
+                    Some(last) if last.end == s => last.end = e,
+                    _ => out.push(s..e),
+                }
+                bit = to;
+            }
+        }
+        out
     }
 
     /// Sets the bits of blocks `start..end`; calls `touched` once per page
@@ -173,5 +218,34 @@ mod tests {
         assert!(other.get(10) && !other.get(9));
         other.load_page(0, &[0u8; 16]);
         assert_eq!(other.count(), 0);
+    }
+
+    #[test]
+    fn runs_merge_across_words_and_pages_and_clip() {
+        let mut bm = Bitmap::new();
+        bm.set_range(3, 5, |_| {});
+        bm.set_range(60, 130, |_| {});
+        bm.set_range(BLOCKS_PER_PAGE - 2, BLOCKS_PER_PAGE + 3, |_| {});
+        assert_eq!(
+            bm.runs(0, u64::MAX / 2),
+            vec![3..5, 60..130, BLOCKS_PER_PAGE - 2..BLOCKS_PER_PAGE + 3]
+        );
+        assert_eq!(bm.runs(4, 100), vec![4..5, 60..100]);
+        assert_eq!(bm.runs(5, 60), Vec::<std::ops::Range<u64>>::new());
+        assert_eq!(
+            bm.runs(BLOCKS_PER_PAGE, BLOCKS_PER_PAGE + 1),
+            vec![BLOCKS_PER_PAGE..BLOCKS_PER_PAGE + 1]
+        );
+        // Against a plain scan of every bit.
+        let mut scan: Vec<std::ops::Range<u64>> = Vec::new();
+        for b in 0..BLOCKS_PER_PAGE + 10 {
+            if bm.get(b) {
+                match scan.last_mut() {
+                    Some(r) if r.end == b => r.end = b + 1,
+                    _ => scan.push(b..b + 1),
+                }
+            }
+        }
+        assert_eq!(bm.runs(0, BLOCKS_PER_PAGE + 10), scan);
     }
 }

@@ -43,15 +43,16 @@
 //! it, so a cancelled caller never leaves the cache "flushing" forever.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
-use super::bitmap::Bitmap;
+use super::bitmap::{Bitmap, BLOCKS_PER_PAGE};
 use super::error::{io_err, CacheError, Result};
+use super::files::{FileSlot, Files};
 use super::format::{
     Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES, JOURNAL_CHECKPOINT_BYTES, MAX_RECORD_LEN,
 };
@@ -106,11 +107,10 @@ pub(crate) use trace_io;
 pub(crate) struct Shared {
     /// Where the cache lives (for errors and deletion).
     pub paths: CachePaths,
-    /// The sparse data file, same offsets as the logical file.
-    pub data: File,
-    /// The header slots and the bitmap; holds an exclusive `flock`.
-    pub map: File,
-    /// The write-ahead journal; only the (serialized) flush touches it.
+    /// The data, map and journal files, open while in use (see `files.rs`).
+    pub slot: Arc<FileSlot>,
+    /// Where the journal's next record goes; only the (serialized) flush
+    /// and `open` touch it.
     pub journal: Mutex<Journal>,
     /// Block size in bytes (a power of two).
     pub block_size: u64,
@@ -163,6 +163,30 @@ pub(crate) struct Inner {
     pub checkpoint_bytes: u64,
     /// Journal size at the last `presync` (0 after a checkpoint).
     pub presync_mark: u64,
+    /// Bitmap pages whose bytes in the `.map` file are allocated, so a
+    /// checkpoint can write them without needing space (see
+    /// `Shared::reserve_map_pages`).
+    pub map_reserved: BTreeSet<u64>,
+    /// The flush that last failed without losing anything (for want of
+    /// space, or its files could not be reopened), until one succeeds: its
+    /// number in `Shared::flushed` and its error, which its waiters get.
+    pub failed_flush: Option<(u64, RetryableError)>,
+}
+
+/// The error of a flush that lost nothing, as its waiters get it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryableError {
+    kind: std::io::ErrorKind,
+    os: Option<i32>,
+}
+
+impl RetryableError {
+    fn to_io(self) -> std::io::Error {
+        match self.os {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => self.kind.into(),
+        }
+    }
 }
 
 impl Inner {
@@ -184,6 +208,8 @@ impl Inner {
             journal_bytes: 0,
             checkpoint_bytes: JOURNAL_CHECKPOINT_BYTES,
             presync_mark: 0,
+            map_reserved: BTreeSet::new(),
+            failed_flush: None,
         }
     }
 
@@ -260,6 +286,68 @@ impl Shared {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The cache's open files (reopened if the bound on open files closed
+    /// them). Blocking.
+    ///
+    /// # Errors
+    /// I/O errors reopening them.
+    pub fn files(&self) -> Result<Arc<Files>> {
+        self.slot.get()
+    }
+
+    /// Makes sure the `.map` file has space for the bitmap pages of blocks
+    /// `first..=last`, before a write publishes them: a checkpoint then
+    /// never needs space, so a full file system fails the write itself
+    /// (with nothing visible) rather than a later flush. Pages are
+    /// allocated with `fallocate`, which changes no byte; on a file system
+    /// without it, nothing can be reserved and a checkpoint may still run
+    /// out of space (see `flush_quietly`). Blocking.
+    ///
+    /// # Errors
+    /// I/O errors of `fallocate`, ENOSPC in particular.
+    pub fn reserve_map_pages(&self, files: &Files, first: u64, last: u64) -> Result<()> {
+        let pages: Vec<u64> = {
+            let inner = self.lock();
+            (first / BLOCKS_PER_PAGE..=last / BLOCKS_PER_PAGE)
+                .filter(|p| !inner.map_reserved.contains(p))
+                .collect()
+        };
+        for page in pages {
+            let offset = BITMAP_OFFSET + page * BITMAP_PAGE_BYTES as u64;
+            // SAFETY: fallocate on a descriptor we own, with integer arguments.
+            let rc = unsafe {
+                libc::fallocate(
+                    files.map.as_raw_fd(),
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    BITMAP_PAGE_BYTES as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(io_err("reserve space in", &self.paths.map)(err));
+                }
+            }
+            self.lock().map_reserved.insert(page);
+        }
+        Ok(())
+    }
+
+    /// Blocks `start..end` as runs `(first, end, cached)`, in order.
+    pub fn cached_runs(&self, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        let inner = self.lock();
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for block in start..end {
+            let cached = inner.bitmap.get(block);
+            match runs.last_mut() {
+                Some(run) if run.2 == cached => run.1 = block + 1,
+                _ => runs.push((block, block + 1, cached)),
+            }
+        }
+        runs
+    }
+
     /// Fails if an earlier flush failed.
     pub fn check_poisoned(inner: &Inner, paths: &CachePaths) -> Result<()> {
         match &inner.poisoned {
@@ -274,22 +362,38 @@ impl Shared {
     /// Waits until every change up to `target` is durable, flushing as needed.
     ///
     /// # Errors
-    /// `Poisoned` if this or an earlier flush failed.
+    /// `Poisoned` if this or an earlier flush failed; an ENOSPC I/O error if
+    /// a flush that ended while this caller waited failed for want of space
+    /// (the cache is not poisoned: a later flush tries again).
     pub async fn commit_upto(self: &Arc<Self>, target: u64) -> Result<()> {
+        // The flush count when this caller started waiting: a flush that
+        // ends after that and fails for want of space fails this caller.
+        let mut since: Option<u64> = None;
         loop {
             // Subscribe before looking, so the end of any flush running now
             // (or started by us) wakes us.
             let mut rx = self.flushed.subscribe();
+            let now = *rx.borrow();
             let start = {
                 let mut inner = self.lock();
                 Self::check_poisoned(&inner, &self.paths)?;
                 if inner.durable_seq >= target {
                     return Ok(());
                 }
+                if let (Some(since), Some((failed, err))) = (since, inner.failed_flush) {
+                    if failed > since {
+                        return Err(CacheError::Io {
+                            action: "flush",
+                            path: self.paths.map.clone(),
+                            source: err.to_io(),
+                        });
+                    }
+                }
                 let start = !inner.flushing;
                 inner.flushing = true;
                 start
             };
+            since.get_or_insert(now);
             if start {
                 let shared = Arc::clone(self);
                 // Detached on purpose: see the module doc.
@@ -320,14 +424,22 @@ impl Shared {
     }
 
     /// `flush` without waking the waiters: the caller must do it.
+    ///
+    /// A flush that fails for want of space (ENOSPC from a write, never from
+    /// a sync), or because its files could not be reopened (their storage
+    /// went away), lost nothing: what it took goes back to dirty, the next
+    /// flush tries again, and the callers waiting on this one get the
+    /// error. Any other failure poisons the cache: what reached the disk is
+    /// unknown.
     fn flush_quietly(&self) {
-        let batch = self.take_batch();
-        let result = self.write_batch(&batch);
+        let mut batch = self.take_batch();
+        let result = self.write_batch(&mut batch);
         self.flushes.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         inner.flushing = false;
         match result {
             Ok(journal_bytes) => {
+                inner.failed_flush = None;
                 inner.durable_seq = inner.durable_seq.max(batch.seq);
                 inner.journal_bytes = journal_bytes;
                 if batch.checkpoint {
@@ -337,6 +449,23 @@ impl Shared {
                     drop(inner);
                     self.presync();
                 }
+            }
+            Err(err) if retryable(&err).is_some() => {
+                tracing::warn!(cache = %self.paths.map.display(), cause = %err, "write cache flush failed without losing anything; the next one tries again");
+                // This flush's number once `flushed` is bumped for it.
+                let number = *self.flushed.borrow() + 1;
+                inner.failed_flush = retryable(&err).map(|e| (number, e));
+                for (page, _) in &batch.pages {
+                    inner.dirty_pages.insert(*page);
+                }
+                if batch.header.is_some() {
+                    // The retry writes the same slot again: never the slot
+                    // of the last good header.
+                    inner.header.sequence -= 1;
+                    inner.header_dirty = true;
+                }
+                inner.data_dirty |= batch.data_dirty;
+                inner.mark_unjournaled();
             }
             Err(err) => {
                 tracing::error!(cache = %self.paths.map.display(), cause = %err, "write cache flush failed");
@@ -356,7 +485,7 @@ impl Shared {
         if self.presyncing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(data) = self.data.try_clone() else {
+        let Some(data) = self.files().ok().and_then(|f| f.data.try_clone().ok()) else {
             self.presyncing.store(false, Ordering::Release);
             return;
         };
@@ -390,8 +519,14 @@ impl Shared {
                 header: None,
             };
         }
-        // The checkpoint covers the records (their data and bits are in
-        // the snapshot below): they are never appended.
+        Self::checkpoint_batch(&mut inner)
+    }
+
+    /// Step 1 of a checkpoint. It covers the pending records (their data
+    /// and bits are in the snapshot): they are never appended.
+    fn checkpoint_batch(inner: &mut Inner) -> Batch {
+        inner.records.clear();
+        inner.record_bytes = 0;
         inner.unjournaled = false;
         let pages = std::mem::take(&mut inner.dirty_pages)
             .into_iter()
@@ -406,7 +541,7 @@ impl Shared {
         };
         Batch {
             seq: inner.write_seq,
-            checkpoint,
+            checkpoint: true,
             records: Vec::new(),
             data_dirty: std::mem::take(&mut inner.data_dirty),
             pages,
@@ -421,7 +556,12 @@ impl Shared {
     }
 
     /// Writes a batch; returns the live bytes of the journal after it.
-    fn write_batch(&self, batch: &Batch) -> Result<u64> {
+    ///
+    /// When the journal cannot grow (the file system is full), the batch
+    /// becomes a checkpoint: the data file and map need no new space for
+    /// what the records hold (the data is written, the map pages
+    /// reserved), so stable writes keep working on a full file system.
+    fn write_batch(&self, batch: &mut Batch) -> Result<u64> {
         tracing::debug!(
             cache = %self.paths.map.display(),
             seq = batch.seq,
@@ -431,30 +571,53 @@ impl Shared {
             header = batch.header.is_some(),
             "flush"
         );
+        let files = self.files().map_err(|e| match e {
+            CacheError::Io { path, source, .. } => CacheError::Io {
+                action: REOPEN,
+                path,
+                source,
+            },
+            other => other,
+        })?;
         let mut journal = self.journal();
         if !batch.checkpoint {
             trace_io!(
                 self,
                 Event::JournalAppend(block_ranges(self.block_size, &batch.records))
             );
-            journal.append(&batch.records)?;
-            trace_io!(self, Event::JournalSyncEnd);
-            return Ok(journal.live_bytes());
+            match journal.append(&files.journal, &batch.records) {
+                Ok(()) => {
+                    trace_io!(self, Event::JournalSyncEnd);
+                    return Ok(journal.live_bytes());
+                }
+                Err(err) if is_no_space(&err) => {
+                    tracing::info!(cache = %self.paths.map.display(), cause = %err, "journal cannot grow; checkpointing instead");
+                    *batch = Self::checkpoint_batch(&mut self.lock());
+                    self.checkpoint(&files, batch)?;
+                    // A new epoch even when no record was live: whatever
+                    // the failed append left in the file is dead.
+                    journal.reset(&files.journal)?;
+                    trace_io!(self, Event::JournalReset);
+                    return Ok(journal.live_bytes());
+                }
+                Err(err) => return Err(err),
+            }
         }
-        self.checkpoint(batch)?;
+        self.checkpoint(&files, batch)?;
         if journal.live_bytes() > 0 {
             // 4. Every live record is now covered by the data file and map.
-            journal.reset()?;
+            journal.reset(&files.journal)?;
             trace_io!(self, Event::JournalReset);
         }
         Ok(journal.live_bytes())
     }
 
     /// Steps 2 and 3: data durable first, then the map that publishes it.
-    fn checkpoint(&self, batch: &Batch) -> Result<()> {
+    fn checkpoint(&self, files: &Files, batch: &Batch) -> Result<()> {
         if batch.data_dirty {
             trace_io!(self, Event::DataSyncStart);
-            self.data
+            files
+                .data
                 .sync_data()
                 .map_err(io_err("sync", &self.paths.data))?;
             trace_io!(self, Event::DataSyncEnd);
@@ -466,18 +629,56 @@ impl Shared {
         for (page, bytes) in &batch.pages {
             let off = BITMAP_OFFSET + page * BITMAP_PAGE_BYTES as u64;
             trace_io!(self, Event::MapPage(*page, bytes.clone()));
-            self.map.write_all_at(bytes, off).map_err(map_err())?;
+            files.map.write_all_at(bytes, off).map_err(map_err())?;
         }
         if let Some(header) = batch.header {
-            self.map
+            files
+                .map
                 .write_all_at(&header.encode(), header.slot_offset())
                 .map_err(map_err())?;
         }
-        self.map
+        files
+            .map
             .sync_data()
             .map_err(io_err("sync", &self.paths.map))?;
         trace_io!(self, Event::MapSyncEnd);
+        let mut inner = self.lock();
+        inner
+            .map_reserved
+            .extend(batch.pages.iter().map(|(page, _)| *page));
         Ok(())
+    }
+}
+
+/// The action of a flush that could not reopen its cache's files.
+const REOPEN: &str = "reopen for a flush";
+
+/// The error of a flush that lost nothing (see `flush_quietly`), if so.
+fn retryable(err: &CacheError) -> Option<RetryableError> {
+    match err {
+        CacheError::Io { action, source, .. } if is_no_space(err) || *action == REOPEN => {
+            Some(RetryableError {
+                kind: source.kind(),
+                os: source.raw_os_error(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether an error means the file system is out of space (or quota) in a
+/// write call: nothing written before it was lost, so the cache can go on.
+/// ENOSPC from a sync is different: written-back data may be gone.
+pub(crate) fn is_no_space(err: &CacheError) -> bool {
+    match err {
+        CacheError::Io { action, source, .. } => {
+            *action != "sync"
+                && matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+        }
+        _ => false,
     }
 }
 

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::error::{io_err, Result};
+use super::files::with_descriptors;
 use super::format::{
     JournalHeader, RecordHeader, JOURNAL_GROW, JOURNAL_HEADER_SIZE, JOURNAL_RECORDS_OFFSET,
     RECORD_HEADER_SIZE,
@@ -74,10 +75,10 @@ pub(crate) struct Replayed {
     pub logical_end: u64,
 }
 
-/// The open journal file and where the next record goes.
+/// Where the next record goes in the journal file (the file itself is
+/// one of the cache's `Files`, passed to every call).
 #[derive(Debug)]
 pub(crate) struct Journal {
-    file: File,
     path: PathBuf,
     /// Records of other epochs are dead.
     epoch: u64,
@@ -103,28 +104,29 @@ fn new_epoch(old: u64) -> u64 {
 
 impl Journal {
     /// Creates an empty journal at `path` (emptying a leftover one), durable
-    /// once the caller syncs the folder.
+    /// once the caller syncs the folder; returns it and its open file.
     ///
     /// # Errors
     /// I/O errors.
-    pub fn create(path: &Path) -> Result<Journal> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(io_err("create", path))?;
+    pub fn create(path: &Path) -> Result<(Journal, File)> {
+        let file = with_descriptors(|| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+        })
+        .map_err(io_err("create", path))?;
         let mut journal = Journal {
-            file,
             path: path.to_path_buf(),
             epoch: 0,
             next_seq: 0,
             tail: JOURNAL_RECORDS_OFFSET,
             allocated: 0,
         };
-        journal.reset()?;
-        Ok(journal)
+        journal.reset(&file)?;
+        Ok((journal, file))
     }
 
     /// Opens `path`, creating it when missing (a cache made by an older
@@ -138,17 +140,18 @@ impl Journal {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn open(path: &Path) -> Result<(Journal, Vec<Replayed>)> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err("open", path))?;
+    pub fn open(path: &Path) -> Result<(Journal, File, Vec<Replayed>)> {
+        let file = with_descriptors(|| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+        })
+        .map_err(io_err("open", path))?;
         let len = file.metadata().map_err(io_err("stat", path))?.len();
         let mut journal = Journal {
-            file,
             path: path.to_path_buf(),
             epoch: 0,
             next_seq: 0,
@@ -156,23 +159,23 @@ impl Journal {
             allocated: len,
         };
         let mut buf = [0u8; JOURNAL_HEADER_SIZE];
-        let n = read_full_at(&journal.file, &mut buf, 0).map_err(io_err("read", path))?;
+        let n = read_full_at(&file, &mut buf, 0).map_err(io_err("read", path))?;
         let Some(header) = JournalHeader::decode(&buf[..n]) else {
-            return Ok((journal, Vec::new()));
+            return Ok((journal, file, Vec::new()));
         };
         journal.epoch = header.epoch;
-        let records = journal.read_live()?;
-        Ok((journal, records))
+        let records = journal.read_live(&file)?;
+        Ok((journal, file, records))
     }
 
     /// Reads the records of the live epoch from the start, up to the first
     /// one that does not check out.
-    fn read_live(&mut self) -> Result<Vec<Replayed>> {
+    fn read_live(&mut self, file: &File) -> Result<Vec<Replayed>> {
         let mut out = Vec::new();
         let mut pos = JOURNAL_RECORDS_OFFSET;
         let mut head = [0u8; RECORD_HEADER_SIZE];
         loop {
-            let n = read_full_at(&self.file, &mut head, pos).map_err(io_err("read", &self.path))?;
+            let n = read_full_at(file, &mut head, pos).map_err(io_err("read", &self.path))?;
             let Some(rec) = RecordHeader::decode(&head[..n]) else {
                 break;
             };
@@ -180,7 +183,7 @@ impl Journal {
                 break;
             }
             let mut payload = vec![0u8; rec.len as usize];
-            let n = read_full_at(&self.file, &mut payload, pos + RECORD_HEADER_SIZE as u64)
+            let n = read_full_at(file, &mut payload, pos + RECORD_HEADER_SIZE as u64)
                 .map_err(io_err("read", &self.path))?;
             if n != payload.len() || !rec.checks(&head, &payload) {
                 break;
@@ -197,16 +200,6 @@ impl Journal {
         Ok(out)
     }
 
-    /// Bytes the journal occupies on disk (`st_blocks`).
-    ///
-    /// # Errors
-    /// I/O errors of `fstat`.
-    pub fn allocated_bytes(&self) -> Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = self.file.metadata().map_err(io_err("stat", &self.path))?;
-        Ok(meta.blocks() * 512)
-    }
-
     /// Bytes of records in the live epoch.
     pub fn live_bytes(&self) -> u64 {
         self.tail - JOURNAL_RECORDS_OFFSET
@@ -218,38 +211,41 @@ impl Journal {
     /// Space past what was ever written is first filled with zeros in
     /// `JOURNAL_GROW` steps (synced by the same `fdatasync`), so that later
     /// epochs overwrite written blocks and their syncs commit no allocation.
+    /// When that fails (the file system is full), nothing changed: the
+    /// caller makes the records durable by a checkpoint instead.
     ///
     /// # Errors
-    /// I/O errors; the caller then poisons the cache.
-    pub fn append(&mut self, records: &[Record]) -> Result<()> {
+    /// I/O errors; the journal's position is unchanged, so the records can
+    /// be covered another way.
+    pub fn append(&mut self, file: &File, records: &[Record]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
         let total: u64 = records.iter().map(Record::encoded_len).sum();
         let mut buf = Vec::with_capacity(total as usize);
+        let mut seq = self.next_seq;
         for r in records {
             let header = RecordHeader {
                 epoch: self.epoch,
-                seq: self.next_seq,
+                seq,
                 offset: r.offset,
                 logical_end: r.logical_end,
                 len: r.len() as u32,
             };
             header.encode_into(&mut buf, &r.pieces);
-            self.next_seq += 1;
+            seq += 1;
         }
         let err = || io_err("write", &self.path);
         let end = self.tail + total;
         if end > self.allocated {
             let grown = end.next_multiple_of(JOURNAL_GROW);
             let zeros = vec![0u8; (grown - self.allocated) as usize];
-            self.file
-                .write_all_at(&zeros, self.allocated)
-                .map_err(err())?;
+            file.write_all_at(&zeros, self.allocated).map_err(err())?;
             self.allocated = grown;
         }
-        self.file.write_all_at(&buf, self.tail).map_err(err())?;
-        self.file.sync_data().map_err(io_err("sync", &self.path))?;
+        file.write_all_at(&buf, self.tail).map_err(err())?;
+        file.sync_data().map_err(io_err("sync", &self.path))?;
+        self.next_seq = seq;
         self.tail = end;
         Ok(())
     }
@@ -259,20 +255,18 @@ impl Journal {
     ///
     /// # Errors
     /// I/O errors; the caller then poisons the cache.
-    pub fn reset(&mut self) -> Result<()> {
+    pub fn reset(&mut self, file: &File) -> Result<()> {
         self.epoch = new_epoch(self.epoch);
         let header = JournalHeader { epoch: self.epoch };
-        self.file
-            .write_all_at(&header.encode(), 0)
+        file.write_all_at(&header.encode(), 0)
             .map_err(io_err("write", &self.path))?;
         if self.allocated < JOURNAL_RECORDS_OFFSET {
             // A new journal: records start on their own page.
-            self.file
-                .set_len(JOURNAL_RECORDS_OFFSET)
+            file.set_len(JOURNAL_RECORDS_OFFSET)
                 .map_err(io_err("write", &self.path))?;
             self.allocated = JOURNAL_RECORDS_OFFSET;
         }
-        self.file.sync_data().map_err(io_err("sync", &self.path))?;
+        file.sync_data().map_err(io_err("sync", &self.path))?;
         self.next_seq = 0;
         self.tail = JOURNAL_RECORDS_OFFSET;
         Ok(())

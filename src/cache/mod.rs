@@ -71,6 +71,7 @@
 mod bitmap;
 mod commit;
 mod error;
+mod files;
 pub mod format;
 mod journal;
 mod open;
@@ -81,6 +82,7 @@ mod session;
 mod write_cache;
 
 pub use error::{CacheError, Result};
+pub use files::{max_open_caches, open_caches, reopened_caches, set_max_open_caches};
 pub use format::DEFAULT_BLOCK_SIZE;
 pub use segment::{assemble, BaseRead, NoBase, Segment};
 pub use session::SessionCache;

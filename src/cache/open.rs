@@ -20,7 +20,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
@@ -30,6 +29,7 @@ use tokio::sync::watch;
 use super::bitmap::Bitmap;
 use super::commit::{Inner, Shared};
 use super::error::{io_err, CacheError, Result};
+use super::files::{lock_exclusive, open_rw, with_descriptors, FileSlot, Files};
 use super::format::{
     valid_block_size, Header, BITMAP_OFFSET, BITMAP_PAGE_BYTES, HEADER_SIZE, HEADER_SLOTS,
     MAX_LOGICAL_SIZE,
@@ -45,7 +45,7 @@ const LOAD_CHUNK: usize = 256 * BITMAP_PAGE_BYTES;
 /// Some file systems refuse fsync on a folder (EINVAL); their metadata is
 /// synchronous or out of our hands, so that is not an error.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    match File::open(dir).and_then(|d| d.sync_all()) {
+    match with_descriptors(|| File::open(dir)).and_then(|d| d.sync_all()) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
         other => other.map_err(io_err("sync folder", dir)),
     }
@@ -59,54 +59,22 @@ pub(crate) fn parent_of(path: &Path) -> &Path {
     }
 }
 
-/// Takes an exclusive advisory lock, so two processes never run one cache.
-///
-/// A cache on a mounted datastore may live on a file system without `flock`
-/// (ENOLCK, EOPNOTSUPP): then it runs unlocked, with a warning, rather than
-/// not at all.
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) => {
-            tracing::warn!(cache = %path.display(), cause = %err, "cannot lock write cache; running it unlocked");
-            Ok(())
-        }
-        _ => Err(CacheError::Io {
-            action: "lock (is another revive using it?)",
-            path: path.to_path_buf(),
-            source: err,
-        }),
-    }
-}
-
-fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io_err("open", path))
-}
-
 fn shared(
     paths: &CachePaths,
-    data: File,
-    map: File,
+    files: Files,
     journal: Journal,
     bitmap: Bitmap,
     header: Header,
 ) -> Shared {
+    let mut inner = Inner::new(bitmap, header);
+    // Pages with bits on disk were written, so their space is allocated.
+    inner.map_reserved = inner.bitmap.pages().collect();
     Shared {
         paths: paths.clone(),
-        data,
-        map,
+        slot: FileSlot::new(paths, files),
         journal: Mutex::new(journal),
         block_size: u64::from(header.block_size),
-        inner: Mutex::new(Inner::new(bitmap, header)),
+        inner: Mutex::new(inner),
         locks: Arc::new(RangeLocks::default()),
         flushed: watch::Sender::new(0),
         flushes: AtomicU64::new(0),
@@ -137,17 +105,19 @@ pub(crate) fn create(
     }
     // A data file without a map is the leftover of a crashed create or
     // delete: nothing references it, so truncating it is safe.
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&paths.data)
-        .map_err(io_err("create", &paths.data))?;
+    let data = with_descriptors(|| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&paths.data)
+    })
+    .map_err(io_err("create", &paths.data))?;
     data.sync_all().map_err(io_err("sync", &paths.data))?;
     // A leftover journal (of a deleted cache) is emptied before the map
     // makes the cache exist, so its records are never replayed here.
-    let journal = Journal::create(&paths.journal)?;
+    let (journal, journal_file) = Journal::create(&paths.journal)?;
 
     let header = Header {
         block_size,
@@ -157,11 +127,13 @@ pub(crate) fn create(
     };
     let tmp = paths.map.with_extension("map.tmp");
     let write_tmp = || -> io::Result<()> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let f = with_descriptors(|| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+        })?;
         let first = Header {
             sequence: 0,
             ..header
@@ -179,8 +151,13 @@ pub(crate) fn create(
     sync_dir(parent_of(&paths.map))?;
 
     let map = open_rw(&paths.map)?;
-    lock_exclusive(&map, &paths.map)?;
-    Ok(shared(paths, data, map, journal, Bitmap::new(), header))
+    lock_exclusive(&map, &paths.map, false)?;
+    let files = Files {
+        data,
+        map,
+        journal: journal_file,
+    };
+    Ok(shared(paths, files, journal, Bitmap::new(), header))
 }
 
 /// Reads the newer valid header slot.
@@ -256,18 +233,24 @@ pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
 /// Opens an existing cache, checks its header and repairs crash leftovers.
 pub(crate) fn open(paths: &CachePaths) -> Result<Shared> {
     let map = open_rw(&paths.map)?;
-    lock_exclusive(&map, &paths.map)?;
+    lock_exclusive(&map, &paths.map, false)?;
     let header = read_header(&map, &paths.map)?;
     let data = open_rw(&paths.data)?;
     let bitmap = read_bitmap(&map, &paths.map)?;
-    let (journal, records) = Journal::open(&paths.journal)?;
-    let shared = shared(paths, data, map, journal, bitmap, header);
+    let (journal, journal_file, records) = Journal::open(&paths.journal)?;
+    let files = Files {
+        data,
+        map,
+        journal: journal_file,
+    };
+    let shared = shared(paths, files, journal, bitmap, header);
     replay(&shared, records)?;
     repair(&shared)?;
     // Records of the old epoch are covered now (repair checkpointed any
     // replayed ones); a new epoch keeps them from ever being replayed again
     // over newer data, and makes the journal's file entry durable.
-    shared.journal().reset()?;
+    let files = shared.files()?;
+    shared.journal().reset(&files.journal)?;
     sync_dir(parent_of(&paths.journal))?;
     Ok(shared)
 }
@@ -279,12 +262,13 @@ fn replay(shared: &Shared, records: Vec<Replayed>) -> Result<()> {
         return Ok(());
     }
     let bs = shared.block_size;
+    let files = shared.files()?;
     let mut inner = shared.lock();
     for r in &records {
         if r.payload.is_empty() {
             continue;
         }
-        shared
+        files
             .data
             .write_all_at(&r.payload, r.offset)
             .map_err(io_err("write", &shared.paths.data))?;
@@ -309,6 +293,7 @@ fn replay(shared: &Shared, records: Vec<Replayed>) -> Result<()> {
 /// the module doc), and makes the repair durable before the cache is used.
 fn repair(shared: &Shared) -> Result<()> {
     let bs = shared.block_size;
+    let files = shared.files()?;
     let mut inner = shared.lock();
     let size = inner.header.logical_size;
     let first_beyond = size.div_ceil(bs);
@@ -316,7 +301,7 @@ fn repair(shared: &Shared) -> Result<()> {
     let tail_block = size / bs;
     if !size.is_multiple_of(bs) && inner.bitmap.get(tail_block) {
         let zeros = vec![0u8; (bs - size % bs) as usize];
-        shared
+        files
             .data
             .write_all_at(&zeros, size)
             .map_err(io_err("write", &shared.paths.data))?;

@@ -92,17 +92,26 @@ impl WriteCache {
             let s = Arc::clone(&shared);
             blocking(&shared.paths.data, move || {
                 let data_err = || io_err("truncate", &s.paths.data);
+                let files = s.files()?;
                 if zero_tail {
                     let zeros = vec![0u8; (bs - new_len % bs) as usize];
-                    s.data.write_all_at(&zeros, new_len).map_err(data_err())?;
+                    files
+                        .data
+                        .write_all_at(&zeros, new_len)
+                        .map_err(data_err())?;
                     // Synced by the next flush; `open` redoes it after a crash.
                     let mut inner = s.lock();
                     inner.data_dirty = true;
                     inner.mark_unjournaled();
                 }
-                s.data
-                    .set_len(new_len.div_ceil(bs) * bs)
-                    .map_err(data_err())?;
+                // Only ever shorten the data file: lengthening it to a size
+                // its file system cannot hold (ext4: 16 TiB) would fail a
+                // shrink whose new size is already durable.
+                let target = new_len.div_ceil(bs) * bs;
+                let len = files.data.metadata().map_err(data_err())?.len();
+                if len > target {
+                    files.data.set_len(target).map_err(data_err())?;
+                }
                 trace_io!(s, Event::DataTruncated(new_len.div_ceil(bs)));
                 Ok(())
             })
@@ -141,7 +150,8 @@ impl WriteCache {
         let shared = Arc::clone(&self.shared);
         blocking(&self.shared.paths.data, move || {
             Shared::check_poisoned(&shared.lock(), &shared.paths)?;
-            punch_hole(&shared.data, first * bs, (last - first) * bs)
+            let files = shared.files()?;
+            punch_hole(&files.data, first * bs, (last - first) * bs)
                 .map_err(io_err("punch", &shared.paths.data))?;
             trace_io!(shared, Event::DataWritten(first, last));
             let mut inner = shared.lock();

@@ -7,13 +7,14 @@
 //! production datastore mounted on this machine.
 
 use std::collections::HashMap;
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
 use super::error::{io_err, join_err, CacheError, Result};
+use super::files::{lock_exclusive, with_descriptors};
 use super::open::{parent_of, sync_dir};
 use super::write_cache::{CachePaths, Origin, WriteCache};
 
@@ -29,6 +30,10 @@ const MAX_NAME_LEN: usize = 200;
 pub struct SessionCache {
     dir: PathBuf,
     files: Mutex<HashMap<String, Arc<WriteCache>>>,
+    /// The folder, open and `flock`ed while this runs it: the caches in it
+    /// close their files when idle (see `files.rs`), and with them their
+    /// own locks, so the folder's lock is what keeps a second process out.
+    _lock: File,
 }
 
 /// Checks that `name` can be used as a file name in the session folder.
@@ -51,11 +56,34 @@ impl SessionCache {
     /// # Errors
     /// I/O errors on the folder; any error opening one of its caches.
     pub async fn open(dir: impl Into<PathBuf>) -> Result<SessionCache> {
-        let dir = dir.into();
+        Self::open_in(dir.into(), true).await
+    }
+
+    /// Opens the session folder `dir` like [`SessionCache::open`], but
+    /// refuses to create it: a missing folder is an I/O error (`NotFound`),
+    /// never a silently empty cache.
+    ///
+    /// # Errors
+    /// As `open`, and `NotFound` when `dir` does not exist.
+    pub async fn open_existing(dir: impl Into<PathBuf>) -> Result<SessionCache> {
+        Self::open_in(dir.into(), false).await
+    }
+
+    async fn open_in(dir: PathBuf, create: bool) -> Result<SessionCache> {
         let d = dir.clone();
-        let names = tokio::task::spawn_blocking(move || scan(&d))
-            .await
-            .map_err(|e| join_err(&dir, e))??;
+        let (lock, names) = tokio::task::spawn_blocking(move || {
+            if create && !d.exists() {
+                fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+                sync_dir(parent_of(&d))?;
+            }
+            let lock = with_descriptors(|| File::open(&d)).map_err(io_err("open", &d))?;
+            // Waits a moment: a handle to this folder that the process
+            // itself just let go of may still be closing.
+            lock_exclusive(&lock, &d, true)?;
+            Ok::<_, CacheError>((lock, scan(&d)?))
+        })
+        .await
+        .map_err(|e| join_err(&dir, e))??;
         let mut files = HashMap::new();
         for name in names {
             let cache = WriteCache::open(&CachePaths::in_dir(&dir, &name)).await?;
@@ -64,6 +92,7 @@ impl SessionCache {
         Ok(SessionCache {
             dir,
             files: Mutex::new(files),
+            _lock: lock,
         })
     }
 
@@ -111,6 +140,9 @@ impl SessionCache {
             return Ok(false);
         };
         let paths = cache.paths().clone();
+        // Its descriptors close as soon as no operation holds them, so the
+        // space is freed even while a handle to it lingers elsewhere.
+        cache.shared.slot.close_for_delete();
         drop(cache);
         tokio::task::spawn_blocking(move || super::open::delete(&paths))
             .await
@@ -168,13 +200,9 @@ impl SessionCache {
     }
 }
 
-/// Creates `dir` if needed and lists the cache names in it; removes the
-/// temporary files of creates that a crash interrupted.
+/// Lists the cache names in `dir`; removes the temporary files of creates
+/// that a crash interrupted.
 fn scan(dir: &Path) -> Result<Vec<String>> {
-    if !dir.exists() {
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        sync_dir(parent_of(dir))?;
-    }
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
         let entry = entry.map_err(io_err("list", dir))?;

@@ -154,6 +154,7 @@ impl WriteCache {
     /// I/O errors other than "not found".
     pub async fn delete(self) -> Result<()> {
         let paths = self.shared.paths.clone();
+        self.shared.slot.close_for_delete();
         drop(self);
         let p = paths.clone();
         blocking(&paths.map, move || open::delete(&p)).await
@@ -190,16 +191,21 @@ impl WriteCache {
         self.shared.lock().bitmap.count() * self.shared.block_size
     }
 
-    /// Bytes the three files really occupy on disk (`st_blocks`).
+    /// Bytes the three files really occupy on disk (`st_blocks`). Blocking
+    /// (`stat` of each file; no descriptor needed).
     ///
     /// # Errors
-    /// I/O errors of `fstat`.
+    /// I/O errors of `stat`.
     pub fn allocated_bytes(&self) -> Result<u64> {
-        let s = &self.shared;
-        let d = s.data.metadata().map_err(io_err("stat", &s.paths.data))?;
-        let m = s.map.metadata().map_err(io_err("stat", &s.paths.map))?;
-        let j = s.journal().allocated_bytes()?;
-        Ok((d.blocks() + m.blocks()) * 512 + j)
+        let p = &self.shared.paths;
+        let mut total = 0;
+        for path in [&p.data, &p.map, &p.journal] {
+            total += std::fs::metadata(path)
+                .map_err(io_err("stat", path))?
+                .blocks()
+                * 512;
+        }
+        Ok(total)
     }
 
     /// Number of flushes (journal syncs and checkpoints) run so far.
@@ -220,6 +226,25 @@ impl WriteCache {
     /// Whether `block` is present in the cache (written, maybe not durable).
     pub fn is_cached(&self, block: u64) -> bool {
         self.shared.lock().bitmap.get(block)
+    }
+
+    /// Byte ranges of `[offset, offset + len)` whose blocks are present in
+    /// the cache (written, punched or copied on write), clipped to the range
+    /// and to the logical size, merged and in order. For block status
+    /// queries: present bytes are served from the cache, never the base.
+    pub fn present_ranges(&self, offset: u64, len: u64) -> Vec<std::ops::Range<u64>> {
+        let bs = self.shared.block_size;
+        let inner = self.shared.lock();
+        let end = offset.saturating_add(len).min(inner.header.logical_size);
+        if offset >= end {
+            return Vec::new();
+        }
+        inner
+            .bitmap
+            .runs(offset / bs, end.div_ceil(bs))
+            .into_iter()
+            .map(|r| (r.start * bs).max(offset)..(r.end * bs).min(end))
+            .collect()
     }
 
     /// Splits `[offset, offset + len)` into cached bytes, base ranges and
@@ -268,13 +293,14 @@ impl WriteCache {
         }
         let shared = Arc::clone(&self.shared);
         blocking(&self.shared.paths.data, move || {
+            let files = shared.files()?;
             let mut out = Vec::with_capacity(plan.len());
             for p in plan {
                 let mut bytes = Bytes::new();
                 if p.0 == Kind::Cached {
                     let mut buf = BytesMut::zeroed((p.2 - p.1) as usize);
                     // A short read (a concurrent truncate) leaves zeros.
-                    read_full_at(&shared.data, &mut buf, p.1)
+                    read_full_at(&files.data, &mut buf, p.1)
                         .map_err(io_err("read", &shared.paths.data))?;
                     bytes = buf.freeze();
                 }
@@ -372,11 +398,24 @@ impl WriteCache {
         pieces.sort_by_key(|p| p.0);
         let shared = Arc::clone(&self.shared);
         let seq = blocking(&self.shared.paths.data, move || {
-            for (off, bytes) in &pieces {
-                shared
-                    .data
-                    .write_all_at(bytes, *off)
-                    .map_err(io_err("write", &shared.paths.data))?;
+            let files = shared.files()?;
+            // Space for the bitmap pages this write will publish, before any
+            // byte lands: a full file system fails the write here.
+            shared.reserve_map_pages(&files, first, last)?;
+            // Blocks not cached yet first: a full file system fails there,
+            // while they are still invisible (no bit set). Cached blocks
+            // are overwritten in place, needing no new space, only after
+            // that, so a write refused for space changes nothing clients see.
+            let runs = shared.cached_runs(first, last + 1);
+            for cached in [false, true] {
+                for &(start, end, _) in runs.iter().filter(|r| r.2 == cached) {
+                    for (off, bytes) in slices(&pieces, start * bs, end * bs) {
+                        files
+                            .data
+                            .write_all_at(&bytes, off)
+                            .map_err(io_err("write", &shared.paths.data))?;
+                    }
+                }
             }
             trace_io!(shared, Event::DataWritten(first, last + 1));
             // Publish only after the data is in the file (see module doc).
@@ -475,6 +514,18 @@ impl WriteCache {
         let target = self.shared.lock().write_seq;
         self.shared.commit_upto(target).await
     }
+}
+
+/// The parts of contiguous `pieces` (offset, bytes) within `[from, to)`.
+fn slices(pieces: &[(u64, Bytes)], from: u64, to: u64) -> Vec<(u64, Bytes)> {
+    pieces
+        .iter()
+        .filter_map(|(off, bytes)| {
+            let lo = from.max(*off);
+            let hi = to.min(off + bytes.len() as u64);
+            (lo < hi).then(|| (lo, bytes.slice((lo - off) as usize..(hi - off) as usize)))
+        })
+        .collect()
 }
 
 /// The kind of a planned read piece.

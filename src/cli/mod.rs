@@ -5,6 +5,8 @@ mod progress;
 mod repo_cmds;
 mod serve;
 mod sessions;
+mod snapshot_cmds;
+mod verify_boot;
 
 use std::path::PathBuf;
 
@@ -72,20 +74,30 @@ pub enum Command {
         #[arg(long, default_value = "1MiB", value_parser = parse_size_arg)]
         chunk_size: u64,
     },
-    /// Back up a VM folder or a disk image as a new restore point.
+    /// Back up a VM folder, a disk image or a folder tree as a new restore point.
+    ///
+    /// A folder with subfolders or symlinks (a PostgreSQL data folder, a
+    /// pg_basebackup -Fp output) is backed up as a tree: every folder, file
+    /// and symlink with its mode, owner and mtime, symlinks not followed.
+    /// A folder with a .vmx file, a flat folder of files, or a single file is
+    /// a VM, as always. --tree makes any folder a tree.
+    #[command(verbatim_doc_comment)]
     Backup {
         #[command(flatten)]
         repo: RepoArg,
-        /// VM name (default: the .vmx name, else the folder or file name).
+        /// Name of the chain (default: the .vmx name, else the folder or file name).
         #[arg(long)]
         name: Option<String>,
+        /// Back the folder up as a tree even if it looks like a VM folder.
+        #[arg(long)]
+        tree: bool,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
-        /// VM folder or image file to back up.
+        /// VM folder, image file or folder tree to back up.
         path: PathBuf,
     },
-    /// List restore points.
+    /// List restore points (of the repository, or a storage system's snapshots).
     Points {
         #[command(flatten)]
         repo: RepoArg,
@@ -95,8 +107,12 @@ pub enum Command {
         /// Print one JSON array.
         #[arg(long)]
         json: bool,
+        /// Where the points are: "repo" (the repository), or snap:NAME for
+        /// the snapshots of [[snapshot_source]] NAME in the config file.
+        #[arg(long, default_value = "repo", value_name = "repo|snap:NAME")]
+        source: String,
     },
-    /// Restore a restore point's files into a folder.
+    /// Restore a restore point's files (a tree: with folders, symlinks, modes, owners, mtimes) into a folder.
     Restore {
         #[command(flatten)]
         repo: RepoArg,
@@ -105,15 +121,53 @@ pub enum Command {
         /// Destination folder (created if missing; existing files are never overwritten).
         dest: PathBuf,
     },
-    /// Re-read and check every chunk (of one restore point, or of all).
+    /// Re-read and check every chunk (of one restore point, or of all); with
+    /// --boot, prove restore points boot instead.
+    ///
+    /// --boot asks the running `revive serve` (its API) to boot each point on
+    /// an isolated lab network of a qemu host ([verify] host), watch for its
+    /// success signals (console pattern, TCP port, script), take a
+    /// screenshot, clean everything up and record the verdict beside the
+    /// point (`revive points` shows it). Exit status 1 if any point failed.
+    #[command(verbatim_doc_comment)]
     Verify {
         #[command(flatten)]
         repo: RepoArg,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
-        /// Restore point: full id, unique prefix, or VM@latest.
-        point: Option<String>,
+        /// Boot the points instead of re-reading their chunks.
+        #[arg(long)]
+        boot: bool,
+        /// With --boot: also the latest point of every VM (a nightly run).
+        #[arg(long, requires = "boot")]
+        all_latest: bool,
+        /// With --boot: points booted at once (default: [verify] parallel).
+        #[arg(long, requires = "boot")]
+        parallel: Option<usize>,
+        /// With --boot: the qemu host to boot on (default: [verify] host).
+        #[arg(long, requires = "boot")]
+        host: Option<String>,
+        /// With --boot: seconds each boot may take (default: [verify] timeout_secs).
+        #[arg(long, requires = "boot")]
+        timeout: Option<u64>,
+        /// With --boot: a regular expression a console line must match.
+        #[arg(long, requires = "boot", value_name = "REGEX")]
+        console: Option<String>,
+        /// With --boot: a guest TCP port that must answer (e.g. 22).
+        #[arg(long, requires = "boot", value_name = "PORT")]
+        tcp_port: Option<u16>,
+        /// With --boot: a script run against the booted guest; exit 0 is success.
+        #[arg(long, requires = "boot", value_name = "FILE")]
+        script: Option<PathBuf>,
+        /// With --boot: API base URL (default: http://<[api] bind> of --config).
+        #[arg(long, env = "REVIVE_API", value_name = "URL")]
+        api: Option<String>,
+        /// With --boot: API token (default: [api] token of --config).
+        #[arg(long, env = "REVIVE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Restore points: full id, unique prefix, or VM@latest (several with --boot).
+        points: Vec<String>,
     },
     /// Drop a restore point (its chunks stay until gc).
     Forget {
@@ -146,7 +200,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve the NFSv3 datastore: published restore points as VM folders.
+    /// Serve the NFSv3 datastore (published restore points as VM folders) and block exports (NBD).
     Serve {
         /// Configuration file (default: $REVIVE_CONFIG, else built-in defaults).
         #[arg(long, env = revive::config::CONFIG_ENV, value_name = "FILE")]
@@ -160,13 +214,11 @@ pub enum Command {
     Recover {
         #[command(flatten)]
         api: sessions::ApiArgs,
-        /// What is recovered: a VM, or a PostgreSQL data folder.
-        #[arg(long, value_enum, default_value = "vm")]
-        kind: KindArg,
         /// VM to recover (repeat for several VMs sharing one datastore).
         #[arg(long = "vm", required_unless_present = "point")]
         vms: Vec<String>,
-        /// Restore point (id, prefix, NAME@latest); single VM only. Default: the latest.
+        /// Restore point (id, prefix, NAME@latest; single VM only), or a storage
+        /// snapshot snap:SOURCE/SNAPSHOT (several VMs share its clone). Default: the latest.
         #[arg(long)]
         point: Option<String>,
         /// Port the recovered database answers on (--kind postgres; default:
@@ -188,6 +240,17 @@ pub enum Command {
         /// Power the VM on once registered.
         #[arg(long)]
         power_on: bool,
+        /// vm: the VM folder on the NFS datastore; block: a disk as a block
+        /// export (NBD or iSCSI); postgres: a PostgreSQL data folder started
+        /// on a postgres host.
+        #[arg(long, value_enum, default_value = "vm")]
+        kind: KindArg,
+        /// Disk file to export with --kind block (default: the only disk).
+        #[arg(long, value_name = "FILE")]
+        disk: Option<String>,
+        /// Protocol of the block export with --kind block (default: nbd).
+        #[arg(long, value_enum)]
+        protocol: Option<ProtocolArg>,
         /// Wait until the sessions run (or need attention).
         #[arg(long)]
         wait: bool,
@@ -263,6 +326,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a session's write cache over, empty, dropping everything
+    /// clients wrote: the one way on when its cache folder is gone for good.
+    #[command(name = "discard-cache")]
+    DiscardCache {
+        #[command(flatten)]
+        api: sessions::ApiArgs,
+        /// Session id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a session: power off, unregister, unpublish, delete its write cache.
     Stop {
         #[command(flatten)]
@@ -303,10 +378,40 @@ impl Command {
 /// `--kind` of `revive recover`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KindArg {
-    /// A VM folder, on the host's hypervisor.
+    /// The VM folder on the NFS datastore, registered with the host.
     Vm,
-    /// A PostgreSQL data folder, started on a postgres host.
+    /// One disk served as a block export (NBD or iSCSI); a QEMU host boots it from nbd:// or iscsi://.
+    Block,
+    /// A PostgreSQL data folder, started on a postgres host (a VM-kind
+    /// session whose driver is "postgres").
     Postgres,
+}
+
+/// `--protocol` of `revive recover --kind block`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProtocolArg {
+    /// NBD (`[nbd]`).
+    Nbd,
+    /// iSCSI (`[iscsi]`): one target per export, the disk as LUN 0.
+    Iscsi,
+}
+
+impl From<ProtocolArg> for revive::block::BlockProtocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Nbd => revive::block::BlockProtocol::Nbd,
+            ProtocolArg::Iscsi => revive::block::BlockProtocol::Iscsi,
+        }
+    }
+}
+
+impl From<KindArg> for revive::controller::RecoveryKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Vm | KindArg::Postgres => revive::controller::RecoveryKind::Vm,
+            KindArg::Block => revive::controller::RecoveryKind::Block,
+        }
+    }
 }
 
 /// `--method` of `revive migrate`.
@@ -336,6 +441,8 @@ pub enum Outcome {
     Damaged,
     /// `--wait` ended with a session short of its goal (failed, waiting, cancelled).
     Unfinished,
+    /// `verify --boot`: a restore point did not boot.
+    BootFailed,
 }
 
 impl Outcome {
@@ -343,7 +450,7 @@ impl Outcome {
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Ok => 0,
-            Outcome::Damaged => 1,
+            Outcome::Damaged | Outcome::BootFailed => 1,
             Outcome::Unfinished => 3,
         }
     }
@@ -374,17 +481,66 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         Command::Backup {
             repo,
             name,
+            tree,
             json,
             path,
-        } => repo_cmds::backup(&repo.resolve()?, name, json, &path).await,
-        Command::Points { repo, vm, json } => {
-            repo_cmds::points(&repo.resolve()?, vm.as_deref(), json).await
+        } => repo_cmds::backup(&repo.resolve()?, name, tree, json, &path).await,
+        Command::Points {
+            repo,
+            vm,
+            json,
+            source,
+        } => {
+            if source == "repo" {
+                repo_cmds::points(&repo.resolve()?, vm.as_deref(), json).await
+            } else {
+                snapshot_cmds::points(repo.config.as_ref(), &source, vm.as_deref(), json).await
+            }
         }
         Command::Restore { repo, point, dest } => {
             repo_cmds::restore(&repo.resolve()?, &point, &dest).await
         }
-        Command::Verify { repo, json, point } => {
-            repo_cmds::verify(&repo.resolve()?, point.as_deref(), json).await
+        Command::Verify {
+            repo,
+            json,
+            boot: true,
+            all_latest,
+            parallel,
+            host,
+            timeout,
+            console,
+            tcp_port,
+            script,
+            api,
+            token,
+            points,
+        } => {
+            let api = sessions::ApiArgs {
+                config: repo.config,
+                api,
+                token,
+            };
+            let req = revive::controller::VerifyBootRequest {
+                points,
+                all_latest,
+                parallel,
+                host,
+                timeout_secs: timeout,
+                signals: revive::controller::boot_signals::Signals {
+                    console,
+                    tcp_port,
+                    script,
+                },
+            };
+            verify_boot::run(&api, req, json).await
+        }
+        Command::Verify {
+            repo, json, points, ..
+        } => {
+            if points.len() > 1 {
+                anyhow::bail!("verify checks one restore point or all; --boot takes several");
+            }
+            repo_cmds::verify(&repo.resolve()?, points.first().map(String::as_str), json).await
         }
         Command::Forget { repo, point } => repo_cmds::forget(&repo.resolve()?, &point).await,
         Command::Mount {
@@ -411,7 +567,6 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         Command::Gc { repo, json, grace } => repo_cmds::gc(&repo.resolve()?, json, grace).await,
         Command::Recover {
             api,
-            kind,
             vms,
             point,
             port,
@@ -420,6 +575,9 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             cache,
             name,
             power_on,
+            kind,
+            disk,
+            protocol,
             wait,
             json,
         } => {
@@ -436,6 +594,10 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
                 name,
                 power_on,
                 port,
+                kind: kind.into(),
+                disk,
+                protocol: protocol.map(Into::into),
+                lab: None,
             };
             sessions::recover(&api, req, wait, json).await
         }
@@ -464,6 +626,9 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
             json,
         } => sessions::action(&api, &id, "switchover", wait, json).await,
         Command::Retry { api, id, json } => sessions::action(&api, &id, "retry", false, json).await,
+        Command::DiscardCache { api, id, json } => {
+            sessions::action(&api, &id, "discard-cache", false, json).await
+        }
         Command::Stop {
             api,
             id,

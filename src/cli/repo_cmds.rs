@@ -4,7 +4,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use revive::repo::{self, BackupOptions, GcOptions, OpenOptions, ProblemKind, Repository};
+use revive::repo::{
+    self, BackupOptions, GcOptions, OpenOptions, PointKind, ProblemKind, Repository, RestorePoint,
+};
 use revive::store::StoreLocation;
 use serde_json::json;
 
@@ -64,15 +66,23 @@ pub async fn init(location: &StoreLocation, chunk_size: u64) -> anyhow::Result<O
     Ok(Outcome::Ok)
 }
 
+/// Files, folders and symlinks of a point, as JSON.
+fn counts_json(point: &RestorePoint) -> serde_json::Value {
+    let c = point.counts();
+    json!({ "files": c.files, "folders": c.folders, "symlinks": c.symlinks })
+}
+
 pub async fn backup(
     location: &StoreLocation,
     name: Option<String>,
+    tree: bool,
     json: bool,
     path: &Path,
 ) -> anyhow::Result<Outcome> {
     let repo = open(location).await?;
     let bar = Bar::bytes("backup");
-    let point = repo::backup(&repo, path, &BackupOptions { vm: name }, &bar)
+    let options = BackupOptions { vm: name, tree };
+    let point = repo::backup(&repo, path, &options, &bar)
         .await
         .with_context(|| format!("back up '{}'", path.display()))?;
     bar.finish();
@@ -81,6 +91,9 @@ pub async fn backup(
         print_json(&json!({
             "id": point.id,
             "vm": point.vm,
+            "kind": point.kind.as_str(),
+            "entries": point.entry_count(),
+            "counts": counts_json(&point),
             "parent": point.parent,
             "created": point.created,
             "logical_size": point.logical_size(),
@@ -111,18 +124,29 @@ pub async fn points(
         .into_iter()
         .filter(|p| vm.is_none_or(|vm| p.vm == vm))
         .collect();
+    let mut boots = Vec::with_capacity(points.len());
+    for p in &points {
+        boots.push(repo.boot_record(&p.id).await?);
+    }
     if json {
         let rows: Vec<_> = points
             .iter()
-            .map(|p| {
+            .zip(&boots)
+            .map(|(p, boot)| {
+                // A tree's entries (thousands) are not listed here: counts only.
                 json!({
                     "id": p.id,
                     "vm": p.vm,
+                    "kind": p.kind.as_str(),
                     "created": p.created,
                     "parent": p.parent,
                     "logical_size": p.logical_size(),
                     "bytes_new": p.stats.bytes_new,
                     "bytes_stored": p.stats.bytes_stored,
+                    "entries": p.entry_count(),
+                    "counts": counts_json(p),
+                    "verified_boot": boot_text(boot.as_ref()),
+                    "boot": boot,
                     "files": p.files.iter().map(|f| json!({
                         "name": f.name, "kind": f.kind, "size": f.size,
                     })).collect::<Vec<_>>(),
@@ -133,21 +157,29 @@ pub async fn points(
         return Ok(Outcome::Ok);
     }
     println!(
-        "{:<16}  {:<16}  {:<20}  {:<16}  {:>10}  {:>10}",
-        "ID", "VM", "CREATED", "PARENT", "SIZE", "NEW"
+        "{:<16}  {:<16}  {:<4}  {:<20}  {:<16}  {:>7}  {:>10}  {:>10}  {:<6}",
+        "ID", "NAME", "KIND", "CREATED", "PARENT", "ENTRIES", "SIZE", "NEW", "BOOT"
     );
-    for p in &points {
+    for (p, boot) in points.iter().zip(&boots) {
         println!(
-            "{:<16}  {:<16}  {:<20}  {:<16}  {:>10}  {:>10}",
+            "{:<16}  {:<16}  {:<4}  {:<20}  {:<16}  {:>7}  {:>10}  {:>10}  {:<6}",
             p.id,
             p.vm,
+            p.kind.as_str(),
             p.created.format("%Y-%m-%d %H:%M:%S"),
             p.parent.as_deref().unwrap_or("-"),
+            p.entry_count(),
             human(p.logical_size()),
-            human(p.stats.bytes_new)
+            human(p.stats.bytes_new),
+            boot_text(boot.as_ref())
         );
     }
     Ok(Outcome::Ok)
+}
+
+/// The verified-boot column: ok, failed, or never.
+fn boot_text(boot: Option<&revive::repo::BootRecord>) -> &'static str {
+    boot.map_or("never", |b| b.verdict.as_str())
 }
 
 pub async fn restore(location: &StoreLocation, spec: &str, dest: &Path) -> anyhow::Result<Outcome> {
@@ -158,10 +190,19 @@ pub async fn restore(location: &StoreLocation, spec: &str, dest: &Path) -> anyho
         .await
         .with_context(|| format!("restore {} to '{}'", point.id, dest.display()))?;
     bar.finish();
+    let what = match point.kind {
+        PointKind::Vm => format!("{} files", point.files.len()),
+        PointKind::Tree => {
+            let c = point.counts();
+            format!(
+                "{} files, {} folders, {} symlinks",
+                c.files, c.folders, c.symlinks
+            )
+        }
+    };
     println!(
-        "restored {} ({} files, {}) to '{}'",
+        "restored {} ({what}, {}) to '{}'",
         point.id,
-        point.files.len(),
         human(point.logical_size()),
         dest.display()
     );
@@ -242,12 +283,6 @@ pub async fn gc(
             report.pages_removed,
             human(report.bytes_freed)
         );
-        if report.young_kept > 0 {
-            println!(
-                "gc: kept {} unreferenced objects younger than the grace period ({} s)",
-                report.young_kept, report.grace_seconds
-            );
-        }
         if report.young_kept > 0 {
             println!(
                 "gc: kept {} unreferenced objects younger than the grace period ({} s)",

@@ -6,11 +6,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use revive::api::ApiState;
+use revive::block::iscsi::{ExportTargets, IscsiServer};
+use revive::block::nbd::NbdServer;
+use revive::block::{BlockExports, BlockProtocol};
 use revive::config::Config;
 use revive::controller::Controller;
+use revive::datastore::passthrough::Passthrough;
+use revive::datastore::router::Router;
 use revive::datastore::Datastore;
-use revive::nfs::{NfsListeners, NfsServer};
+use revive::datastore::FileOps;
+use revive::nfs::{ConnLimits, NfsListeners, NfsServer};
 use revive::repo::{OpenOptions, Repository};
+use revive::snapshots::SnapshotSources;
 use serde_json::json;
 use tracing::info;
 
@@ -27,7 +34,58 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: a datastore
+/// holds many files and connections, and the usual soft limit of 1024 (a
+/// login shell, a unit without `LimitNOFILE`) is far below what the system
+/// allows. Returns the soft limit now in force.
+fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid rlimit; no other memory.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let before = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                info!(
+                    from = before,
+                    to = limit.rlim_max,
+                    "raised the open file limit"
+                );
+            } else {
+                limit.rlim_cur = before;
+                tracing::warn!(limit = before, cause = %std::io::Error::last_os_error(), "could not raise the open file limit");
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// The configured connection limits, with the total kept to half the open
+/// file limit: the rest is for write caches, the repository and the state.
+fn connection_limits(config: &Config, open_files: u64) -> ConnLimits {
+    let mut limits = config.conn_limits();
+    let room = usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1);
+    if limits.max_connections > room {
+        tracing::warn!(
+            configured = limits.max_connections,
+            allowed = room,
+            open_file_limit = open_files,
+            "[nfs] max_connections is more than half the open file limit; lowered"
+        );
+        limits.max_connections = room;
+    }
+    limits
+}
+
 pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow::Result<Outcome> {
+    // First, before the write caches size their share of it.
+    let open_files = raise_open_file_limit();
     let config = load_config(config_path.as_ref())?;
     // Take SIGTERM/SIGINT before anything else: a signal that arrives after
     // the ports line but before the server first polls its shutdown future
@@ -52,15 +110,62 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
             })?,
     );
     publish_configured(&datastore, &config).await?;
-    let controller = Controller::start(config.controller_config(), datastore.clone())
-        .await
-        .context("start the session controller")?;
+    let blocks = BlockExports::new();
+    // Bound (and recorded in the registry) before sessions resume: a block
+    // session's steps need to know where NBD and iSCSI are served.
+    let nbd_listener = if config.nbd.serves(&config.block_exports) {
+        let listener = tokio::net::TcpListener::bind((config.nbd.bind, config.nbd.port))
+            .await
+            .with_context(|| format!("bind NBD port {}:{}", config.nbd.bind, config.nbd.port))?;
+        blocks.set_listening(BlockProtocol::Nbd, listener.local_addr()?);
+        Some(listener)
+    } else {
+        None
+    };
+    let iscsi_listener = if config.iscsi.serves(&config.block_exports) {
+        let (bind, port) = (config.iscsi.bind, config.iscsi.port);
+        let listener = tokio::net::TcpListener::bind((bind, port))
+            .await
+            .with_context(|| format!("bind iSCSI port {bind}:{port}"))?;
+        blocks.set_listening(BlockProtocol::Iscsi, listener.local_addr()?);
+        Some(listener)
+    } else {
+        None
+    };
+    export_blocks(&datastore, &blocks, &config).await?;
+    let iscsi_port = blocks.listening(BlockProtocol::Iscsi).map(|a| a.port());
+    let nbd_port = blocks.listening(BlockProtocol::Nbd).map(|a| a.port());
+    // Snapshot clones are served beside the repository's exports.
+    let passthrough = Arc::new(Passthrough::open(&config.datastore.state_dir).with_context(
+        || {
+            format!(
+                "open passthrough exports in '{}'",
+                config.datastore.state_dir.display()
+            )
+        },
+    )?);
+    let snapshots = Arc::new(SnapshotSources::build(
+        &config.snapshot_sources,
+        Some(passthrough.clone()),
+    ));
+    let controller = Controller::start_full(
+        config.controller_config(),
+        datastore.clone(),
+        blocks.clone(),
+        snapshots,
+    )
+    .await
+    .context("start the session controller")?;
     let bind = config.nfs_bind();
     let listeners = NfsListeners::bind(&bind)
         .await
         .with_context(|| format!("bind NFS ports on {} ({:?})", bind.addr, bind))?;
     let ports = listeners.ports()?;
-    let server = NfsServer::new(datastore.clone());
+    let server = NfsServer::new(Arc::new(Router::new(
+        datastore.clone(),
+        passthrough.clone(),
+    )))
+    .with_limits(connection_limits(&config, open_files));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -75,10 +180,13 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
                 .with_context(|| format!("bind API on {}", config.api.bind))?;
             let port = listener.local_addr()?.port();
             let state = ApiState {
-                datastore: datastore.clone(),
-                nfs: server.metrics(),
-                token: Arc::from(token.as_str()),
-                controller: controller.clone(),
+                console: config.api.console,
+                ..ApiState::new(
+                    datastore.clone(),
+                    server.metrics(),
+                    Arc::from(token.as_str()),
+                    controller.clone(),
+                )
             };
             tokio::spawn(revive::api::serve(listener, state, stopped()));
             Some(port)
@@ -99,6 +207,9 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
             "portmap_port": ports.portmap_tcp,
             "api_port": api_port,
             "exports": datastore.exports().iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
+            "nbd_port": nbd_port,
+            "iscsi_port": iscsi_port,
+            "block_exports": blocks.all().iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
         })
     )?;
     out.flush()?;
@@ -106,10 +217,14 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
     // restore point can be published without restarting the datastore.
     if let (Some(path), Some(mut hup)) = (config_path.clone(), hangup) {
         let datastore = datastore.clone();
+        let blocks = blocks.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 let result = match Config::load(&path) {
-                    Ok(config) => publish_configured(&datastore, &config).await,
+                    Ok(config) => match publish_configured(&datastore, &config).await {
+                        Ok(()) => export_blocks(&datastore, &blocks, &config).await,
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e.into()),
                 };
                 match result {
@@ -123,7 +238,20 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let nbd = nbd_listener
+        .map(|listener| tokio::spawn(NbdServer::new(blocks.clone()).serve(listener, stopped())));
+    let iscsi = iscsi_listener.map(|listener| {
+        let targets = ExportTargets::new(blocks.clone());
+        tokio::spawn(IscsiServer::new(targets).serve(listener, stopped()))
+    });
     server.serve(listeners, stopped()).await?;
+    if let Some(nbd) = nbd {
+        // Block clients' requests in flight are answered before the flush.
+        nbd.await.context("NBD server task")??;
+    }
+    if let Some(iscsi) = iscsi {
+        iscsi.await.context("iSCSI server task")??;
+    }
     // Databases on FUSE mounts cannot outlive the process: stopped cleanly
     // now, started again when revive starts.
     controller.shutdown().await;
@@ -154,6 +282,35 @@ async fn publish_configured(datastore: &Datastore, config: &Config) -> anyhow::R
             .publish(&export, &p.name, &p.point, p.cache.clone())
             .await
             .with_context(|| format!("publish '{}' ({}) in export '{export}'", p.name, p.point))?;
+    }
+    Ok(())
+}
+
+/// Creates every configured block export not served yet (SIGHUP adds new
+/// ones). The protocol servers start with the process: an export added on
+/// SIGHUP for a protocol not served since start waits for a restart.
+async fn export_blocks(
+    datastore: &Arc<Datastore>,
+    blocks: &BlockExports,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let default_export = datastore
+        .exports()
+        .first()
+        .map(|e| e.path.clone())
+        .context("no export configured")?;
+    revive::block::setup::export_configured(
+        datastore,
+        blocks,
+        &config.block_exports,
+        &default_export,
+    )
+    .await?;
+    for e in &config.block_exports {
+        let protocol = e.protocol.protocol();
+        if blocks.listening(protocol).is_none() {
+            tracing::warn!(export = %e.name, %protocol, "block export not served: its protocol's server was not started; restart revive serve");
+        }
     }
     Ok(())
 }

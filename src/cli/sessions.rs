@@ -29,14 +29,14 @@ pub struct ApiArgs {
 }
 
 /// A connected API client.
-struct Client {
+pub(super) struct Client {
     base: String,
     token: String,
     http: reqwest::Client,
 }
 
 impl ApiArgs {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(super) fn client(&self) -> anyhow::Result<Client> {
         let config = match &self.config {
             Some(path) => Config::load(path)?,
             None => Config::default(),
@@ -64,7 +64,7 @@ impl ApiArgs {
 }
 
 impl Client {
-    async fn call<T: DeserializeOwned>(
+    pub(super) async fn call<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -131,6 +131,9 @@ pub async fn recover(
                 "session {} - VM {} as '{}' on host {}: {}",
                 s.session.id, s.session.vm, s.session.name, s.session.host, s.session.state
             );
+            if let Some(url) = s.session.block.as_ref().and_then(|b| b.url.as_ref()) {
+                println!("  disk served at {url}");
+            }
         }
     }
     Ok(settled(&sessions, wait, SessionState::Running))
@@ -209,6 +212,14 @@ pub async fn show(api: &ApiArgs, id: &str, json: bool) -> anyhow::Result<Outcome
         x.host, x.driver, x.datastore.name, x.datastore.remote_host, x.datastore.remote_path
     );
     println!("state     {}", state_text(&s));
+    if let Some(b) = &x.block {
+        println!(
+            "block     {} over {}: {}",
+            b.disk.as_deref().unwrap_or("(the only disk)"),
+            b.protocol,
+            b.url.as_deref().unwrap_or("not exported yet")
+        );
+    }
     if let Some(at) = x.retries.next_at {
         println!("next try  {at}");
     }

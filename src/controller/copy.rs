@@ -5,19 +5,26 @@
 //! VM stopped, a final pass copies every range clients ever wrote (the write
 //! cache holds nothing else that differs from the backup, so this covers
 //! all writes made since the bulk pass) and files created since.
+//!
+//! Every operation on the destination runs off the async threads
+//! ([`Dest`]): production storage may take seconds per fsync, and the
+//! threads that serve NFS must not wait for it.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use tracing::info;
 
+use super::runner::update;
 use super::session::{FileCopy, Migration};
-use super::steps::update;
 use super::{ControllerError, Inner, Session, SessionHandle};
-use crate::datastore::PublishedFile;
+use crate::datastore::{FileAt, FileOps, PublishedFile};
 
 /// Bytes per READ of the datastore (its maximum transfer size).
 const COPY_BLOCK: u64 = 1 << 20;
@@ -43,63 +50,128 @@ pub(super) fn destination(session: &Session, migration: &Migration) -> PathBuf {
     Path::new(&migration.destination).join(&session.name)
 }
 
-fn open_dest(path: &Path) -> Result<File, ControllerError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(dest_err("open destination file", path))
+/// Runs blocking destination I/O on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    action: &'static str,
+    path: &Path,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, ControllerError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(dest_err(action, path)),
+        Err(join) => Err(dest_err(action, path)(std::io::Error::other(join))),
+    }
 }
 
-/// Copies `[from, to)` of a published file into `dest`, calling `progress`
-/// with the offset reached. Zero blocks are skipped when `sparse` (a fresh
-/// destination already reads as zeros there).
-#[allow(clippy::too_many_arguments)]
-async fn copy_range(
+/// Creates a destination folder.
+async fn create_folder(path: &Path) -> Result<(), ControllerError> {
+    let p = path.to_path_buf();
+    blocking("create destination folder", path, move || {
+        std::fs::create_dir_all(&p)
+    })
+    .await
+}
+
+/// A file being written on the destination.
+struct Dest {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl Dest {
+    async fn open(path: &Path) -> Result<Dest, ControllerError> {
+        let p = path.to_path_buf();
+        let file = blocking("open destination file", path, move || {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+        })
+        .await?;
+        Ok(Dest {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+        })
+    }
+
+    async fn write_at(&self, data: Bytes, offset: u64) -> Result<(), ControllerError> {
+        let file = self.file.clone();
+        blocking("write destination file", &self.path, move || {
+            file.write_all_at(&data, offset)
+        })
+        .await
+    }
+
+    async fn sync_data(&self) -> Result<(), ControllerError> {
+        let file = self.file.clone();
+        blocking("sync destination file", &self.path, move || {
+            file.sync_data()
+        })
+        .await
+    }
+
+    async fn sync_all(&self) -> Result<(), ControllerError> {
+        let file = self.file.clone();
+        blocking("sync destination file", &self.path, move || file.sync_all()).await
+    }
+
+    async fn set_len(&self, len: u64) -> Result<(), ControllerError> {
+        let file = self.file.clone();
+        blocking("set size of destination file", &self.path, move || {
+            file.set_len(len)
+        })
+        .await
+    }
+}
+
+/// Sleeps as long as `migration_bandwidth` asks for `copied` bytes since
+/// `started`, and stops a cancelled copy.
+async fn pace(
     inner: &Inner,
     handle: &SessionHandle,
-    export: crate::datastore::ExportId,
-    file: &PublishedFile,
-    dest: &File,
-    dest_path: &Path,
-    from: u64,
-    to: u64,
-    sparse: bool,
-    mut progress: impl FnMut(u64, u64) -> Result<(), ControllerError>,
+    started: Instant,
+    copied: u64,
 ) -> Result<(), ControllerError> {
-    let mut offset = from;
-    let started = Instant::now();
     let limit = inner.config.migration_bandwidth;
-    while offset < to {
-        if limit > 0 {
-            // Sleep until the bytes copied so far fit the allowed rate.
-            let due = Duration::from_secs_f64((offset - from) as f64 / limit as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
+    if limit > 0 {
+        let due = Duration::from_secs_f64(copied as f64 / limit as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
         }
-        if handle.cancel.load(Ordering::SeqCst) {
-            return Err(ControllerError::Cancelled);
-        }
-        let count = (to - offset).min(COPY_BLOCK) as u32;
-        let reply = inner.datastore.read(export, file.id, offset, count).await?;
-        if reply.data.is_empty() {
-            break;
-        }
-        let n = reply.data.len() as u64;
-        if !(sparse && reply.data.iter().all(|&b| b == 0)) {
-            dest.write_all_at(&reply.data, offset)
-                .map_err(dest_err("write destination file", dest_path))?;
-        }
-        inner
-            .metrics
-            .migration_bytes
-            .fetch_add(n, Ordering::Relaxed);
-        offset += n;
-        progress(offset, n)?;
+    }
+    if handle.cancel.load(Ordering::SeqCst) {
+        return Err(ControllerError::Cancelled);
     }
     Ok(())
+}
+
+/// Copies one block of a published file at `offset` (at most `to - offset`
+/// bytes) into `dest`; returns the bytes copied, 0 at end of file. A zero
+/// block is not written when `sparse` (a fresh destination already reads as
+/// zeros there).
+async fn copy_block(
+    inner: &Inner,
+    export: crate::datastore::ExportId,
+    file: &PublishedFile,
+    dest: &Dest,
+    offset: u64,
+    to: u64,
+    sparse: bool,
+) -> Result<u64, ControllerError> {
+    let count = (to - offset).min(COPY_BLOCK) as u32;
+    let reply = inner
+        .datastore
+        .read(FileAt::new(export, file.id), offset, count)
+        .await?;
+    let n = reply.data.len() as u64;
+    if n > 0 && !(sparse && reply.data.iter().all(|&b| b == 0)) {
+        dest.write_at(reply.data, offset).await?;
+    }
+    inner
+        .metrics
+        .migration_bytes
+        .fetch_add(n, Ordering::Relaxed);
+    Ok(n)
 }
 
 /// The bulk pass, resumable.
@@ -120,7 +192,7 @@ pub(super) async fn bulk_pass(
         .filter(copied)
         .collect();
     let folder = destination(session, migration);
-    std::fs::create_dir_all(&folder).map_err(dest_err("create destination folder", &folder))?;
+    create_folder(&folder).await?;
     // The file list is fixed when the pass first starts; files created later
     // are taken by the final pass.
     let plan: Vec<FileCopy> = if migration.files.is_empty() {
@@ -138,7 +210,8 @@ pub(super) async fn bulk_pass(
                 m.files = saved;
             }
             Ok(())
-        })?;
+        })
+        .await?;
         plan
     } else {
         migration.files.clone()
@@ -152,16 +225,28 @@ pub(super) async fn bulk_pass(
             continue;
         };
         let path = folder.join(&entry.name);
-        let dest = open_dest(&path)?;
+        let dest = Dest::open(&path).await?;
         let mut last_save = Instant::now();
-        let mut save = |offset: u64, n: u64| -> Result<(), ControllerError> {
+        // Bytes copied since the record was last saved: all of them count,
+        // not only the block that happened to trigger the save.
+        let mut unsaved: u64 = 0;
+        let end = entry.size.min(file.size);
+        let (from, started) = (entry.copied.min(end), Instant::now());
+        let mut offset = from;
+        while offset < end {
+            pace(inner, handle, started, offset - from).await?;
+            let n = copy_block(inner, export, file, &dest, offset, end, true).await?;
+            if n == 0 {
+                break;
+            }
+            offset += n;
             done += n;
+            unsaved += n;
             if last_save.elapsed() < SAVE_EVERY && offset < entry.size {
-                return Ok(());
+                continue;
             }
             // Durable data first, then the record that says it is there.
-            dest.sync_data()
-                .map_err(dest_err("sync destination file", &path))?;
+            dest.sync_data().await?;
             last_save = Instant::now();
             let percent = (done.saturating_mul(100) / total).min(99) as u8;
             update(inner, handle, |s| {
@@ -169,29 +254,15 @@ pub(super) async fn bulk_pass(
                     if let Some(f) = m.files.get_mut(index) {
                         f.copied = offset;
                     }
-                    m.bytes_copied += n;
+                    m.bytes_copied += unsaved;
                     m.percent = percent;
                 }
                 Ok(())
             })
-            .map(|_| ())
-        };
-        let end = entry.size.min(file.size);
-        copy_range(
-            inner,
-            handle,
-            export,
-            file,
-            &dest,
-            &path,
-            entry.copied.min(end),
-            end,
-            true,
-            &mut save,
-        )
-        .await?;
-        dest.sync_all()
-            .map_err(dest_err("sync destination file", &path))?;
+            .await?;
+            unsaved = 0;
+        }
+        dest.sync_all().await?;
     }
     Ok(())
 }
@@ -209,7 +280,7 @@ pub(super) async fn final_pass(
         .publication_folder(&session.export, &session.name)
         .await?;
     let folder = destination(session, migration);
-    std::fs::create_dir_all(&folder).map_err(dest_err("create destination folder", &folder))?;
+    create_folder(&folder).await?;
     let mut copied_bytes = 0u64;
     let published: Vec<PublishedFile> = ds
         .publication_files(&session.export, &session.name)
@@ -220,7 +291,7 @@ pub(super) async fn final_pass(
     for file in &published {
         let path = folder.join(&file.name);
         let planned = migration.files.iter().any(|f| f.name == file.name);
-        let dest = open_dest(&path)?;
+        let dest = Dest::open(&path).await?;
         let ranges = if planned {
             ds.written_ranges(export, file.id).await?
         } else {
@@ -229,48 +300,48 @@ pub(super) async fn final_pass(
         };
         for range in ranges {
             let end = range.end.min(file.size);
-            copy_range(
-                inner,
-                handle,
-                export,
-                file,
-                &dest,
-                &path,
-                range.start,
-                end,
-                false,
-                |_, n| {
-                    copied_bytes += n;
-                    Ok(())
-                },
-            )
-            .await?;
+            let (mut offset, started) = (range.start, Instant::now());
+            while offset < end {
+                pace(inner, handle, started, offset - range.start).await?;
+                let n = copy_block(inner, export, file, &dest, offset, end, false).await?;
+                if n == 0 {
+                    break;
+                }
+                offset += n;
+                copied_bytes += n;
+            }
         }
-        dest.set_len(file.size)
-            .map_err(dest_err("set size of destination file", &path))?;
-        dest.sync_all()
-            .map_err(dest_err("sync destination file", &path))?;
+        dest.set_len(file.size).await?;
+        dest.sync_all().await?;
     }
     // Files clients removed since the bulk pass must not come back.
     for planned in &migration.files {
         if !published.iter().any(|f| f.name == planned.name) {
             let path = folder.join(&planned.name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(dest_err("remove destination file", &path)(e)),
-            }
+            let p = path.clone();
+            blocking(
+                "remove destination file",
+                &path,
+                move || match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                },
+            )
+            .await?;
         }
     }
-    File::open(&folder)
-        .and_then(|d| d.sync_all())
-        .map_err(dest_err("sync destination folder", &folder))?;
+    let dir = folder.clone();
+    blocking("sync destination folder", &folder, move || {
+        File::open(&dir)?.sync_all()
+    })
+    .await?;
     update(inner, handle, |s| {
         if let Some(m) = s.migration.as_mut() {
             m.bytes_copied += copied_bytes;
         }
         Ok(())
-    })?;
+    })
+    .await?;
     info!(session = %session.id, bytes = copied_bytes, to = %folder.display(), "copy migration: switchover pass done");
     Ok(folder)
 }

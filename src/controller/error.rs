@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::datastore::DatastoreError;
 use crate::drivers::DriverError;
 use crate::repo::RepoError;
+use crate::snapshots::SnapshotError;
 
 /// What went wrong in the controller.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,9 @@ pub enum ControllerError {
     /// The hypervisor driver failed.
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// A storage snapshot, its clone or the storage's CLI failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// A copy migration's destination failed.
     #[error("{action} '{path}' - {source}")]
     Destination {
@@ -63,6 +67,11 @@ pub enum ControllerError {
     /// The step was interrupted by `revive stop`.
     #[error("cancelled")]
     Cancelled,
+    /// The session's write cache folder is not there (its storage not
+    /// mounted): the publication is refused until it is back, or until
+    /// `revive discard-cache` starts an empty one.
+    #[error("{0}; the VM's files are refused until it is back (or `revive discard-cache` starts an empty one)")]
+    CacheMissing(String),
 }
 
 impl ControllerError {
@@ -72,9 +81,11 @@ impl ControllerError {
         match self {
             ControllerError::Repo(e) => e.is_transient(),
             ControllerError::Driver(e) => e.is_transient(),
-            // The datastore reports a repository it could not reach as I/O.
-            ControllerError::Datastore(DatastoreError::Io(_)) => true,
+            // The datastore reports a repository it could not reach as I/O,
+            // and a write cache whose storage is not there as Jukebox.
+            ControllerError::Datastore(DatastoreError::Io(_) | DatastoreError::Jukebox) => true,
             ControllerError::Destination { .. } => true,
+            ControllerError::CacheMissing(_) => true,
             _ => false,
         }
     }

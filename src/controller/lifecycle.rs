@@ -5,7 +5,7 @@
 
 use tracing::{error, info, warn};
 
-use super::steps::{driver_of, update};
+use super::runner::{driver_of, update};
 use super::{Controller, ControllerError, Inner, SessionHandle, SessionState};
 
 /// The name a restore point was backed up under (`recover --point` without `--vm`).
@@ -56,7 +56,8 @@ pub(super) async fn resume_driver(inner: &Inner, handle: &SessionHandle) {
                         s.error = Some(format!("resume after restart: {e}"));
                     }
                     Ok(())
-                });
+                })
+                .await;
                 if let Err(e) = retried {
                     error!(session = %session.id, cause = %e, "could not record state");
                 }

@@ -15,13 +15,23 @@
 //!   when the last session using it ends.
 //! - Drivers are called through [`crate::drivers::Driver`] only, and every
 //!   call is idempotent, so a step may be run again after a crash.
+//! - A session recovered from a storage snapshot (`snap:SOURCE/SNAPSHOT`)
+//!   runs from a writable clone of it, shared by every VM recovered from
+//!   that snapshot and destroyed with its last user (`clones`).
 
+mod block;
+pub mod boot_signals;
+pub mod clones;
 mod copy;
 mod error;
+mod hosts;
 mod lifecycle;
+mod runner;
 pub mod session;
+mod snapshot_steps;
 mod steps;
 mod switchover;
+pub mod verify_boot;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,13 +45,18 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+pub use block::{BlockTarget, RecoveryKind};
 pub use error::ControllerError;
+pub use hosts::HostView;
 pub use session::{Migration, MigrationMethod, Retries, Session, SessionState, SessionStore};
+pub use verify_boot::{BootItem, BootJobView, BootPhase, VerifyBootConfig, VerifyBootRequest};
 
+use crate::block::{BlockExports, BlockProtocol};
 use crate::datastore::Datastore;
 use crate::drivers::{
-    self, DatastoreSpec, Driver, DriverConfig, DriverContext, HostConfig, NoneConfig,
+    self, DatastoreSpec, Driver, DriverConfig, DriverContext, HostConfig, LabNetwork, NoneConfig,
 };
+use crate::snapshots::{SnapshotSources, SnapshotSpec};
 
 /// Name of the built-in publish-only host used when `recover` names none.
 pub const NONE_HOST: &str = "none";
@@ -70,6 +85,8 @@ pub struct ControllerConfig {
     pub cache_root: PathBuf,
     /// Configured hosts.
     pub hosts: Vec<HostConfig>,
+    /// Verification boots (`[verify]`).
+    pub verify: VerifyBootConfig,
 }
 
 /// A `recover` request: one or several VMs on one host.
@@ -100,6 +117,18 @@ pub struct RecoverRequest {
     /// the host's `port`).
     #[serde(default)]
     pub port: Option<u16>,
+    /// A VM folder on the NFS datastore (default) or a disk as a block export.
+    #[serde(default)]
+    pub kind: RecoveryKind,
+    /// Disk to export (`kind` block; default: the only disk).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Protocol of the block export (`kind` block; default nbd).
+    #[serde(default)]
+    pub protocol: Option<BlockProtocol>,
+    /// Boot on an isolated lab network (verification boots); single VM only.
+    #[serde(default)]
+    pub lab: Option<LabNetwork>,
 }
 
 /// A `migrate` request.
@@ -139,7 +168,10 @@ pub struct ControllerMetrics {
 
 /// A session at run time: its record and how its runner is woken.
 struct SessionHandle {
+    /// The record as last persisted: what readers see.
     record: Mutex<Session>,
+    /// Serializes changes of the record (see `runner::update`).
+    persist: tokio::sync::Mutex<()>,
     wake: Notify,
     /// Set by `stop`: interrupts a copy or a wait.
     cancel: AtomicBool,
@@ -157,6 +189,8 @@ impl SessionHandle {
 struct Inner {
     config: ControllerConfig,
     datastore: Arc<Datastore>,
+    /// Block exports being served (block sessions add theirs).
+    blocks: Arc<BlockExports>,
     store: SessionStore,
     drivers: HashMap<String, Result<Arc<dyn Driver>, String>>,
     sessions: DashMap<String, Arc<SessionHandle>>,
@@ -165,6 +199,12 @@ struct Inner {
     /// Serializes name choice and session creation.
     create_lock: tokio::sync::Mutex<()>,
     metrics: ControllerMetrics,
+    /// Storage systems whose snapshots sessions recover from.
+    snapshots: Arc<SnapshotSources>,
+    /// Clones of their snapshots, with the sessions using them.
+    clones: clones::CloneBook,
+    /// Verification boot jobs of this server's life.
+    boot_jobs: verify_boot::BootJobs,
 }
 
 /// The session controller.
@@ -174,12 +214,53 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Loads every session record and resumes the unfinished ones.
+    /// Loads every session record and resumes the unfinished ones, without
+    /// a block export server (block sessions fail validation).
     pub async fn start(
         config: ControllerConfig,
         datastore: Arc<Datastore>,
     ) -> Result<Controller, ControllerError> {
+        Self::start_full(
+            config,
+            datastore,
+            BlockExports::new(),
+            Arc::new(SnapshotSources::none()),
+        )
+        .await
+    }
+
+    /// As [`Controller::start`], with the block exports `revive serve`
+    /// serves: block sessions add theirs there, and those of sessions
+    /// already exported are re-created now.
+    pub async fn start_with(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        blocks: Arc<BlockExports>,
+    ) -> Result<Controller, ControllerError> {
+        Self::start_full(config, datastore, blocks, Arc::new(SnapshotSources::none())).await
+    }
+
+    /// As [`Controller::start`], with storage snapshot sources: clones
+    /// left by a crash or by finished sessions are swept before any
+    /// session resumes.
+    pub async fn start_with_snapshots(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        snapshots: Arc<SnapshotSources>,
+    ) -> Result<Controller, ControllerError> {
+        Self::start_full(config, datastore, BlockExports::new(), snapshots).await
+    }
+
+    /// As [`Controller::start`], with both the block exports and the
+    /// storage snapshot sources `revive serve` serves.
+    pub async fn start_full(
+        config: ControllerConfig,
+        datastore: Arc<Datastore>,
+        blocks: Arc<BlockExports>,
+        snapshots: Arc<SnapshotSources>,
+    ) -> Result<Controller, ControllerError> {
         let store = SessionStore::open(&config.state_dir)?;
+        let clones = clones::CloneBook::open(&config.state_dir)?;
         let mut drivers = HashMap::new();
         drivers.insert(
             NONE_HOST.to_string(),
@@ -198,20 +279,46 @@ impl Controller {
         let inner = Arc::new(Inner {
             config,
             datastore,
+            blocks,
             store,
             drivers,
             sessions: DashMap::new(),
             host_locks: DashMap::new(),
             create_lock: tokio::sync::Mutex::new(()),
             metrics: ControllerMetrics::default(),
+            snapshots,
+            clones,
+            boot_jobs: DashMap::new(),
         });
         let controller = Controller { inner };
+        let mut resumed = Vec::new();
+        let mut interrupted_boots = Vec::new();
         for session in controller.inner.store.load_all()? {
+            block::restore(&controller.inner, &session).await;
             let resume = !session.state.is_terminal();
+            let handle = controller.adopt(session, false);
             if resume {
-                info!(session = %session.id, name = %session.name, state = %session.state, "resuming session");
+                if handle.snapshot().lab.is_some() {
+                    interrupted_boots.push(handle.snapshot().id);
+                }
+                resumed.push(handle);
             }
-            controller.adopt(session, resume);
+        }
+        // Every session is known now, so the sweep sees which clones are
+        // still in use; none runs yet, so none races it.
+        clones::sweep(&controller.inner).await?;
+        for handle in resumed {
+            let s = handle.snapshot();
+            info!(session = %s.id, name = %s.name, state = %s.state, "resuming session");
+            tokio::spawn(runner::run(controller.inner.clone(), handle));
+        }
+        // A verification boot cut short by a restart has nobody watching
+        // it any more: clean it up rather than leave a lab VM running.
+        for id in interrupted_boots {
+            warn!(session = %id, "stopping a verification boot interrupted by a restart");
+            if let Err(e) = controller.stop(&id).await {
+                warn!(session = %id, cause = %e, "could not stop an interrupted verification boot");
+            }
         }
         Ok(controller)
     }
@@ -219,6 +326,7 @@ impl Controller {
     fn adopt(&self, session: Session, run: bool) -> Arc<SessionHandle> {
         let handle = Arc::new(SessionHandle {
             record: Mutex::new(session.clone()),
+            persist: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             cancel: AtomicBool::new(false),
         });
@@ -226,7 +334,7 @@ impl Controller {
             .sessions
             .insert(session.id.clone(), handle.clone());
         if run {
-            tokio::spawn(steps::run(self.inner.clone(), handle.clone()));
+            tokio::spawn(runner::run(self.inner.clone(), handle.clone()));
         }
         handle
     }
@@ -234,6 +342,11 @@ impl Controller {
     /// Counters for `/metrics`.
     pub fn metrics(&self) -> &ControllerMetrics {
         &self.inner.metrics
+    }
+
+    /// The block exports being served (for `/metrics`).
+    pub fn block_exports(&self) -> &Arc<BlockExports> {
+        &self.inner.blocks
     }
 
     /// Number of sessions in each state.
@@ -267,10 +380,43 @@ impl Controller {
                 "name at least one VM to recover".into(),
             ));
         }
-        if vms.len() > 1 && (req.name.is_some() || req.point.is_some()) {
+        let snapshot = req
+            .point
+            .as_deref()
+            .filter(|p| SnapshotSpec::is_snapshot(p));
+        // Several VMs may come from one storage snapshot (they share its clone).
+        if vms.len() > 1
+            && (req.name.is_some()
+                || (req.point.is_some() && snapshot.is_none())
+                || req.lab.is_some())
+        {
             return Err(ControllerError::BadRequest(
-                "--name and --point apply to a single VM; recover several VMs from their latest points without them".into(),
+                "--name and --point apply to a single VM; recover several VMs from their latest points (or from one --point snap:SOURCE/SNAPSHOT) without them".into(),
             ));
+        }
+        if req.kind != RecoveryKind::Block && (req.disk.is_some() || req.protocol.is_some()) {
+            return Err(ControllerError::BadRequest(
+                "--disk and --protocol apply to --kind block".into(),
+            ));
+        }
+        if vms.len() > 1 && req.disk.is_some() {
+            return Err(ControllerError::BadRequest(
+                "--disk applies to a single VM".into(),
+            ));
+        }
+        if snapshot.is_some() && req.kind == RecoveryKind::Block {
+            return Err(ControllerError::BadRequest(
+                "--kind block serves a disk of a backup restore point, not of a storage snapshot"
+                    .into(),
+            ));
+        }
+        if let Some(point) = snapshot {
+            let spec = SnapshotSpec::parse(point)
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+            self.inner
+                .snapshots
+                .get(&spec.source)
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
         }
         let host = self.pick_host(req.host.as_deref(), req.driver.as_deref())?;
         let driver_kind = match self.inner.drivers.get(&host) {
@@ -339,6 +485,13 @@ impl Controller {
                 .unwrap_or_else(|| self.inner.config.cache_root.clone())
                 .join(&name);
             let now = Utc::now();
+            let block = (req.kind == RecoveryKind::Block).then(|| {
+                BlockTarget::new(
+                    &name,
+                    req.disk.clone(),
+                    req.protocol.unwrap_or(BlockProtocol::Nbd),
+                )
+            });
             let session = Session {
                 id: new_id(),
                 request: request.clone(),
@@ -365,7 +518,9 @@ impl Controller {
                 vm_ref: None,
                 vm_spec: None,
                 datastore_attached: false,
+                block,
                 migration: None,
+                lab: req.lab.clone(),
                 created: now,
                 updated: now,
             };
@@ -522,14 +677,14 @@ impl Controller {
     }
 
     /// Changes a session's record under its lock, persists it, wakes its runner.
-    fn command(
+    async fn command(
         &self,
         id: &str,
         action: &'static str,
         change: impl FnOnce(&mut Session) -> Result<(), ControllerError>,
     ) -> Result<Session, ControllerError> {
         let handle = self.handle(id)?;
-        let updated = steps::update(&self.inner, &handle, |s| {
+        let updated = runner::update(&self.inner, &handle, |s| {
             change(s).map_err(|e| match e {
                 ControllerError::WrongState { .. } => ControllerError::WrongState {
                     id: s.id.clone(),
@@ -538,7 +693,8 @@ impl Controller {
                 },
                 other => other,
             })
-        })?;
+        })
+        .await?;
         handle.wake.notify_one();
         Ok(updated)
     }
@@ -589,6 +745,11 @@ impl Controller {
             // A copy migration stops the VM before it asks the driver to
             // start the copy; vSphere cannot (ESXi does not see the copy), so
             // refuse before the VM is stopped.
+            if method == MigrationMethod::Copy && snapshot_steps::is_snapshot(s) {
+                return Err(ControllerError::BadRequest(
+                    "a session recovered from a storage snapshot runs from its clone, which copy migration cannot read yet; use --method live".into(),
+                ));
+            }
             if method == MigrationMethod::Copy && s.driver == "vsphere" {
                 return Err(ControllerError::BadRequest(
                     "the vsphere driver cannot start a VM from a copy; use --method live --to <datastore> (Storage vMotion)".into(),
@@ -608,27 +769,62 @@ impl Controller {
             });
             s.state = SessionState::Migrating;
             Ok(())
-        })?;
+        })
+        .await?;
         info!(session = %id, ?method, to = %req.to, switchover, "migration asked");
         Ok(self.view(session).await)
     }
 
     /// Runs a waiting or failed session's step again now.
     pub async fn retry(&self, id: &str) -> Result<SessionView, ControllerError> {
-        let session = self.command(id, "retry", |s| {
-            if !matches!(s.state, SessionState::Waiting | SessionState::Failed) {
-                return Err(ControllerError::WrongState {
-                    id: String::new(),
-                    state: String::new(),
-                    action: "retry",
-                });
-            }
-            s.state = s.resume.unwrap_or(SessionState::Validating);
-            s.retries.attempt = 0;
-            s.retries.next_at = None;
-            Ok(())
-        })?;
+        let session = self
+            .command(id, "retry", |s| {
+                if !matches!(s.state, SessionState::Waiting | SessionState::Failed) {
+                    return Err(ControllerError::WrongState {
+                        id: String::new(),
+                        state: String::new(),
+                        action: "retry",
+                    });
+                }
+                s.state = s.resume.unwrap_or(SessionState::Validating);
+                s.retries.attempt = 0;
+                s.retries.next_at = None;
+                Ok(())
+            })
+            .await?;
         info!(session = %id, step = %session.state, "manual retry");
+        Ok(self.view(session).await)
+    }
+
+    /// Starts a session's write cache over, empty: everything clients wrote
+    /// in its folder is dropped and the VM's files read as the backup
+    /// again. The one way on from a write cache that is gone for good (a
+    /// missing cache is otherwise only waited for); then runs the waiting
+    /// step again, as `retry` does.
+    pub async fn discard_cache(&self, id: &str) -> Result<SessionView, ControllerError> {
+        let session = self.handle(id)?.snapshot();
+        if session.state.is_terminal() || session.state == SessionState::Validating {
+            return Err(ControllerError::WrongState {
+                id: session.id,
+                state: session.state.to_string(),
+                action: "discard-cache",
+            });
+        }
+        self.inner
+            .datastore
+            .discard_cache(&session.export, &session.name)
+            .await?;
+        info!(session = %id, name = %session.name, "write cache discarded");
+        let session = self
+            .command(id, "discard-cache", |s| {
+                if s.state == SessionState::Waiting {
+                    s.state = s.resume.unwrap_or(SessionState::Validating);
+                    s.retries.attempt = 0;
+                    s.retries.next_at = None;
+                }
+                Ok(())
+            })
+            .await?;
         Ok(self.view(session).await)
     }
 
@@ -636,19 +832,21 @@ impl Controller {
     /// folder, deletes its write cache.
     pub async fn stop(&self, id: &str) -> Result<SessionView, ControllerError> {
         let handle = self.handle(id)?;
-        let session = self.command(id, "stop", |s| {
-            if s.state.is_terminal() {
-                return Err(ControllerError::WrongState {
-                    id: String::new(),
-                    state: String::new(),
-                    action: "stop",
-                });
-            }
-            s.state = SessionState::Stopping;
-            s.resume = None;
-            s.retries.next_at = None;
-            Ok(())
-        })?;
+        let session = self
+            .command(id, "stop", |s| {
+                if s.state.is_terminal() {
+                    return Err(ControllerError::WrongState {
+                        id: String::new(),
+                        state: String::new(),
+                        action: "stop",
+                    });
+                }
+                s.state = SessionState::Stopping;
+                s.resume = None;
+                s.retries.next_at = None;
+                Ok(())
+            })
+            .await?;
         handle.cancel.store(true, Ordering::SeqCst);
         info!(session = %id, "stop asked");
         Ok(self.view(session).await)

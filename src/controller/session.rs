@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ControllerError;
-use crate::drivers::{DatastoreSpec, TaskRef, VmRef, VmSpec};
+use crate::drivers::{DatastoreSpec, LabNetwork, TaskRef, VmRef, VmSpec};
 use crate::fsutil::write_atomic;
 
 /// Where a session is in its life.
@@ -23,6 +23,8 @@ pub enum SessionState {
     Publishing,
     /// Mounting the NFS datastore on the host.
     RegisteringDatastore,
+    /// Serving the disk of a block session as a block export.
+    Exporting,
     /// Registering the VM from its folder.
     RegisteringVm,
     /// Starting the VM.
@@ -54,10 +56,11 @@ impl SessionState {
     }
 
     /// All states, for metrics.
-    pub const ALL: [SessionState; 14] = [
+    pub const ALL: [SessionState; 15] = [
         SessionState::Validating,
         SessionState::Publishing,
         SessionState::RegisteringDatastore,
+        SessionState::Exporting,
         SessionState::RegisteringVm,
         SessionState::PoweringOn,
         SessionState::Running,
@@ -77,6 +80,7 @@ impl SessionState {
             SessionState::Validating => "validating",
             SessionState::Publishing => "publishing",
             SessionState::RegisteringDatastore => "registering_datastore",
+            SessionState::Exporting => "exporting",
             SessionState::RegisteringVm => "registering_vm",
             SessionState::PoweringOn => "powering_on",
             SessionState::Running => "running",
@@ -215,9 +219,15 @@ pub struct Session {
     pub vm_spec: Option<VmSpec>,
     /// The datastore was mounted on the host for this session.
     pub datastore_attached: bool,
+    /// The disk a block session serves (`recover --kind block`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<super::BlockTarget>,
     /// The migration, once asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// Boot on an isolated lab network (a verification boot), not as configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<LabNetwork>,
     /// Creation time.
     pub created: DateTime<Utc>,
     /// Last change.

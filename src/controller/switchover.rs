@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::steps::update;
+use super::runner::update;
 use super::{Controller, ControllerError, Inner, SessionHandle, SessionState, SessionView};
 use crate::drivers::{Driver, TaskRef, VmRef};
 
@@ -33,7 +33,8 @@ pub(super) async fn syncing(
                 m.percent = 100;
             }
             Ok(())
-        })?;
+        })
+        .await?;
     }
     if asked {
         info!(session = %handle.snapshot().id, lag_bytes, "switching over");
@@ -46,20 +47,22 @@ impl Controller {
     /// Switches a migrating session over to its copy now (a database: the
     /// standby becomes production).
     pub async fn switchover(&self, id: &str) -> Result<SessionView, ControllerError> {
-        let session = self.command(id, "switchover", |s| {
-            let migrating = s.state == SessionState::Migrating;
-            match s.migration.as_mut() {
-                Some(m) if migrating => {
-                    m.switchover = true;
-                    Ok(())
+        let session = self
+            .command(id, "switchover", |s| {
+                let migrating = s.state == SessionState::Migrating;
+                match s.migration.as_mut() {
+                    Some(m) if migrating => {
+                        m.switchover = true;
+                        Ok(())
+                    }
+                    _ => Err(ControllerError::WrongState {
+                        id: String::new(),
+                        state: String::new(),
+                        action: "switchover",
+                    }),
                 }
-                _ => Err(ControllerError::WrongState {
-                    id: String::new(),
-                    state: String::new(),
-                    action: "switchover",
-                }),
-            }
-        })?;
+            })
+            .await?;
         info!(session = %id, "switchover asked");
         Ok(self.view(session).await)
     }

@@ -1,6 +1,9 @@
-//! Data paths of the datastore: READ (cache first, else the backup through the
-//! block cache, with readahead), WRITE (into the write cache, copy-on-write of
-//! partial blocks from the backup) and COMMIT.
+//! The machinery of the datastore's data paths (the `FileOps` methods read,
+//! write and commit are in `ops.rs`): a file's runtime state, its write cache
+//! created on first need, readahead, and the mapping of repository and cache
+//! errors. Reads come from the cache first, else the backup through the block
+//! cache; writes go to the write cache with copy-on-write of partial blocks
+//! from the backup.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,10 +14,7 @@ use tracing::error;
 
 use super::namespace::{Content, Node};
 use super::{Datastore, DatastoreError, DsResult, ExportId, ExportState, FileId, FileState};
-use super::{ReadReply, Stability, WriteReply};
-use crate::cache::{
-    BaseRead, CacheError, NoBase, Origin, SessionCache, WriteCache, DEFAULT_BLOCK_SIZE,
-};
+use crate::cache::{BaseRead, CacheError, Origin, SessionCache, WriteCache, DEFAULT_BLOCK_SIZE};
 use crate::repo::{FileReader, RepoError};
 
 /// A WRITE updates the file's mtime and ctime only when the last update by
@@ -22,16 +22,27 @@ use crate::repo::{FileReader, RepoError};
 /// WRITE serialized all writes of all files on it; Linux file systems stamp
 /// times from a clock of similar (jiffy, 1-10 ms) granularity, so clients
 /// see nothing they would not see on a local disk.
-const MTIME_GRANULARITY: Duration = Duration::from_millis(1);
+pub(super) const MTIME_GRANULARITY: Duration = Duration::from_millis(1);
 
 /// Nanoseconds since the Unix epoch (0 for earlier times).
-fn unix_nanos(t: SystemTime) -> u64 {
+pub(super) fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
 }
 
+/// A time from nanoseconds since the Unix epoch (negative: before it).
+pub(super) fn time_of_nanos(ns: i64) -> std::time::SystemTime {
+    let epoch = std::time::UNIX_EPOCH;
+    let magnitude = std::time::Duration::from_nanos(ns.unsigned_abs());
+    if ns >= 0 {
+        epoch + magnitude
+    } else {
+        epoch - magnitude
+    }
+}
+
 /// The backup under a presented file, as the write cache reads it.
-struct Base<'a>(&'a FileReader);
+pub(super) struct Base<'a>(pub(super) &'a FileReader);
 
 impl BaseRead for Base<'_> {
     async fn read_base(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
@@ -54,7 +65,7 @@ fn repo_io(e: &RepoError) -> std::io::Error {
 
 /// A repository failure as the datastore's error: transient store failures
 /// become JUKEBOX (retry later), everything else EIO.
-fn repo_err(e: &RepoError) -> DatastoreError {
+pub(super) fn repo_err(e: &RepoError) -> DatastoreError {
     let io = repo_io(e);
     if io.kind() == std::io::ErrorKind::TimedOut {
         DatastoreError::Jukebox
@@ -66,7 +77,12 @@ fn repo_err(e: &RepoError) -> DatastoreError {
 pub(super) fn cache_err(e: CacheError) -> DatastoreError {
     error!(cause = %e, "write cache failed");
     match e {
-        CacheError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+        CacheError::Io { source, .. }
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ) =>
+        {
             DatastoreError::NoSpace
         }
         // The cache file's filesystem has a smaller limit (ext4: 16 TiB).
@@ -78,7 +94,28 @@ pub(super) fn cache_err(e: CacheError) -> DatastoreError {
         CacheError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
             DatastoreError::Jukebox
         }
+        // The cache's files went away under it (its storage unmounted), or
+        // the process is out of descriptors for a moment: retry later.
+        CacheError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound
+                || matches!(
+                    source.raw_os_error(),
+                    Some(libc::EMFILE) | Some(libc::ENFILE)
+                ) =>
+        {
+            DatastoreError::Jukebox
+        }
         other => DatastoreError::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// Refuses data operations on what has no data: folders (EISDIR) and
+/// symlinks (EINVAL, as for `read(2)` on a link).
+pub(super) fn check_regular(node: &Node) -> DsResult<()> {
+    match node.content {
+        Content::Dir => Err(DatastoreError::IsDir),
+        Content::Symlink { .. } => Err(DatastoreError::Invalid),
+        Content::Presented { .. } | Content::New => Ok(()),
     }
 }
 
@@ -98,8 +135,8 @@ impl FileState {
         }
     }
 
-    /// Bytes this file really occupies: the backup bytes still visible plus
-    /// the write cache's blocks.
+    /// Bytes this file really occupies: the backup's chunks holding data
+    /// that are still visible, plus the write cache's blocks.
     pub(super) fn used(&self, node: &Node) -> u64 {
         // A truncate hides the backup beyond the cache's `base_len` for good,
         // even when the file is extended again (sparse), so that is the most
@@ -109,7 +146,12 @@ impl FileState {
             (None, Content::Presented { base_size, .. }) => (*base_size, 0),
             (None, _) => (0, 0),
         };
-        base.saturating_add(cached).min(self.size(node).max(cached))
+        // All-zero chunks are holes in the repository: they hold nothing.
+        let held = match self.usage.get() {
+            Some(usage) => usage.data_bytes_below(base),
+            None => base,
+        };
+        held.saturating_add(cached).min(self.size(node).max(cached))
     }
 }
 
@@ -123,16 +165,26 @@ impl Datastore {
         if let Some(s) = export.sessions.get(publication) {
             return Ok(s.clone());
         }
-        let dir = match publication {
+        let _opening = export.opening.lock().await;
+        if let Some(s) = export.sessions.get(publication) {
+            return Ok(s.clone());
+        }
+        let session = match publication {
             Some(name) => {
-                let ns = export.ns.read().await;
-                ns.publication(name)
-                    .map(|p| p.cache_dir.clone())
-                    .ok_or(DatastoreError::Stale)?
+                let p = export
+                    .ns
+                    .read()
+                    .await
+                    .publication(name)
+                    .cloned()
+                    .ok_or(DatastoreError::Stale)?;
+                // Never an empty cache in place of a missing one.
+                self.check_cache_dir(export, &p).await?;
+                SessionCache::open_existing(p.cache_dir).await
             }
-            None => export.default_cache_dir.clone(),
+            None => SessionCache::open(export.default_cache_dir.clone()).await,
         };
-        let session = Arc::new(SessionCache::open(dir).await.map_err(cache_err)?);
+        let session = Arc::new(session.map_err(cache_err)?);
         Ok(export
             .sessions
             .entry(publication.clone())
@@ -177,6 +229,7 @@ impl Datastore {
             cache,
             next_offset: Default::default(),
             mtime_ns: Default::default(),
+            usage: Default::default(),
         });
         Ok(export.files.entry(node.id).or_insert(st).clone())
     }
@@ -213,9 +266,7 @@ impl Datastore {
     ) -> DsResult<(Arc<ExportState>, Node, Arc<FileState>)> {
         let state = self.state(export)?.clone();
         let node = state.ns.read().await.get(id)?.clone();
-        if node.is_dir() {
-            return Err(DatastoreError::IsDir);
-        }
+        check_regular(&node)?;
         let st = self.file_state(&state, &node).await?;
         Ok((state, node, st))
     }
@@ -223,14 +274,16 @@ impl Datastore {
     /// The runtime state and size of a file for READ. Once the file has its
     /// state, this only looks the node up under the namespace read lock:
     /// no clone of the node (name, publication) per READ.
-    async fn read_state(&self, export: ExportId, id: FileId) -> DsResult<(Arc<FileState>, u64)> {
+    pub(super) async fn read_state(
+        &self,
+        export: ExportId,
+        id: FileId,
+    ) -> DsResult<(Arc<FileState>, u64)> {
         let state = self.state(export)?;
         {
             let ns = state.ns.read().await;
             let node = ns.get(id)?;
-            if node.is_dir() {
-                return Err(DatastoreError::IsDir);
-            }
+            check_regular(node)?;
             if let Some(st) = state.files.get(&id).map(|e| Arc::clone(e.value())) {
                 let size = st.size(node);
                 return Ok((st, size));
@@ -241,50 +294,8 @@ impl Datastore {
         Ok((st, size))
     }
 
-    /// READ: at most `count` bytes at `offset`.
-    pub async fn read(
-        &self,
-        export: ExportId,
-        id: FileId,
-        offset: u64,
-        count: u32,
-    ) -> DsResult<ReadReply> {
-        let (st, size) = self.read_state(export, id).await?;
-        if offset >= size {
-            return Ok(ReadReply {
-                data: Bytes::new(),
-                eof: true,
-                attr: None,
-            });
-        }
-        let len = (count as u64).min(size - offset);
-        if let Some(base) = &st.base {
-            self.readahead(&st, base, offset, len).await;
-        }
-        let data = match (st.cache.get(), &st.base) {
-            (Some(cache), Some(base)) => cache
-                .read_overlay(offset, len, &Base(base))
-                .await
-                .map_err(cache_err)?,
-            (Some(cache), None) => cache
-                .read_overlay(offset, len, &NoBase)
-                .await
-                .map_err(cache_err)?,
-            (None, Some(base)) => base
-                .read_at(offset, len as usize)
-                .await
-                .map_err(|e| repo_err(&e))?,
-            (None, None) => Bytes::from(vec![0u8; len as usize]),
-        };
-        Ok(ReadReply {
-            eof: offset + data.len() as u64 >= size,
-            data,
-            attr: None,
-        })
-    }
-
     /// Prefetches the chunks after a read that continues the previous one.
-    async fn readahead(&self, st: &FileState, base: &FileReader, offset: u64, len: u64) {
+    pub(super) async fn readahead(&self, st: &FileState, base: &FileReader, offset: u64, len: u64) {
         let end = offset + len;
         let previous = st.next_offset.swap(end, Ordering::Relaxed);
         if previous != offset || self.config.readahead_chunks == 0 {
@@ -296,47 +307,5 @@ impl Datastore {
         for index in first..last {
             base.prefetch(index).await;
         }
-    }
-
-    /// WRITE: into the write cache, durable as asked.
-    pub async fn write(
-        &self,
-        export: ExportId,
-        id: FileId,
-        offset: u64,
-        data: Bytes,
-        stability: Stability,
-    ) -> DsResult<WriteReply> {
-        let (state, node, st) = self.regular(export, id).await?;
-        let count = data.len() as u32;
-        let cache = self.ensure_cache(&state, &node, &st).await?;
-        match &st.base {
-            Some(base) => cache.write(offset, data, stability, &Base(base)).await,
-            None => cache.write(offset, data, stability, &NoBase).await,
-        }
-        .map_err(cache_err)?;
-        let now = SystemTime::now();
-        let (now_ns, last) = (unix_nanos(now), st.mtime_ns.load(Ordering::Relaxed));
-        if now_ns.saturating_sub(last) >= MTIME_GRANULARITY.as_nanos() as u64 {
-            st.mtime_ns.store(now_ns, Ordering::Relaxed);
-            if let Ok(n) = state.ns.write().await.get_mut(id) {
-                n.mtime = now;
-                n.ctime = now;
-            }
-        }
-        Ok(WriteReply {
-            count,
-            committed: stability,
-            attr: None,
-        })
-    }
-
-    /// COMMIT: every earlier unstable write of the file becomes durable.
-    pub async fn commit(&self, export: ExportId, id: FileId) -> DsResult<()> {
-        let (_, _, st) = self.regular(export, id).await?;
-        if let Some(cache) = st.cache.get() {
-            cache.commit().await.map_err(cache_err)?;
-        }
-        Ok(())
     }
 }

@@ -1,13 +1,15 @@
 //! `datastore`: the namespace a client sees. Exports, one folder per
-//! publication (a restore point presented as a VM folder), stable file ids,
-//! and the overlay of each file's write cache on its backup.
+//! publication (a restore point presented as a folder: a VM point's flat
+//! folder, or a tree point's folders, files and symlinks with the modes,
+//! owners and times the backup recorded), stable file ids, and the overlay
+//! of each file's write cache on its backup.
 //!
 //! # Rules
 //! - The repository is never written: every client write lands in the write
 //!   cache of the publication that owns the file (`cache`).
-//! - File ids and export instances are persisted (`namespace.json`,
-//!   `exports.json`) before a change is acknowledged, so handles held by ESXi
-//!   stay valid across restarts.
+//! - File ids and export instances are persisted (the namespace's change
+//!   log and `exports.json`) before a change is acknowledged, so handles
+//!   held by ESXi stay valid across restarts.
 //! - Reads of a presented file come from the cache bitmap first, else from the
 //!   backup through the shared block cache, with readahead for sequential
 //!   readers (Storage vMotion reads every disk start to end).
@@ -15,16 +17,23 @@
 //! # State folder
 //! ```text
 //! <state>/exports.json                 export path → id, instance
-//! <state>/exports/<id>/namespace.json  the tree, publications, next file id
+//! <state>/exports/<id>/namespace.json  the tree, publications, next file id (checkpoint)
+//! <state>/exports/<id>/namespace.log   changes since the checkpoint (nslog.rs)
 //! <state>/exports/<id>/cache/          write caches of files outside publications
 //! <cache_root>/<publication>/          write caches of a publication (default location)
 //! ```
 
+mod cache_dirs;
+mod extents;
 mod io;
 pub mod namespace;
+mod nslog;
 mod ops;
-mod sync;
+pub mod passthrough;
+pub mod router;
+mod surface;
 pub mod types;
+mod usage;
 mod view;
 
 use std::collections::HashMap;
@@ -40,9 +49,13 @@ use tokio::sync::{OnceCell, RwLock};
 use tracing::{info, warn};
 
 use crate::cache::{SessionCache, WriteCache};
+use crate::repo::tree::{EntryContent, Tree, TreeEntry};
 use crate::repo::{BlockCache, FileReader, Repository};
+pub use cache_dirs::CACHE_MARKER;
+pub use extents::FileExtent;
 pub use namespace::ROOT_ID;
 use namespace::{Content, Namespace, Node, Publication};
+pub use surface::{FileAt, FileOps, NameAt};
 pub use types::*;
 pub use view::PublishedFile;
 
@@ -93,6 +106,8 @@ pub(crate) struct FileState {
     /// epoch; 0: never, or reset by SETATTR). Lets most WRITEs skip the
     /// namespace write lock (see `MTIME_GRANULARITY`).
     mtime_ns: AtomicU64,
+    /// Which chunks of the backup hold data, once known (for `used`).
+    usage: OnceCell<usage::BackupUsage>,
 }
 
 /// One export at run time.
@@ -102,7 +117,12 @@ pub(crate) struct ExportState {
     files: DashMap<FileId, Arc<FileState>>,
     /// Write caches by publication (`None`: files outside any publication).
     sessions: DashMap<Option<String>, Arc<SessionCache>>,
+    /// Held while a session folder is opened: two callers never open (and
+    /// lock) one folder at once.
+    opening: tokio::sync::Mutex<()>,
     default_cache_dir: PathBuf,
+    /// Publications whose write cache folder is missing now (logged once).
+    missing: DashMap<String, ()>,
 }
 
 /// The datastore: every export, over one repository.
@@ -134,7 +154,10 @@ impl Datastore {
                 .find(|r| r.path == ec.path)
                 .ok_or(DatastoreError::Invalid)?;
             let dir = config.state_dir.join("exports").join(record.id.to_string());
-            let ns = Namespace::open(dir.join("namespace.json"))?;
+            let path = dir.join("namespace.json");
+            let ns = tokio::task::spawn_blocking(move || Namespace::open(path))
+                .await
+                .map_err(|e| state_io("open namespace", &dir, std::io::Error::other(e)))??;
             let state = Arc::new(ExportState {
                 info: Arc::new(Export {
                     id: record.id,
@@ -146,19 +169,23 @@ impl Datastore {
                 ns: RwLock::new(ns),
                 files: DashMap::new(),
                 sessions: DashMap::new(),
+                opening: tokio::sync::Mutex::new(()),
                 default_cache_dir: dir.join("cache"),
+                missing: DashMap::new(),
             });
             info!(export = %ec.path, id = record.id, "export loaded");
             by_path.insert(ec.path.clone(), record.id);
             exports.insert(record.id, state);
         }
-        Ok(Datastore {
+        let datastore = Datastore {
             repo,
             block_cache,
             config,
             exports,
             by_path,
-        })
+        };
+        datastore.check_cache_dirs().await?;
+        Ok(datastore)
     }
 
     /// The repository behind every publication.
@@ -169,18 +196,6 @@ impl Datastore {
     /// The shared block cache (for metrics).
     pub fn block_cache(&self) -> &Arc<BlockCache> {
         &self.block_cache
-    }
-
-    /// Every export.
-    pub fn exports(&self) -> Vec<Arc<Export>> {
-        let mut v: Vec<_> = self.exports.values().map(|e| e.info.clone()).collect();
-        v.sort_by_key(|e| e.id);
-        v
-    }
-
-    /// One export by id.
-    pub fn export(&self, id: ExportId) -> Option<Arc<Export>> {
-        self.exports.get(&id).map(|e| e.info.clone())
     }
 
     /// The export mounted at `path`.
@@ -217,36 +232,28 @@ impl Datastore {
         if ns.publication(name).is_some() || ns.lookup(ROOT_ID, name).is_ok() {
             return Err(DatastoreError::Exists);
         }
-        let template = Node::template(Content::Dir, 0o755, Some(name.to_string()));
-        let folder = ns.add(ROOT_ID, name, Content::Dir, &template)?;
-        for file in &point.files {
-            let content = Content::Presented {
-                file: file.name.clone(),
-                base_size: file.size,
-            };
-            let mode = if file.kind.is_disk() { 0o600 } else { 0o644 };
-            ns.add(
-                folder,
-                &file.name,
-                content,
-                &Node {
-                    mode,
-                    ..template.clone()
-                },
-            )?;
-        }
-        // Pinned before it is visible: gc must never remove what a client can read.
+        // The cache folder exists, with its marker, before the publication
+        // does: from then on a missing folder means lost storage, never
+        // "not used yet" (see `cache_dirs.rs`).
+        self.prepare_cache_dir(cache_dir.clone(), name).await?;
+        // Pinned before it is visible: gc must never remove what a client
+        // can read. Pinned before the tree changes, so a failed pin leaves
+        // nothing behind.
         self.repo
             .pin(&point.id, &pin_holder(&export.info, name))
             .await
             .map_err(|e| DatastoreError::Io(std::io::Error::other(e.to_string())))?;
+        let folder = add_tree(&mut ns, name, &Tree::of(&point))?;
         ns.add_publication(Publication {
             name: name.to_string(),
             point: point.id.clone(),
             cache_dir,
             folder,
+            cache_marked: true,
         });
-        ns.save()?;
+        let durable = ns.commit().await?;
+        drop(ns);
+        durable.wait().await?;
         info!(export = %export_path, publication = %name, point = %point.id, "published");
         Ok(folder)
     }
@@ -265,8 +272,9 @@ impl Datastore {
             .ok_or(DatastoreError::NotFound)?;
         let removed = ns.remove_tree(publication.folder)?;
         ns.remove_publication(name);
-        ns.save()?;
+        let durable = ns.commit().await?;
         drop(ns);
+        durable.wait().await?;
         for node in removed {
             export.files.remove(&node.id);
         }
@@ -279,7 +287,17 @@ impl Datastore {
         {
             warn!(cause = %e, publication = %name, "could not unpin restore point");
         }
-        match fs::remove_dir_all(&publication.cache_dir) {
+        let dir = publication.cache_dir.clone();
+        let removed = tokio::task::spawn_blocking(move || fs::remove_dir_all(&dir))
+            .await
+            .map_err(|e| {
+                state_io(
+                    "delete write cache",
+                    &publication.cache_dir,
+                    std::io::Error::other(e),
+                )
+            })?;
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(state_io("delete write cache", &publication.cache_dir, e)),
@@ -288,9 +306,11 @@ impl Datastore {
         Ok(())
     }
 
-    /// Makes every write cache durable, for a clean stop: UNSTABLE writes
-    /// that no COMMIT covered yet then survive a restart too (clients such
-    /// as libnfs do not resend writes when the verifier changes).
+    /// Makes every write cache durable and checkpoints every namespace, for
+    /// a clean stop: UNSTABLE writes that no COMMIT covered yet then survive
+    /// a restart too (clients such as libnfs do not resend writes when the
+    /// verifier changes), and so do the mtimes WRITEs set, which are not
+    /// logged one by one.
     pub async fn flush_all(&self) -> DsResult<()> {
         for export in self.exports.values() {
             let caches: Vec<Arc<WriteCache>> = export
@@ -301,6 +321,7 @@ impl Datastore {
             for cache in caches {
                 cache.commit().await.map_err(io::cache_err)?;
             }
+            export.ns.write().await.checkpoint().await?;
         }
         Ok(())
     }
@@ -358,5 +379,62 @@ fn load_export_records(config: &DatastoreConfig) -> DsResult<Vec<ExportRecord>> 
     Ok(records)
 }
 
+/// Adds a restore point's tree under the export root as folder `name`: its
+/// folders, files (read through to the backup) and symlinks, with the
+/// modes, owners and times the backup recorded. The folder gets the root
+/// entry's attributes. Folders' times are set last, since adding an entry
+/// touches its folder.
+fn add_tree(ns: &mut Namespace, name: &str, tree: &Tree) -> DsResult<FileId> {
+    let attrs = |e: &TreeEntry| {
+        let mtime = io::time_of_nanos(e.mtime_ns);
+        Node {
+            mode: e.mode & 0o7777,
+            uid: e.uid,
+            gid: e.gid,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            ..Node::template(Content::Dir, 0, Some(name.to_string()))
+        }
+    };
+    let root = tree.root();
+    let folder = ns.add(ROOT_ID, name, Content::Dir, &attrs(root))?;
+    let mut folders: HashMap<&str, FileId> = HashMap::from([("", folder)]);
+    for entry in &tree.entries()[1..] {
+        // Sorted by path, the root first: a folder always comes before its
+        // entries, so its id is known.
+        let parent = entry
+            .parent()
+            .and_then(|p| folders.get(p))
+            .copied()
+            .ok_or(DatastoreError::Invalid)?;
+        let content = match &entry.content {
+            EntryContent::Folder => Content::Dir,
+            EntryContent::File(_) => Content::Presented {
+                file: entry.path.clone(),
+                base_size: entry.size,
+            },
+            EntryContent::Symlink(target) => Content::Symlink {
+                target: target.clone(),
+            },
+        };
+        let id = ns.add(parent, entry.name(), content, &attrs(entry))?;
+        if matches!(entry.content, EntryContent::Folder) {
+            folders.insert(&entry.path, id);
+        }
+    }
+    for entry in tree.entries() {
+        if let Some(id) = folders.get(entry.path.as_str()) {
+            let at = io::time_of_nanos(entry.mtime_ns);
+            let node = ns.get_mut(*id)?;
+            node.mtime = at;
+            node.ctime = at;
+        }
+    }
+    Ok(folder)
+}
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tree_tests;

@@ -60,7 +60,10 @@ impl Fixture {
             .publish(EXPORT, name, "web01@latest", None)
             .await
             .unwrap();
-        let disk = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+        let disk = ds
+            .lookup(&FileAt::new(export, folder).child("web01-flat.vmdk"))
+            .await
+            .unwrap();
         Published {
             export,
             folder,
@@ -80,7 +83,7 @@ async fn read_all(ds: &Datastore, export: ExportId, id: FileId) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let r = ds
-            .read(export, id, out.len() as u64, 100_000)
+            .read(FileAt::new(export, id), out.len() as u64, 100_000)
             .await
             .unwrap();
         out.extend_from_slice(&r.data);
@@ -105,8 +108,7 @@ async fn writes_overlay_the_backup_and_survive_reopen() {
     // Unaligned write across a block boundary: copy-on-write of both ends.
     let patch = Bytes::from(vec![0xab; 5000]);
     ds.write(
-        export,
-        disk.fileid,
+        FileAt::new(export, disk.fileid),
         70_001,
         patch.clone(),
         Stability::FileSync,
@@ -119,7 +121,10 @@ async fn writes_overlay_the_backup_and_survive_reopen() {
     drop(ds);
 
     let ds = fx.open().await;
-    let again = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+    let again = ds
+        .lookup(&FileAt::new(export, folder).child("web01-flat.vmdk"))
+        .await
+        .unwrap();
     assert_eq!(again.fileid, disk.fileid, "file ids survive a reopen");
     assert_eq!(read_all(&ds, export, disk.fileid).await, expected);
 }
@@ -137,23 +142,32 @@ async fn namespace_changes_like_esxi_makes_them() {
 
     // .vmx~ written then renamed over .vmx.
     let tmp = ds
-        .create(export, folder, "web01.vmx~", CreateMode::Guarded, &set)
+        .create(
+            &FileAt::new(export, folder).child("web01.vmx~"),
+            CreateMode::Guarded,
+            &set,
+        )
         .await
         .unwrap();
     ds.write(
-        export,
-        tmp.fileid,
+        FileAt::new(export, tmp.fileid),
         0,
         Bytes::from_static(b"memSize = \"1024\"\n"),
         Stability::Unstable,
     )
     .await
     .unwrap();
-    ds.commit(export, tmp.fileid).await.unwrap();
-    ds.rename(export, folder, "web01.vmx~", folder, "web01.vmx")
+    ds.commit(FileAt::new(export, tmp.fileid)).await.unwrap();
+    ds.rename(
+        &FileAt::new(export, folder).child("web01.vmx~"),
+        &FileAt::new(export, folder).child("web01.vmx"),
+    )
+    .await
+    .unwrap();
+    let vmx = ds
+        .lookup(&FileAt::new(export, folder).child("web01.vmx"))
         .await
         .unwrap();
-    let vmx = ds.lookup(export, folder, "web01.vmx").await.unwrap();
     assert_eq!(vmx.fileid, tmp.fileid);
     assert_eq!(
         read_all(&ds, export, vmx.fileid).await,
@@ -161,19 +175,25 @@ async fn namespace_changes_like_esxi_makes_them() {
     );
 
     // A lock file named after the disk's file id, then removed.
-    let disk = ds.lookup(export, folder, "web01-flat.vmdk").await.unwrap();
+    let disk = ds
+        .lookup(&FileAt::new(export, folder).child("web01-flat.vmdk"))
+        .await
+        .unwrap();
     let lck = format!(".lck-{:016x}", disk.fileid);
-    ds.mkdir(export, folder, &lck, &set).await.unwrap();
+    ds.mkdir(&FileAt::new(export, folder).child(&lck), &set)
+        .await
+        .unwrap();
     assert!(matches!(
-        ds.rmdir(export, ROOT_ID, "s1").await,
+        ds.rmdir(&FileAt::new(export, ROOT_ID).child("s1")).await,
         Err(DatastoreError::Access)
     ));
-    ds.rmdir(export, folder, &lck).await.unwrap();
+    ds.rmdir(&FileAt::new(export, folder).child(&lck))
+        .await
+        .unwrap();
 
     // Removing a presented file hides it and frees its cache.
     ds.write(
-        export,
-        disk.fileid,
+        FileAt::new(export, disk.fileid),
         0,
         Bytes::from_static(b"x"),
         Stability::FileSync,
@@ -182,14 +202,17 @@ async fn namespace_changes_like_esxi_makes_them() {
     .unwrap();
     let cache_dir = fx.dir.path().join("cache").join("s1");
     let cached = std::fs::read_dir(&cache_dir).unwrap().count();
-    ds.remove(export, folder, "web01-flat.vmdk").await.unwrap();
+    ds.remove(&FileAt::new(export, folder).child("web01-flat.vmdk"))
+        .await
+        .unwrap();
     assert!(matches!(
-        ds.lookup(export, folder, "web01-flat.vmdk").await,
+        ds.lookup(&FileAt::new(export, folder).child("web01-flat.vmdk"))
+            .await,
         Err(DatastoreError::NotFound)
     ));
     assert!(std::fs::read_dir(&cache_dir).unwrap().count() < cached);
     assert!(matches!(
-        ds.getattr(export, disk.fileid).await,
+        ds.getattr(FileAt::new(export, disk.fileid)).await,
         Err(DatastoreError::Stale)
     ));
 
@@ -199,22 +222,35 @@ async fn namespace_changes_like_esxi_makes_them() {
         size: Some(vmx_len + 10_000),
         ..SetAttr::default()
     };
-    ds.setattr(export, vmx.fileid, &grown, None).await.unwrap();
+    ds.setattr(FileAt::new(export, vmx.fileid), &grown, None)
+        .await
+        .unwrap();
     let data = read_all(&ds, export, vmx.fileid).await;
     assert_eq!(data.len() as u64, vmx_len + 10_000);
     assert!(data[vmx_len as usize..].iter().all(|&b| b == 0));
 
     // Nothing escapes the export.
     assert_eq!(
-        ds.lookup(export, ROOT_ID, "..").await.unwrap().fileid,
+        ds.lookup(&FileAt::new(export, ROOT_ID).child(".."))
+            .await
+            .unwrap()
+            .fileid,
         ROOT_ID
     );
     assert!(ds
-        .create(export, folder, "a/b", CreateMode::Guarded, &set)
+        .create(
+            &FileAt::new(export, folder).child("a/b"),
+            CreateMode::Guarded,
+            &set
+        )
         .await
         .is_err());
     assert!(ds
-        .create(export, folder, "..", CreateMode::Guarded, &set)
+        .create(
+            &FileAt::new(export, folder).child(".."),
+            CreateMode::Guarded,
+            &set
+        )
         .await
         .is_err());
 }
@@ -229,8 +265,7 @@ async fn unpublish_removes_folder_and_cache_and_fsstat_is_real() {
         disk,
     } = fx.publish_disk(&ds, "s2").await;
     ds.write(
-        export,
-        disk.fileid,
+        FileAt::new(export, disk.fileid),
         0,
         Bytes::from_static(b"y"),
         Stability::FileSync,
@@ -250,7 +285,7 @@ async fn unpublish_removes_folder_and_cache_and_fsstat_is_real() {
     ds.unpublish(EXPORT, "s2").await.unwrap();
     assert!(!fx.dir.path().join("cache").join("s2").exists());
     assert!(matches!(
-        ds.getattr(export, folder).await,
+        ds.getattr(FileAt::new(export, folder)).await,
         Err(DatastoreError::Stale)
     ));
     assert!(ds.publications(EXPORT).await.unwrap().is_empty());
@@ -272,12 +307,12 @@ async fn used_counts_only_what_a_truncate_left_visible() {
         size: Some(size),
         ..SetAttr::default()
     };
-    ds.setattr(export, disk.fileid, &resize(4096), None)
+    ds.setattr(FileAt::new(export, disk.fileid), &resize(4096), None)
         .await
         .unwrap();
     // Extending again is sparse: the hidden backup bytes do not come back.
     let attr = ds
-        .setattr(export, disk.fileid, &resize(full), None)
+        .setattr(FileAt::new(export, disk.fileid), &resize(full), None)
         .await
         .unwrap();
     assert_eq!(attr.size, full);

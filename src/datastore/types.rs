@@ -20,6 +20,11 @@ pub type FileId = u64;
 /// Identifies an export in file handles; persisted by the backend.
 pub type ExportId = u32;
 
+/// Largest file a client may make: 64 TiB, the VMFS/vSphere virtual disk
+/// limit, advertised as FSINFO's `maxfilesize`. SETATTR, WRITE and CREATE
+/// beyond it fail with [`DatastoreError::TooBig`] before changing anything.
+pub const MAX_FILE_SIZE: u64 = 64 << 40;
+
 /// One exported tree, as published by the backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Export {
@@ -129,7 +134,7 @@ pub enum CreateMode {
     /// `size` from the attributes (a truncate, as knfsd does): the rest,
     /// the owner in particular, describes a new file.
     Unchecked,
-    /// Fail with [`BackendError::Exists`] if the name exists.
+    /// Fail with [`DatastoreError::Exists`] if the name exists.
     Guarded,
     /// Exactly-once create: the backend stores the verifier with the file; a
     /// retransmitted CREATE carrying the same verifier succeeds and returns
@@ -161,7 +166,7 @@ pub struct WriteReply {
     pub attr: Option<Attr>,
 }
 
-/// One directory entry returned by [`NfsBackend::readdir`].
+/// One directory entry returned by [`FileOps::readdir`](super::FileOps::readdir).
 #[derive(Clone, Debug)]
 pub struct DirEntry {
     /// Entry name.
@@ -184,21 +189,7 @@ pub struct DirPage {
 }
 
 /// Space figures for FSSTAT: the real numbers of where writes land.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FsStat {
-    /// Total bytes.
-    pub total_bytes: u64,
-    /// Free bytes.
-    pub free_bytes: u64,
-    /// Free bytes available to the caller.
-    pub avail_bytes: u64,
-    /// Total file slots.
-    pub total_files: u64,
-    /// Free file slots.
-    pub free_files: u64,
-    /// Free file slots available to the caller.
-    pub avail_files: u64,
-}
+pub use crate::fsutil::Space as FsStat;
 
 /// What a datastore operation can fail with; the NFS layer maps each to one
 /// `nfsstat3` in one place.

@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use super::namespace::ROOT_ID;
-use super::{Datastore, DatastoreError, DsResult, ExportId, FileId};
+use super::{Datastore, DatastoreError, DsResult, ExportId, FileAt, FileId, FileOps};
 
 /// One entry of a published VM folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl Datastore {
         };
         let mut files = Vec::with_capacity(nodes.len());
         for node in nodes {
-            let attr = self.getattr(export, node.id).await?;
+            let attr = self.getattr(FileAt::new(export, node.id)).await?;
             files.push(PublishedFile {
                 id: node.id,
                 name: node.name.clone(),

@@ -110,8 +110,9 @@ pub struct DatastoreSpec {
     pub remote_host: String,
     /// Export path (the NFS "share").
     pub remote_path: String,
-    /// Where the export's files are on this machine, when a peer needs it
-    /// (vcsim treats a NAS datastore's local path as a folder). `None` on real hosts.
+    /// Where the export's files are on this machine, when revive knows it
+    /// (a snapshot clone's folder). Only a simulator uses it (vcsim treats a
+    /// NAS datastore's local path as a folder); real hosts ignore it.
     pub local_path: Option<PathBuf>,
 }
 
@@ -124,6 +125,15 @@ pub struct VmFile {
     pub size: u64,
     /// A virtual disk (flat extent or raw image) rather than a small file.
     pub disk: bool,
+    /// Where the hypervisor opens this disk instead of the datastore
+    /// folder: the block export of a block session (`nbd://HOST:PORT/NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Where the hypervisor opens this disk itself instead of in the VM's
+    /// folder on the datastore: a block image such as `rbd:POOL/IMAGE`
+    /// (a clone of a Ceph snapshot). `None`: in the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// A VM to register: its folder on a datastore and what the backup says about it.
@@ -146,6 +156,30 @@ pub struct VmSpec {
     /// The port the recovered service answers on (postgres sessions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Boot on an isolated lab network (verification boots) instead of as
+    /// configured; only drivers that can isolate a guest accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<LabNetwork>,
+}
+
+/// An isolated network for a verification boot: the guest gets one NIC on a
+/// network that routes nowhere (not to the host, not to production), a
+/// screen that can be captured, and only `forwards` reach into it, from
+/// 127.0.0.1 on the hypervisor's machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabNetwork {
+    /// Guest TCP ports reachable from the hypervisor's loopback.
+    #[serde(default)]
+    pub forwards: Vec<PortForward>,
+}
+
+/// One TCP port of a lab guest, reachable at `127.0.0.1:host_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Port on the hypervisor's loopback.
+    pub host_port: u16,
+    /// Port in the guest.
+    pub guest_port: u16,
 }
 
 impl VmSpec {
@@ -255,6 +289,23 @@ pub trait Driver: Send + Sync {
     /// (a database on a FUSE mount is stopped cleanly and unmounted; it is
     /// started again by [`Driver::resume`]).
     async fn shutdown(&self) {}
+
+    /// What the guest wrote on its serial console so far (verification
+    /// boots look for their success signal in it).
+    async fn console_output(&self, _vm: &VmRef) -> DriverResult<Vec<u8>> {
+        Err(DriverError::NotSupported {
+            driver: self.kind(),
+            operation: "reading the guest's console",
+        })
+    }
+
+    /// A PNG picture of the guest's screen.
+    async fn screenshot(&self, _vm: &VmRef) -> DriverResult<Vec<u8>> {
+        Err(DriverError::NotSupported {
+            driver: self.kind(),
+            operation: "screenshots",
+        })
+    }
 }
 
 /// What a driver may use of the server it runs in.
@@ -278,6 +329,11 @@ pub struct HostConfig {
     /// none (default: `[datastore] cache_root`): e.g. a folder on the
     /// target's own disk rather than on the mount server.
     pub cache_dir: Option<PathBuf>,
+    /// Addresses the host's NFS client connects from: the export of a
+    /// snapshot clone recovered on this host admits only these (default:
+    /// the allowed_clients of the sessions' export).
+    #[serde(default)]
+    pub nfs_clients: Vec<std::net::IpAddr>,
     /// The driver and its settings.
     #[serde(flatten)]
     pub driver: DriverConfig,

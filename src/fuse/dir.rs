@@ -10,6 +10,7 @@ use fuser::{INodeNo, ReplyDirectory, ReplyDirectoryPlus};
 
 use super::attr;
 use super::fs::Inner;
+use crate::datastore::FileAt;
 
 /// Entries asked of the datastore per page: the kernel's buffer (4 KiB for
 /// READDIR, a page or more for READDIRPLUS) holds fewer; the rest of a page
@@ -37,7 +38,11 @@ pub(super) async fn readdir(fs: Arc<Inner>, ino: INodeNo, offset: u64, mut reply
     }
     let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
     loop {
-        let page = match fs.ds.readdir(fs.export, dir, cookie, DIR_PAGE).await {
+        let page = match fs
+            .ds
+            .readdir(FileAt::new(fs.export, dir), cookie, DIR_PAGE)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return reply.error(fs.fail("readdir", ino, &e)),
         };
@@ -87,7 +92,11 @@ pub(super) async fn readdirplus(
     }
     let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
     loop {
-        let page = match fs.ds.readdir(fs.export, dir, cookie, DIR_PAGE).await {
+        let page = match fs
+            .ds
+            .readdir(FileAt::new(fs.export, dir), cookie, DIR_PAGE)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return reply.error(fs.fail("readdirplus", ino, &e)),
         };

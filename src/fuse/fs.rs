@@ -23,12 +23,13 @@ use tracing::{debug, warn};
 
 use super::attr::{self, new_attrs, stability, utf8, Inodes, Presentation};
 use crate::datastore::{
-    CreateMode, Datastore, DatastoreError, ExportId, FileId, FileKind, SetAttr,
+    CreateMode, DatastoreError, ExportId, FileAt, FileId, FileKind, FileOps, NameAt, SetAttr,
 };
 
 /// Shared by every request task.
 pub(super) struct Inner {
-    pub ds: Arc<Datastore>,
+    /// The datastore, reached only through its operation surface.
+    pub ds: Arc<dyn FileOps>,
     pub export: ExportId,
     pub view: Presentation,
     pub ttl: Duration,
@@ -43,12 +44,22 @@ impl Inner {
         self.view.inodes.id(ino)
     }
 
+    /// The datastore file behind an inode.
+    pub fn at(&self, ino: INodeNo) -> FileAt {
+        FileAt::new(self.export, self.id(ino))
+    }
+
+    /// The name `name` in folder `dir` of the export.
+    pub fn name_at(&self, dir: FileId, name: &str) -> NameAt {
+        FileAt::new(self.export, dir).child(name)
+    }
+
     /// The inode of a folder's parent; the mount's root is its own parent.
     pub async fn parent(&self, dir: FileId) -> Result<INodeNo, DatastoreError> {
         if dir == self.view.inodes.root {
             return Ok(INodeNo::ROOT);
         }
-        let a = self.ds.lookup(self.export, dir, "..").await?;
+        let a = self.ds.lookup(&self.name_at(dir, "..")).await?;
         Ok(self.view.inodes.ino(a.fileid))
     }
 
@@ -72,7 +83,7 @@ pub(super) struct ReviveFs {
 impl ReviveFs {
     /// Serves folder `root` of `export`, answering on `runtime`.
     pub fn new(
-        ds: Arc<Datastore>,
+        ds: Arc<dyn FileOps>,
         export: ExportId,
         root: FileId,
         instance: u64,
@@ -138,7 +149,7 @@ impl fuser::Filesystem for ReviveFs {
             } else {
                 name
             };
-            match fs.ds.lookup(fs.export, dir, &name).await {
+            match fs.ds.lookup(&fs.name_at(dir, &name)).await {
                 Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
                 Err(e) => reply.error(fs.fail("lookup", parent, &e)),
             }
@@ -147,7 +158,7 @@ impl fuser::Filesystem for ReviveFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.spawn(move |fs| async move {
-            match fs.ds.getattr(fs.export, fs.id(ino)).await {
+            match fs.ds.getattr(fs.at(ino)).await {
                 Ok(a) => reply.attr(&fs.ttl, &fs.view.file_attr(&a)),
                 Err(e) => reply.error(fs.fail("getattr", ino, &e)),
             }
@@ -181,17 +192,22 @@ impl fuser::Filesystem for ReviveFs {
             mtime: attr::set_time(mtime),
         };
         self.spawn(move |fs| async move {
-            match fs.ds.setattr(fs.export, fs.id(ino), &set, None).await {
+            match fs.ds.setattr(fs.at(ino), &set, None).await {
                 Ok(a) => reply.attr(&fs.ttl, &fs.view.file_attr(&a)),
                 Err(e) => reply.error(fs.fail("setattr", ino, &e)),
             }
         });
     }
 
-    fn readlink(&self, _req: &Request, _ino: INodeNo, reply: ReplyData) {
-        // The datastore presents no symbolic links yet (restore points of
-        // VM folders have none); the tree surface adds READLINK.
-        reply.error(Errno::from_i32(libc::EINVAL));
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        // The datastore answers NotSupported until it presents tree points'
+        // symbolic links; forwarding keeps FUSE a thin adapter.
+        self.spawn(move |fs| async move {
+            match fs.ds.readlink(fs.at(ino)).await {
+                Ok(target) => reply.data(target.as_bytes()),
+                Err(e) => reply.error(fs.fail("readlink", ino, &e)),
+            }
+        });
     }
 
     fn mknod(
@@ -217,7 +233,11 @@ impl fuser::Filesystem for ReviveFs {
         self.spawn(move |fs| async move {
             let created = fs
                 .ds
-                .create(fs.export, fs.id(parent), &name, CreateMode::Guarded, &attrs)
+                .create(
+                    &fs.name_at(fs.id(parent), &name),
+                    CreateMode::Guarded,
+                    &attrs,
+                )
                 .await;
             match created {
                 Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
@@ -241,7 +261,7 @@ impl fuser::Filesystem for ReviveFs {
         };
         let attrs = new_attrs(req, mode, umask);
         self.spawn(move |fs| async move {
-            match fs.ds.mkdir(fs.export, fs.id(parent), &name, &attrs).await {
+            match fs.ds.mkdir(&fs.name_at(fs.id(parent), &name), &attrs).await {
                 Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
                 Err(e) => reply.error(fs.fail("mkdir", parent, &e)),
             }
@@ -254,7 +274,7 @@ impl fuser::Filesystem for ReviveFs {
             Err(e) => return reply.error(e),
         };
         self.spawn(move |fs| async move {
-            match fs.ds.remove(fs.export, fs.id(parent), &name).await {
+            match fs.ds.remove(&fs.name_at(fs.id(parent), &name)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("unlink", parent, &e)),
             }
@@ -267,7 +287,7 @@ impl fuser::Filesystem for ReviveFs {
             Err(e) => return reply.error(e),
         };
         self.spawn(move |fs| async move {
-            match fs.ds.rmdir(fs.export, fs.id(parent), &name).await {
+            match fs.ds.rmdir(&fs.name_at(fs.id(parent), &name)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("rmdir", parent, &e)),
             }
@@ -276,14 +296,25 @@ impl fuser::Filesystem for ReviveFs {
 
     fn symlink(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &Path,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
         reply: ReplyEntry,
     ) {
-        // See readlink: no symbolic links in the datastore yet.
-        reply.error(Errno::EPERM);
+        // See readlink: the datastore refuses until it stores links.
+        let (name, target) = match (utf8(link_name), utf8(target.as_os_str())) {
+            (Ok(n), Ok(t)) => (n, t),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let attrs = new_attrs(req, 0o777, 0);
+        self.spawn(move |fs| async move {
+            let at = fs.name_at(fs.id(parent), &name);
+            match fs.ds.symlink(&at, &target, &attrs).await {
+                Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
+                Err(e) => reply.error(fs.fail("symlink", parent, &e)),
+            }
+        });
     }
 
     fn rename(
@@ -307,13 +338,17 @@ impl fuser::Filesystem for ReviveFs {
         self.spawn(move |fs| async move {
             let (from_dir, to_dir) = (fs.id(parent), fs.id(newparent));
             if no_replace {
-                match fs.ds.lookup(fs.export, to_dir, &to).await {
+                match fs.ds.lookup(&fs.name_at(to_dir, &to)).await {
                     Ok(_) => return reply.error(Errno::from_i32(libc::EEXIST)),
                     Err(DatastoreError::NotFound) => {}
                     Err(e) => return reply.error(fs.fail("rename", newparent, &e)),
                 }
             }
-            match fs.ds.rename(fs.export, from_dir, &from, to_dir, &to).await {
+            match fs
+                .ds
+                .rename(&fs.name_at(from_dir, &from), &fs.name_at(to_dir, &to))
+                .await
+            {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("rename", parent, &e)),
             }
@@ -338,7 +373,7 @@ impl fuser::Filesystem for ReviveFs {
         reply: ReplyData,
     ) {
         self.spawn(move |fs| async move {
-            match fs.ds.read(fs.export, fs.id(ino), offset, size).await {
+            match fs.ds.read(fs.at(ino), offset, size).await {
                 Ok(r) => reply.data(&r.data),
                 Err(e) => reply.error(fs.fail("read", ino, &e)),
             }
@@ -361,11 +396,7 @@ impl fuser::Filesystem for ReviveFs {
         let data = Bytes::copy_from_slice(data);
         let stable = stability(flags);
         self.spawn(move |fs| async move {
-            match fs
-                .ds
-                .write(fs.export, fs.id(ino), offset, data, stable)
-                .await
-            {
+            match fs.ds.write(fs.at(ino), offset, data, stable).await {
                 Ok(w) => reply.written(w.count),
                 Err(e) => reply.error(fs.fail("write", ino, &e)),
             }
@@ -395,7 +426,7 @@ impl fuser::Filesystem for ReviveFs {
         // The same journal sync as an NFS COMMIT: every acknowledged write
         // of the file survives a crash once this returns.
         self.spawn(move |fs| async move {
-            match fs.ds.commit(fs.export, fs.id(ino)).await {
+            match fs.ds.commit(fs.at(ino)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("fsync", ino, &e)),
             }
@@ -432,8 +463,11 @@ impl fuser::Filesystem for ReviveFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // Every namespace change (create, rename, remove, mkdir, setattr)
+        // is durable in the namespace log before the datastore answers it,
+        // so there is nothing left to flush: check the folder still exists.
         self.spawn(move |fs| async move {
-            match fs.ds.sync_namespace(fs.export).await {
+            match fs.ds.getattr(fs.at(ino)).await.map(|_| ()) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("fsyncdir", ino, &e)),
             }
@@ -492,7 +526,7 @@ impl fuser::Filesystem for ReviveFs {
         self.spawn(move |fs| async move {
             let created = fs
                 .ds
-                .create(fs.export, fs.id(parent), &name, how, &attrs)
+                .create(&fs.name_at(fs.id(parent), &name), how, &attrs)
                 .await;
             match created {
                 Ok(a) if a.kind == FileKind::Regular => reply.created(

@@ -39,7 +39,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::datastore::{Datastore, ExportId, FileId};
+use crate::datastore::{ExportId, FileId, FileOps};
 
 /// How long the kernel may cache attributes and names. Every change goes
 /// through this mount, which updates the kernel's copy as it answers, so a
@@ -120,7 +120,7 @@ impl Mount {
     /// Mounts folder `root` of export `export` at `mountpoint` (an existing
     /// empty folder) and serves it on the current tokio runtime.
     pub async fn start(
-        datastore: Arc<Datastore>,
+        datastore: Arc<dyn FileOps>,
         export: ExportId,
         root: FileId,
         mountpoint: &Path,

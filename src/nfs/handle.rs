@@ -16,7 +16,7 @@
 //!     16    8 file id         (FileId)
 //! ```
 
-use super::backend::{ExportId, FileId};
+use crate::datastore::{ExportId, FileId};
 
 /// Current handle format version.
 pub const HANDLE_VERSION: u8 = 1;

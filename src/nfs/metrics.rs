@@ -72,6 +72,11 @@ pub struct NfsMetrics {
     pub connections_accepted: AtomicU64,
     /// TCP connections open now.
     pub connections_open: AtomicU64,
+    /// TCP connections closed at accept: from an address on no allow-list
+    /// (outside the portmapper) or over a connection cap.
+    pub connections_refused: AtomicU64,
+    /// TCP connections closed for idling, or for a record sent too slowly.
+    pub connections_timed_out: AtomicU64,
     /// Bytes returned by READ.
     pub bytes_read: AtomicU64,
     /// Bytes accepted by WRITE (they land in write caches).

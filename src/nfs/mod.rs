@@ -1,5 +1,5 @@
 //! The NFS frontend: our own NFSv3 + MOUNT v3 + portmapper v2 server on
-//! tokio and `bytes`, dispatching to an [`NfsBackend`].
+//! tokio and `bytes`, a protocol encoding over [`FileOps`].
 //!
 //! # Why our own RPC layer
 //!
@@ -19,23 +19,26 @@
 //!
 //! ```text
 //! server      listeners, per-connection reader / call tasks / writer
+//!  ├─ limits    who may connect, connection caps, idle and record timeouts
 //!  ├─ rpc       record marking, call header, credentials, reply header
 //!  ├─ portmap   program 100000 v2: NULL SET UNSET GETPORT DUMP (TCP + UDP)
 //!  ├─ mount     program 100005 v3: NULL MNT DUMP UMNT UMNTALL EXPORT (TCP + UDP)
 //!  ├─ drc       duplicate request cache (non-idempotent NFS calls only)
 //!  └─ proc/     program 100003 v3: the 22 procedures (attr, io, dirop, readdir)
 //!       ├─ handle   file handle format (persistent, versioned)
-//!       ├─ error    BackendError -> nfsstat3, the only such mapping
-//!       └─ backend  the NfsBackend trait the datastore implements
+//!       └─ error    DatastoreError -> nfsstat3, the only such mapping
 //! xdr         argument decoding (zero-copy, bounded) and reply packing
 //! metrics     per-procedure counters and latency buckets
 //! ```
 //!
 //! # Access control
 //!
-//! Each export carries an allow-list of client addresses. MNT refuses other
-//! clients with `MNT3ERR_ACCES`; every NFS call resolves its handles against
-//! the export and refuses other TCP peers with `NFS3ERR_ACCES`. AUTH_SYS
+//! Each export carries an allow-list of client addresses. A connection from
+//! an address on no allow-list is closed at accept, before a byte is read,
+//! except on the portmapper's port, where only the portmapper answers it
+//! (see [`limits`]). MNT refuses clients not on the export's own list with
+//! `MNT3ERR_ACCES`; every NFS call resolves its handles against the export
+//! and refuses other TCP peers with `NFS3ERR_ACCES`. AUTH_SYS
 //! credentials are accepted as sent, root included (ESXi needs
 //! no_root_squash). Names with `/`, empty names and `..` escaping the export
 //! root are refused before the backend sees them.
@@ -47,11 +50,10 @@
 //! ESXi stay valid across restarts. The WRITE/COMMIT verifier is the server
 //! start time in nanoseconds, new at every start.
 
-pub mod adapter;
-pub mod backend;
 pub mod drc;
 pub mod error;
 pub mod handle;
+pub mod limits;
 pub mod metrics;
 pub mod mount;
 pub mod portmap;
@@ -60,10 +62,8 @@ pub mod rpc;
 pub mod server;
 pub mod xdr;
 
-pub use backend::{
-    Attr, BackendError, BackendResult, CreateMode, DirEntry, DirPage, Export, ExportId, FileId,
-    FileKind, FsStat, NfsBackend, ReadReply, SetAttr, SetTime, Stability, WriteReply,
-};
+pub use crate::datastore::{FileAt, FileOps, NameAt};
+pub use limits::ConnLimits;
 pub use metrics::NfsMetrics;
 pub use portmap::Ports;
 pub use server::{NfsBind, NfsListeners, NfsServer};

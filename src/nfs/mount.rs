@@ -16,11 +16,11 @@ use nfs3_types::mount::{
 use nfs3_types::rpc::accept_stat;
 use nfs3_types::xdr_codec::{List, Opaque};
 
-use super::backend::{BackendError, Export, FileId, FileKind};
 use super::proc::fh_for;
 use super::rpc::{Call, Reply};
 use super::server::ServerState;
 use super::xdr::{pack, Garbage, XdrReader};
+use crate::datastore::{DatastoreError, Export, FileAt, FileId, FileKind};
 
 /// MOUNT program number.
 pub const PROGRAM: u32 = 100_005;
@@ -125,12 +125,12 @@ async fn walk(state: &ServerState, export: &Export, rest: &str) -> Result<FileId
         }
         let attr = state
             .backend
-            .lookup(export.id, dir, component)
+            .lookup(&FileAt::new(export.id, dir).child(component))
             .await
             .map_err(|e| match e {
-                BackendError::NotFound => mountstat3::MNT3ERR_NOENT,
-                BackendError::NotDir => mountstat3::MNT3ERR_NOTDIR,
-                BackendError::Access => mountstat3::MNT3ERR_ACCES,
+                DatastoreError::NotFound => mountstat3::MNT3ERR_NOENT,
+                DatastoreError::NotDir => mountstat3::MNT3ERR_NOTDIR,
+                DatastoreError::Access => mountstat3::MNT3ERR_ACCES,
                 _ => mountstat3::MNT3ERR_IO,
             })?;
         if attr.kind != FileKind::Directory {

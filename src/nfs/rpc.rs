@@ -22,6 +22,8 @@
 //! xid | msg_type=REPLY(1) | MSG_ACCEPTED(0) | verf AUTH_NONE(0, len 0) | accept_stat | results...
 //! ```
 
+use std::time::{Duration, Instant};
+
 use bytes::{BufMut, Bytes, BytesMut};
 use nfs3_types::rpc::{accept_stat, auth_stat};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -48,17 +50,31 @@ pub enum FrameError {
     /// The socket failed or closed in the middle of a record.
     #[error("reading record: {0}")]
     Io(#[from] std::io::Error),
-    /// A record grew beyond [`MAX_RECORD`].
+    /// A record grew beyond the reader's limit ([`MAX_RECORD`] by default).
     #[error("record of {0} bytes exceeds the limit")]
     TooLarge(usize),
+    /// No byte of a new record arrived within the idle timeout.
+    #[error("idle")]
+    Idle,
+    /// A record's bytes stopped coming before it was whole.
+    #[error("record not sent whole in time")]
+    Stalled,
 }
 
 /// Splits a TCP byte stream into RPC records.
+///
+/// Memory follows what arrives, never what a record marker claims: the
+/// buffer grows at most by what is already buffered (from 64 KiB), so a
+/// peer that claims 4 MiB and sends a few bytes holds 64 KiB.
 pub struct RecordReader<R> {
     inner: R,
     buf: BytesMut,
     /// Fragments of a record that spans several (rare: clients send one).
     partial: Option<BytesMut>,
+    /// Largest record accepted.
+    max_record: usize,
+    /// When the first buffered byte of the record being received arrived.
+    started: Option<Instant>,
 }
 
 impl<R: AsyncRead + Unpin> RecordReader<R> {
@@ -67,12 +83,19 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         !self.buf.is_empty() || self.partial.is_some()
     }
 
-    /// Read records from `inner`.
+    /// Read records from `inner`, up to [`MAX_RECORD`] bytes each.
     pub fn new(inner: R) -> Self {
+        Self::with_limit(inner, MAX_RECORD)
+    }
+
+    /// Read records of at most `max_record` bytes from `inner`.
+    pub fn with_limit(inner: R, max_record: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             partial: None,
+            max_record,
+            started: None,
         }
     }
 
@@ -81,13 +104,28 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// # Errors
     /// End of stream inside a record, a socket error, or an oversized record.
     pub async fn next_record(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.next_record_within(None, None).await
+    }
+
+    /// The next complete record, waiting at most `idle` for its first byte
+    /// and at most `record` from its first byte to its last (no limit for
+    /// `None`). Cancel-safe: bytes read stay buffered.
+    ///
+    /// # Errors
+    /// As [`RecordReader::next_record`], plus [`FrameError::Idle`] and
+    /// [`FrameError::Stalled`] when a wait runs out.
+    pub async fn next_record_within(
+        &mut self,
+        idle: Option<Duration>,
+        record: Option<Duration>,
+    ) -> Result<Option<Bytes>, FrameError> {
         loop {
             let mut need = 4;
             if self.buf.len() >= 4 {
                 let mark = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
                 let len = (mark & !LAST_FRAGMENT) as usize;
                 let so_far = self.partial.as_ref().map_or(0, BytesMut::len);
-                if so_far + len > MAX_RECORD {
+                if so_far + len > self.max_record {
                     return Err(FrameError::TooLarge(so_far + len));
                 }
                 need = 4 + len;
@@ -95,24 +133,56 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                     let mut frag = self.buf.split_to(need);
                     let _ = frag.split_to(4);
                     let last = mark & LAST_FRAGMENT != 0;
-                    match (self.partial.take(), last) {
-                        (None, true) => return Ok(Some(frag.freeze())),
-                        (None, false) => self.partial = Some(frag),
+                    let whole = match (self.partial.take(), last) {
+                        (None, true) => Some(frag.freeze()),
+                        (None, false) => {
+                            self.partial = Some(frag);
+                            None
+                        }
                         (Some(mut p), last) => {
                             p.extend_from_slice(&frag);
                             if last {
-                                return Ok(Some(p.freeze()));
+                                Some(p.freeze())
+                            } else {
+                                self.partial = Some(p);
+                                None
                             }
-                            self.partial = Some(p);
                         }
+                    };
+                    if let Some(record) = whole {
+                        // Bytes of the next record may be buffered already:
+                        // its time starts now.
+                        self.started = (!self.buf.is_empty()).then(Instant::now);
+                        return Ok(Some(record));
                     }
                     continue;
                 }
             }
-            // Reserve for the whole fragment when its length is known, so a
-            // 1 MiB WRITE arrives with few reads and no regrowth.
-            self.buf.reserve((need - self.buf.len()).max(READ_CHUNK));
-            let n = self.inner.read_buf(&mut self.buf).await?;
+            // Room for READ_CHUNK at least (many small calls arrive in one
+            // read), and for a long fragment grow with what has arrived, not
+            // with what its marker claims: at most double. A 1 MiB WRITE
+            // still arrives in a few reads.
+            let missing = need - self.buf.len();
+            self.buf
+                .reserve(READ_CHUNK.max(missing.min(self.buf.len())));
+            let waiting = self.buf.is_empty() && self.partial.is_none();
+            let deadline = if waiting {
+                idle.map(|d| (Instant::now() + d, FrameError::Idle))
+            } else {
+                let started = *self.started.get_or_insert_with(Instant::now);
+                record.map(|d| (started + d, FrameError::Stalled))
+            };
+            let read = self.inner.read_buf(&mut self.buf);
+            let n = match deadline {
+                Some((at, timed_out)) => match tokio::time::timeout_at(at.into(), read).await {
+                    Ok(n) => n?,
+                    Err(_) => return Err(timed_out),
+                },
+                None => read.await?,
+            };
+            if waiting && n > 0 {
+                self.started = Some(Instant::now());
+            }
             if n == 0 {
                 if self.buf.is_empty() && self.partial.is_none() {
                     return Ok(None);
@@ -413,6 +483,51 @@ mod tests {
         let frags: Vec<(&[u8], bool)> = (0..6).map(|_| (&chunk[..], false)).collect();
         let (_, err) = records(record(&frags)).await;
         assert!(matches!(err, Some(FrameError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_length_reserves_only_what_arrives() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut rr = RecordReader::new(server);
+        let mut start = (LAST_FRAGMENT | (4 << 20)).to_be_bytes().to_vec();
+        start.extend_from_slice(&[7u8; 100]);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &start)
+            .await
+            .unwrap();
+        let read = rr.next_record_within(None, Some(Duration::from_millis(50)));
+        assert!(matches!(read.await, Err(FrameError::Stalled)));
+        assert!(rr.buf.capacity() <= 2 * READ_CHUNK, "{}", rr.buf.capacity());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_stalled_connections_time_out() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut rr = RecordReader::new(server);
+        let idle = Some(Duration::from_secs(360));
+        let per_record = Some(Duration::from_secs(30));
+        // Silence: idle after the idle timeout, not before.
+        let wait = tokio::spawn(async move {
+            let r = rr.next_record_within(idle, per_record).await;
+            (rr, r)
+        });
+        tokio::time::sleep(Duration::from_secs(359)).await;
+        assert!(!wait.is_finished());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (mut rr, r) = wait.await.unwrap();
+        assert!(matches!(r, Err(FrameError::Idle)), "{r:?}");
+        // Half a record: stalled after the record timeout.
+        let whole = record(&[(b"abcdefgh", true)]);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &whole[..6])
+            .await
+            .unwrap();
+        let r = rr.next_record_within(idle, per_record).await;
+        assert!(matches!(r, Err(FrameError::Stalled)), "{r:?}");
+        // The rest, late: the record is still whole (the caller decides).
+        tokio::io::AsyncWriteExt::write_all(&mut client, &whole[6..])
+            .await
+            .unwrap();
+        let r = rr.next_record_within(idle, per_record).await.unwrap();
+        assert_eq!(r, Some(Bytes::from_static(b"abcdefgh")));
     }
 
     fn call_bytes(rpcvers: u32, cred_flavor: u32, cred: &[u8]) -> Bytes {

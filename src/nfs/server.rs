@@ -9,6 +9,10 @@
 //! go through an mpsc channel to a writer task in completion order (RPC
 //! xids let replies overtake each other), batched into vectored writes.
 //! A framing error closes that connection only; everything else is answered.
+//!
+//! Who may connect, how many connections each address and everyone together
+//! may hold, and when idle or half-sent connections are closed is
+//! [`limits`](super::limits)' business: it is applied here, at accept.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -25,12 +29,13 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::backend::NfsBackend;
 use super::drc::{Drc, DrcKey, Seen};
+use super::limits::{canonical, ConnLimits, ConnSlot, ConnTable, OTHER_MAX_RECORD};
 use super::metrics::NfsMetrics;
 use super::portmap::Ports;
-use super::rpc::{Call, FrameError, RecordReader, Reply};
+use super::rpc::{Call, FrameError, RecordReader, Reply, MAX_RECORD};
 use super::{mount, portmap, proc, NFS_PROGRAM, NFS_VERSION};
+use crate::datastore::FileOps;
 
 /// Calls of one connection processed at once. Bounds memory (a 1 MiB WRITE
 /// each) while letting a client's whole queue (ESXi, fio qd16..64) run in
@@ -155,7 +160,7 @@ async fn bind_pair(addr: IpAddr, port: u16) -> std::io::Result<(TcpListener, Udp
 
 /// State shared by every connection and call.
 pub(crate) struct ServerState {
-    pub backend: Arc<dyn NfsBackend>,
+    pub backend: Arc<dyn FileOps>,
     pub metrics: Arc<NfsMetrics>,
     /// WRITE/COMMIT verifier: new at every start, so clients re-send
     /// unstable writes a crash may have lost.
@@ -163,6 +168,8 @@ pub(crate) struct ServerState {
     pub ports: Ports,
     drc: Drc,
     mounts: Mutex<BTreeSet<(IpAddr, String)>>,
+    limits: ConnLimits,
+    conns: Arc<ConnTable>,
 }
 
 impl ServerState {
@@ -186,6 +193,11 @@ impl ServerState {
             m.retain(|(p, dir)| !(*p == peer && path.is_none_or(|x| x == dir)));
         }
     }
+    /// Whether `peer` is on some export's allow-list.
+    fn allowed(&self, peer: IpAddr) -> bool {
+        self.backend.exports().iter().any(|e| e.allows(peer))
+    }
+
     pub(crate) fn mounts(&self) -> Vec<(IpAddr, String)> {
         self.mounts
             .lock()
@@ -196,14 +208,15 @@ impl ServerState {
 
 /// An NFSv3 + MOUNT + portmapper server over one backend.
 pub struct NfsServer {
-    backend: Arc<dyn NfsBackend>,
+    backend: Arc<dyn FileOps>,
     metrics: Arc<NfsMetrics>,
     write_verifier: [u8; 8],
+    limits: ConnLimits,
 }
 
 impl NfsServer {
     /// A server for `backend`, with a fresh write verifier.
-    pub fn new(backend: Arc<dyn NfsBackend>) -> Self {
+    pub fn new(backend: Arc<dyn FileOps>) -> Self {
         // Boot time in nanoseconds: differs at every start (and between
         // servers started in one process, as tests do).
         let nanos = SystemTime::now()
@@ -214,7 +227,14 @@ impl NfsServer {
             backend,
             metrics: Arc::new(NfsMetrics::default()),
             write_verifier: nanos.to_be_bytes(),
+            limits: ConnLimits::default(),
         }
+    }
+
+    /// The same server with other connection limits.
+    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Counters, shared with whoever renders them.
@@ -245,18 +265,22 @@ impl NfsServer {
             ports,
             drc: Drc::default(),
             mounts: Mutex::new(BTreeSet::new()),
+            limits: self.limits,
+            conns: Arc::new(ConnTable::default()),
         });
-        tracing::info!(?ports, "nfs server listening");
+        tracing::info!(?ports, limits = ?state.limits, "nfs server listening");
         let (stop_tx, stop_rx) = watch::channel(false);
         // Every task holds a clone; when all are dropped, all are done.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
 
-        let mut tcp = vec![listeners.nfs];
-        tcp.extend(listeners.mount);
-        tcp.extend(listeners.portmap_tcp);
-        for listener in tcp {
+        // Only the portmapper's port takes connections from anyone.
+        let mut tcp = vec![(listeners.nfs, false)];
+        tcp.extend(listeners.mount.map(|l| (l, false)));
+        tcp.extend(listeners.portmap_tcp.map(|l| (l, true)));
+        for (listener, portmap) in tcp {
             tokio::spawn(accept_loop(
                 listener,
+                portmap,
                 state.clone(),
                 stop_rx.clone(),
                 done_tx.clone(),
@@ -285,8 +309,11 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// Accepts connections; `portmap`: the portmapper's listener, which takes
+/// addresses on no allow-list too (see `limits`).
 async fn accept_loop(
     listener: TcpListener,
+    portmap: bool,
     state: Arc<ServerState>,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
@@ -295,7 +322,22 @@ async fn accept_loop(
         tokio::select! {
             res = listener.accept() => match res {
                 Ok((stream, peer)) => {
-                    tokio::spawn(connection(stream, peer, state.clone(), stop.clone(), done.clone()));
+                    let ip = canonical(peer.ip());
+                    let allowed = state.allowed(ip);
+                    let slot = if allowed || portmap {
+                        state.conns.admit(ip, allowed, &state.limits)
+                    } else {
+                        None
+                    };
+                    let Some(slot) = slot else {
+                        // Closed before a byte is read.
+                        tracing::debug!(peer = %peer, allowed, "connection refused");
+                        state.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        drop(stream);
+                        continue;
+                    };
+                    let conn = Conn { peer, allowed, _slot: slot };
+                    tokio::spawn(connection(stream, conn, state.clone(), stop.clone(), done.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -308,14 +350,23 @@ async fn accept_loop(
     }
 }
 
-#[tracing::instrument(name = "conn", skip_all, fields(peer = %peer))]
+/// An admitted connection: who, and its place in the connection table.
+struct Conn {
+    peer: SocketAddr,
+    /// On some export's allow-list (else: the portmapper only).
+    allowed: bool,
+    _slot: ConnSlot,
+}
+
+#[tracing::instrument(name = "conn", skip_all, fields(peer = %conn.peer))]
 async fn connection(
     stream: TcpStream,
-    peer: SocketAddr,
+    conn: Conn,
     state: Arc<ServerState>,
     stop: watch::Receiver<bool>,
     _done: mpsc::Sender<()>,
 ) {
+    let (peer, allowed) = (conn.peer, conn.allowed);
     tracing::debug!("connection accepted");
     state
         .metrics
@@ -333,14 +384,21 @@ async fn connection(
     let (tx, rx) = mpsc::channel::<[Bytes; 3]>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_loop(wr, rx));
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut records = RecordReader::new(rd);
+    let max_record = if allowed {
+        MAX_RECORD
+    } else {
+        OTHER_MAX_RECORD
+    };
+    let mut records = RecordReader::with_limit(rd, max_record);
+    let idle = Some(state.limits.idle_timeout_for(allowed));
+    let record_timeout = Some(state.limits.record_timeout);
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             () = stopped(stop.clone()) => break,
         };
         let record = tokio::select! {
-            r = records.next_record() => r,
+            r = records.next_record_within(idle, record_timeout) => r,
             () = stopped(stop.clone()) => break,
         };
         match record {
@@ -351,7 +409,7 @@ async fn connection(
             Ok(Some(record))
                 if limit.available_permits() + 1 == MAX_IN_FLIGHT && !records.has_buffered() =>
             {
-                if let Some(reply) = answer(&state, peer.ip(), record).await {
+                if let Some(reply) = answer(&state, peer.ip(), allowed, record).await {
                     let _ = tx.send(reply).await;
                 }
                 drop(permit);
@@ -360,7 +418,7 @@ async fn connection(
                 let state = state.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    if let Some(reply) = answer(&state, peer.ip(), record).await {
+                    if let Some(reply) = answer(&state, peer.ip(), allowed, record).await {
                         // A closed writer means the connection is gone.
                         let _ = tx.send(reply).await;
                     }
@@ -368,6 +426,16 @@ async fn connection(
                 });
             }
             Ok(None) => break,
+            // Silent, but waiting for replies to calls in flight: not idle.
+            Err(FrameError::Idle) if limit.available_permits() + 1 < MAX_IN_FLIGHT => {}
+            Err(e @ (FrameError::Idle | FrameError::Stalled)) => {
+                tracing::debug!(cause = %e, "closing connection: timed out");
+                state
+                    .metrics
+                    .connections_timed_out
+                    .fetch_add(1, Ordering::Relaxed);
+                break;
+            }
             // A client that resets its connection (libnfs does at exit) is
             // not a protocol problem.
             Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
@@ -391,7 +459,13 @@ async fn connection(
 }
 
 /// Parse and answer one record; `None` when nothing is to be sent back.
-async fn answer(state: &ServerState, peer: IpAddr, record: Bytes) -> Option<[Bytes; 3]> {
+/// A peer on no allow-list (`allowed` false) gets the portmapper only.
+async fn answer(
+    state: &ServerState,
+    peer: IpAddr,
+    allowed: bool,
+    record: Bytes,
+) -> Option<[Bytes; 3]> {
     let call = match Call::parse(record) {
         Ok(call) => call,
         Err(e) => {
@@ -400,6 +474,11 @@ async fn answer(state: &ServerState, peer: IpAddr, record: Bytes) -> Option<[Byt
             return Reply::for_call_error(&e).map(Reply::into_record);
         }
     };
+    if !allowed && call.prog != portmap::PROGRAM {
+        state.count_rejected();
+        let refused = Reply::auth_error(call.xid, nfs3_types::rpc::auth_stat::AUTH_TOOWEAK);
+        return Some(refused.into_record());
+    }
     let reply = match call.prog {
         NFS_PROGRAM if call.vers == NFS_VERSION => return nfs_call(state, peer, call).await,
         NFS_PROGRAM => Reply::prog_mismatch(call.xid, NFS_VERSION, NFS_VERSION),

@@ -1,4 +1,11 @@
-//! Backup: turns a VM folder into a restore point.
+//! Backup: turns a VM folder, a disk image or a folder tree into a restore
+//! point. This file holds the VM case and what both cases share (chunk
+//! storing, publication); `tree_backup.rs` the tree case.
+//!
+//! Which one: a file, a folder with a `.vmx`, or a flat folder of files is a
+//! VM (manifest version 1, as before trees existed); a folder with subfolders
+//! or symlinks, or any folder with [`BackupOptions::tree`], is a tree
+//! ([`source::is_tree`]).
 //!
 //! Each file is read in chunk-size pieces, in parallel (positioned reads), and
 //! each piece is classified: all-zero (hole), the same as the parent's chunk at
@@ -20,11 +27,13 @@ use tracing::{debug, info};
 
 use super::chunk::{self, ChunkId};
 use super::index::{chunk_count, IndexPage, PageId};
-use super::manifest::{new_point_id, BackupStats, FileEntry, RestorePoint, MANIFEST_VERSION};
+use super::manifest::{
+    new_point_id, BackupStats, FileEntry, PointKind, RestorePoint, MANIFEST_VERSION_VM,
+};
 use super::source::{self, SourceFile};
 use super::{format::PAGE_ENTRIES, RepoError, Repository};
 use crate::progress::Progress;
-use crate::store::{LockMode, PutOutcome};
+use crate::store::{LockGuard, LockMode, PutOutcome};
 
 /// Chunks in flight per file: enough to keep both cores hashing and compressing
 /// while the store writes, without holding more than a few MiB in memory.
@@ -33,12 +42,14 @@ const CHUNKS_IN_FLIGHT: usize = 6;
 /// Choices for one backup.
 #[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
-    /// VM name; defaults to the `.vmx` stem or the folder name.
+    /// Name of the chain (VM name); defaults to the `.vmx` stem or the folder name.
     pub vm: Option<String>,
+    /// Back the folder up as a tree even when it looks like a VM folder.
+    pub tree: bool,
 }
 
 /// What happened to one chunk.
-enum ChunkFate {
+pub(super) enum ChunkFate {
     Hole,
     Reused(ChunkId),
     New {
@@ -61,6 +72,15 @@ pub async fn backup(
 ) -> Result<RestorePoint, RepoError> {
     let started = Instant::now();
     let owned = path.to_path_buf();
+    let force_tree = options.tree;
+    let is_tree = join(tokio::task::spawn_blocking(move || {
+        source::is_tree(&owned, force_tree)
+    }))
+    .await??;
+    if is_tree {
+        return super::tree_backup::backup_tree(repo, path, options, progress).await;
+    }
+    let owned = path.to_path_buf();
     let source = tokio::task::spawn_blocking(move || source::scan(&owned))
         .await
         .map_err(|e| RepoError::BadSource {
@@ -69,11 +89,7 @@ pub async fn backup(
         })??;
     let vm = options.vm.clone().unwrap_or(source.vm.clone());
     let lock = repo.lock(LockMode::Shared).await?;
-    let parent = match repo.resolve(&format!("{vm}@latest")).await {
-        Ok(p) => Some(p),
-        Err(RepoError::PointNotFound { .. }) => None,
-        Err(e) => return Err(e),
-    };
+    let parent = latest_of(repo, &vm).await?;
     let now = Utc::now();
     let id = new_point_id(now);
     info!(point = %id, vm = %vm, parent = ?parent.as_ref().map(|p| &p.id), "backup started");
@@ -90,36 +106,69 @@ pub async fn backup(
         files.push(back_up_file(repo, file, parent_file, progress, &mut stats).await?);
     }
 
-    // Everything the manifest names must be durable before the manifest exists.
-    repo.store().sync().await?;
-    stats.seconds = started.elapsed().as_secs_f64();
     let point = RestorePoint {
-        format_version: MANIFEST_VERSION,
-        id: id.clone(),
+        format_version: MANIFEST_VERSION_VM,
+        id,
         vm,
         created: now,
         parent: parent.map(|p| p.id),
         chunk_size: repo.chunk_size(),
+        kind: PointKind::Vm,
         files,
+        entries: Vec::new(),
         stats,
     };
-    let json = serde_json::to_vec_pretty(&point).map_err(|e| RepoError::CorruptObject {
-        key: RestorePoint::key_of(&id),
-        reason: e.to_string(),
-    })?;
-    let key = RestorePoint::key_of(&id);
+    publish(repo, lock, point, started).await
+}
+
+/// The latest restore point of chain `name`, if any.
+pub(super) async fn latest_of(
+    repo: &Repository,
+    name: &str,
+) -> Result<Option<RestorePoint>, RepoError> {
+    match repo.resolve(&format!("{name}@latest")).await {
+        Ok(p) => Ok(Some(p)),
+        Err(RepoError::PointNotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Publishes a restore point whose chunks and pages are all stored: sync,
+/// then the manifest put-if-absent, then sync again.
+pub(super) async fn publish(
+    repo: &Repository,
+    lock: Box<dyn LockGuard>,
+    mut point: RestorePoint,
+    started: Instant,
+) -> Result<RestorePoint, RepoError> {
+    let key = RestorePoint::key_of(&point.id);
+    let corrupt = |reason: String| RepoError::CorruptObject {
+        key: key.clone(),
+        reason,
+    };
+    // A bug here must not publish a manifest every reader then refuses.
+    point.check().map_err(&corrupt)?;
+    // Everything the manifest names must be durable before the manifest exists.
+    repo.store().sync().await?;
+    point.stats.seconds = started.elapsed().as_secs_f64();
+    // VM manifests stay pretty-printed as they always were; a tree's thousands
+    // of entries are written compact (about half the bytes).
+    let json = match point.kind {
+        PointKind::Vm => serde_json::to_vec_pretty(&point),
+        PointKind::Tree => serde_json::to_vec(&point),
+    }
+    .map_err(|e| corrupt(e.to_string()))?;
     // A lease not renewed in time may have let gc run on another server: the
     // chunks this backup reused could be gone, so it must not publish.
     lock.check()?;
     if repo.store().put_if_absent(&key, json.into()).await? == PutOutcome::AlreadyExists {
-        return Err(RepoError::CorruptObject {
-            key,
-            reason: "a restore point with this id already exists".into(),
-        });
+        return Err(corrupt(
+            "a restore point with this id already exists".into(),
+        ));
     }
     repo.store().sync().await?;
     lock.release().await?;
-    info!(point = %point.id, bytes_new = point.stats.bytes_new, seconds = point.stats.seconds, "backup finished");
+    info!(point = %point.id, kind = point.kind.as_str(), bytes_new = point.stats.bytes_new, seconds = point.stats.seconds, "backup finished");
     Ok(point)
 }
 
@@ -206,8 +255,26 @@ async fn back_up_file(
     let parent_pages: HashSet<PageId> = parent
         .map(|p| p.pages.iter().copied().collect())
         .unwrap_or_default();
-    let mut pages = Vec::with_capacity(entries.len().div_ceil(PAGE_ENTRIES));
-    for slice in entries.chunks(PAGE_ENTRIES) {
+    let pages = write_pages(repo, &entries, &parent_pages, stats).await?;
+    debug!(file = %file.name, size, pages = pages.len(), "file indexed");
+    Ok(FileEntry {
+        name: file.name.clone(),
+        kind: file.kind,
+        size,
+        pages,
+    })
+}
+
+/// Writes the index pages of a file's chunk list, skipping pages the parent
+/// already has (same content, same id); returns the page ids in order.
+pub(super) async fn write_pages(
+    repo: &Repository,
+    chunks: &[ChunkId],
+    parent_pages: &HashSet<PageId>,
+    stats: &mut BackupStats,
+) -> Result<Vec<PageId>, RepoError> {
+    let mut pages = Vec::with_capacity(chunks.len().div_ceil(PAGE_ENTRIES));
+    for slice in chunks.chunks(PAGE_ENTRIES) {
         let page = IndexPage {
             entries: slice.to_vec(),
         };
@@ -221,17 +288,11 @@ async fn back_up_file(
         }
         pages.push(id);
     }
-    debug!(file = %file.name, size, pages = pages.len(), "file indexed");
-    Ok(FileEntry {
-        name: file.name.clone(),
-        kind: file.kind,
-        size,
-        pages,
-    })
+    Ok(pages)
 }
 
 /// Stores one non-zero chunk unless the repository already has it.
-async fn store_chunk(
+pub(super) async fn store_chunk(
     repo: &Repository,
     id: ChunkId,
     plain: Vec<u8>,
@@ -259,7 +320,7 @@ async fn store_chunk(
     }
 }
 
-async fn join<T>(task: tokio::task::JoinHandle<T>) -> Result<T, RepoError> {
+pub(super) async fn join<T>(task: tokio::task::JoinHandle<T>) -> Result<T, RepoError> {
     task.await.map_err(|e| RepoError::Internal {
         what: format!("backup worker failed: {e}"),
     })

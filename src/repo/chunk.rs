@@ -7,6 +7,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::format::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
 use super::RepoError;
@@ -64,9 +65,28 @@ impl fmt::Debug for ChunkId {
     }
 }
 
+/// Chunk ids are 64 lower-case hex digits in JSON (tree manifests list the
+/// chunks of small files inline).
+impl Serialize for ChunkId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ChunkId::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("chunk id is not 64 hex digits"))
+    }
+}
+
 /// True when every byte is zero.
 pub fn is_zero(data: &[u8]) -> bool {
     // Compare in 8-byte words: this runs over every byte a backup reads.
+    // SAFETY: every bit pattern is a valid u64, and `align_to` puts in
+    // `words` only the aligned middle of `data`, leaving the unaligned ends
+    // in `head` and `tail`.
     let (head, words, tail) = unsafe { data.align_to::<u64>() };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }

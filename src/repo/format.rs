@@ -38,7 +38,19 @@ pub const PAGE_HEADER_LEN: usize = 16;
 /// disk's, while a 2 TiB disk still needs only 2048 page references in its manifest.
 pub const PAGE_ENTRIES: usize = 1024;
 
-/// Version of the repository layout written in `config.json`.
+/// Files of at most this many chunks list their chunk ids in their manifest
+/// entry instead of an index page object (tree points only). A PostgreSQL
+/// data folder holds a thousand files of a few KiB: one page object each would
+/// double the objects a backup writes and a reader fetches. Four ids are
+/// 4 × 67 bytes of JSON, while a file that large already costs 4 chunk objects;
+/// above that, a page (shared by every later point while the file is
+/// unchanged) is cheaper than repeating the ids in every manifest.
+pub const INLINE_CHUNKS: usize = 4;
+
+/// Version of the repository layout written in `config.json`. Tree points
+/// (manifest version 2) did not change it: they add no object kind, and an
+/// older revive refuses to parse their manifests (no `files`), so it can
+/// neither list them nor gc the chunks they use.
 pub const REPO_FORMAT_VERSION: u32 = 1;
 
 /// Smallest chunk size accepted at `init`.

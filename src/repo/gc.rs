@@ -1,4 +1,6 @@
-//! Garbage collection: removes chunks and index pages no restore point uses.
+//! Garbage collection: removes chunks and index pages no restore point uses
+//! (VM or tree: a tree point keeps the chunks its manifest lists inline and
+//! those of its index pages).
 //!
 //! Runs under the exclusive repository lock, so no backup is between deciding
 //! to reuse a chunk and publishing the manifest that names it. If any index
@@ -16,6 +18,7 @@ use tracing::info;
 
 use super::chunk::ChunkId;
 use super::index::PageId;
+use super::tree::IndexRef;
 use super::{RepoError, Repository};
 use crate::store::LockMode;
 
@@ -69,11 +72,17 @@ impl Repository {
         let mut pages: HashSet<PageId> = HashSet::new();
         let mut chunks: HashSet<ChunkId> = HashSet::new();
         for point in &points {
-            for file in &point.files {
-                for page_id in &file.pages {
-                    pages.insert(*page_id);
-                    let page = self.page(page_id).await?;
-                    chunks.extend(page.entries.iter().filter(|c| !c.is_hole()));
+            for (_, index) in point.file_indexes() {
+                match index {
+                    // Small files of tree points list their chunks in the manifest.
+                    IndexRef::Inline(ids) => chunks.extend(ids.iter().filter(|c| !c.is_hole())),
+                    IndexRef::Pages(ids) => {
+                        for page_id in ids {
+                            pages.insert(*page_id);
+                            let page = self.page(page_id).await?;
+                            chunks.extend(page.entries.iter().filter(|c| !c.is_hole()));
+                        }
+                    }
                 }
             }
         }

@@ -1,5 +1,18 @@
-//! `repo`: backup chains of VM folders in a deduplicated, content-addressed
-//! repository.
+//! `repo`: backup chains of VM folders and folder trees in a deduplicated,
+//! content-addressed repository.
+//!
+//! # Restore points
+//! A restore point is a VM folder (flat files with roles, manifest version 1)
+//! or a folder tree (every folder, file and symlink with mode, owner and
+//! mtime, manifest version 2; a PostgreSQL data folder): see [`manifest`].
+//! [`backup`] picks the kind ([`BackupOptions::tree`]); [`Repository::restore`]
+//! writes either back. Readers present any point the same way:
+//! - [`RestorePoint::tree`] gives a [`Tree`]: every [`TreeEntry`] (path,
+//!   [`EntryKind`], mode, uid, gid, mtime in ns, size, symlink target, chunk
+//!   index), lookup by path, the children of a folder. A VM point is a flat
+//!   tree.
+//! - [`FileReader::new`]`(repo, point, path)` reads a file by its path in the
+//!   tree (by its name in a VM point), any offset in O(1) whatever the chain.
 //!
 //! # Layout (on any [`Store`])
 //! ```text
@@ -8,6 +21,8 @@
 //! pages/<2 hex>/<64 hex>      index pages (format.rs), keyed by BLAKE3 of the page
 //! points/<id>.json            restore point manifests (manifest.rs)
 //! pins/<id>/<holder>          a live session reads restore point <id> (pins.rs)
+//! checks/<id>/boot.json       result of the last verification boot of <id>, and
+//! checks/<id>/boot.png        its console screenshot (boot_record.rs)
 //! lock                        local stores only: flock, shared by backups, exclusive for gc
 //! locks/exclusive.json        S3: gc's lease (store/lease.rs)
 //! locks/shared/<holder>.json  S3: a backup's or forget's lease
@@ -35,24 +50,32 @@
 
 mod backup;
 pub mod block_cache;
+mod boot_record;
 pub mod chunk;
 pub mod format;
 mod gc;
 pub mod index;
 pub mod manifest;
 mod pins;
+mod points;
 mod reader;
 mod restore;
 pub mod source;
+pub mod tree;
+mod tree_backup;
+mod tree_restore;
+mod tree_scan;
 mod verify;
 
 pub use backup::{backup, BackupOptions};
 pub use block_cache::BlockCache;
+pub use boot_record::{BootRecord, BootVerdict};
 pub use chunk::ChunkId;
 pub use gc::{GcOptions, GcReport};
 pub use index::{IndexPage, PageId};
-pub use manifest::{BackupStats, FileEntry, FileKind, RestorePoint};
+pub use manifest::{resolve_in, BackupStats, FileEntry, FileKind, PointKind, RestorePoint};
 pub use reader::FileReader;
+pub use tree::{ChunkIndex, EntryContent, EntryCounts, EntryKind, IndexRef, Tree, TreeEntry};
 pub use verify::{Problem, ProblemKind, VerifyReport};
 
 use std::num::NonZeroUsize;
@@ -154,6 +177,23 @@ pub enum RepoError {
     /// A file name not found in a restore point.
     #[error("restore point {point} has no file '{name}'")]
     NoSuchFile { point: String, name: String },
+    /// A path of a tree point that is not a regular file.
+    #[error("restore point {point}: '{path}' is a {kind}, not a file")]
+    NotAFile {
+        point: String,
+        path: String,
+        kind: &'static str,
+    },
+    /// A manifest written by a newer revive.
+    #[error(
+        "restore point {point} has manifest version {found}; this revive reads versions up to \
+         {supported} (upgrade revive)"
+    )]
+    ManifestVersion {
+        point: String,
+        found: u32,
+        supported: u32,
+    },
     /// A store that accepted a second put-if-absent of the same key: it
     /// ignores conditional writes, so two writers could overwrite each other.
     #[error(
@@ -335,50 +375,6 @@ impl Repository {
         Ok(self.store.try_lock(mode).await?)
     }
 
-    /// Every restore point, oldest first.
-    pub async fn points(&self) -> Result<Vec<RestorePoint>, RepoError> {
-        let mut out = Vec::new();
-        for meta in self.store.list("points/").await? {
-            let Some(id) = meta
-                .key
-                .strip_prefix("points/")
-                .and_then(|k| k.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            match self.point(id).await {
-                Ok(p) => out.push(p),
-                // Forgotten between list and get: not an error.
-                Err(RepoError::PointNotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
-        Ok(out)
-    }
-
-    /// Loads one manifest by its full id.
-    pub async fn point(&self, id: &str) -> Result<RestorePoint, RepoError> {
-        let key = RestorePoint::key_of(id);
-        let raw = match self.store.get(&key).await {
-            Ok(raw) => raw,
-            Err(StoreError::NotFound { .. }) | Err(StoreError::InvalidKey { .. }) => {
-                return Err(RepoError::PointNotFound { spec: id.into() })
-            }
-            Err(e) => return Err(e.into()),
-        };
-        serde_json::from_slice(&raw).map_err(|e| RepoError::CorruptObject {
-            key,
-            reason: e.to_string(),
-        })
-    }
-
-    /// Resolves a full id, a unique id prefix, or `VM@latest`.
-    pub async fn resolve(&self, spec: &str) -> Result<RestorePoint, RepoError> {
-        let points = self.points().await?;
-        resolve_in(&points, spec).cloned()
-    }
-
     /// Drops a restore point; its chunks stay until `gc`.
     ///
     /// A server may publish the point at the same moment: it writes its pin
@@ -413,6 +409,7 @@ impl Repository {
                 holders: holders.join(", "),
             });
         }
+        self.drop_boot_record(id).await?;
         lock.release().await?;
         Ok(())
     }
@@ -467,39 +464,6 @@ impl Repository {
     fn lock_pages(&self) -> std::sync::MutexGuard<'_, LruCache<PageId, Arc<IndexPage>>> {
         // A panic while holding the lock cannot leave the LRU inconsistent for us.
         self.pages.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Resolves a point spec among already loaded points.
-pub fn resolve_in<'a>(
-    points: &'a [RestorePoint],
-    spec: &str,
-) -> Result<&'a RestorePoint, RepoError> {
-    if let Some(vm) = spec.strip_suffix("@latest") {
-        return points
-            .iter()
-            .filter(|p| p.vm == vm)
-            .max_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)))
-            .ok_or_else(|| RepoError::PointNotFound { spec: spec.into() });
-    }
-    if let Some(p) = points.iter().find(|p| p.id == spec) {
-        return Ok(p);
-    }
-    let matches: Vec<&RestorePoint> = points
-        .iter()
-        .filter(|p| !spec.is_empty() && p.id.starts_with(spec))
-        .collect();
-    match matches.as_slice() {
-        [] => Err(RepoError::PointNotFound { spec: spec.into() }),
-        [one] => Ok(one),
-        many => Err(RepoError::AmbiguousPoint {
-            spec: spec.into(),
-            candidates: many
-                .iter()
-                .map(|p| p.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Random access to one file of a restore point, straight from the chunks.
 //!
-//! Offset → chunk is arithmetic plus one (cached) index page, so a read costs
-//! the same in the first restore point of a chain and in the five-hundredth.
+//! Offset → chunk is arithmetic plus one (cached) index page, or a slot of
+//! the chunk list a small tree file keeps in its manifest entry, so a read
+//! costs the same in the first restore point of a chain and in the
+//! five-hundredth.
 
 use std::sync::{Arc, OnceLock};
 
@@ -11,14 +13,18 @@ use super::block_cache::BlockCache;
 use super::chunk::ChunkId;
 use super::format::MAX_CHUNK_SIZE;
 use super::index::locate;
-use super::manifest::{FileEntry, RestorePoint};
+use super::manifest::{PointKind, RestorePoint};
+use super::tree::{ChunkIndex, EntryContent};
 use super::{RepoError, Repository};
 
 /// Reads one file of one restore point.
 #[derive(Debug, Clone)]
 pub struct FileReader {
     repo: Repository,
-    entry: FileEntry,
+    /// Path in the tree (a VM point: the file name), for errors.
+    path: String,
+    size: u64,
+    index: ChunkIndex,
     chunk_size: u64,
     /// Shared cache of verified chunks; `None` reads the store every time.
     cache: Option<Arc<BlockCache>>,
@@ -33,18 +39,41 @@ fn zeros(len: usize) -> Bytes {
 }
 
 impl FileReader {
-    /// Opens file `name` of `point`.
-    pub fn new(repo: &Repository, point: &RestorePoint, name: &str) -> Result<Self, RepoError> {
-        let entry = point
-            .file(name)
-            .cloned()
-            .ok_or_else(|| RepoError::NoSuchFile {
-                point: point.id.clone(),
-                name: name.to_string(),
-            })?;
+    /// Opens the file at `path` of `point`: a path in the tree of a tree
+    /// point (`base/1/1259`), the file name in a VM point.
+    ///
+    /// # Errors
+    /// [`RepoError::NoSuchFile`] when there is no such entry,
+    /// [`RepoError::NotAFile`] when it is a folder or a symlink.
+    pub fn new(repo: &Repository, point: &RestorePoint, path: &str) -> Result<Self, RepoError> {
+        let missing = || RepoError::NoSuchFile {
+            point: point.id.clone(),
+            name: path.to_string(),
+        };
+        let (size, index) = match point.kind {
+            PointKind::Vm => {
+                let f = point.file(path).ok_or_else(missing)?;
+                (f.size, ChunkIndex::Pages(f.pages.clone()))
+            }
+            PointKind::Tree => {
+                let e = point.entry(path).ok_or_else(missing)?;
+                match &e.content {
+                    EntryContent::File(index) => (e.size, index.clone()),
+                    _ => {
+                        return Err(RepoError::NotAFile {
+                            point: point.id.clone(),
+                            path: path.to_string(),
+                            kind: e.kind().as_str(),
+                        })
+                    }
+                }
+            }
+        };
         Ok(FileReader {
             repo: repo.clone(),
-            entry,
+            path: path.to_string(),
+            size,
+            index,
             chunk_size: point.chunk_size as u64,
             cache: None,
         })
@@ -58,7 +87,7 @@ impl FileReader {
 
     /// Number of chunks in the file.
     pub fn chunk_count(&self) -> u64 {
-        super::index::chunk_count(self.entry.size, self.chunk_size as u32)
+        super::index::chunk_count(self.size, self.chunk_size as u32)
     }
 
     /// Starts fetching chunk `index` into the block cache in the background,
@@ -80,7 +109,7 @@ impl FileReader {
 
     /// The file's logical size.
     pub fn size(&self) -> u64 {
-        self.entry.size
+        self.size
     }
 
     /// Chunk size of the file's index.
@@ -88,21 +117,68 @@ impl FileReader {
         self.chunk_size
     }
 
-    /// The manifest entry being read.
-    pub fn entry(&self) -> &FileEntry {
-        &self.entry
+    /// Path of the file in its tree (its name in a VM point).
+    pub fn path(&self) -> &str {
+        &self.path
     }
 
     /// Id of chunk number `index` ([`ChunkId::HOLE`] for zeros).
     pub async fn chunk_id(&self, index: u64) -> Result<ChunkId, RepoError> {
-        let (page, slot) = locate(index);
         let corrupt = || RepoError::CorruptObject {
-            key: format!("index of '{}'", self.entry.name),
+            key: format!("index of '{}'", self.path),
             reason: format!("no entry for chunk {index}"),
         };
-        let page_id = self.entry.pages.get(page).ok_or_else(corrupt)?;
-        let page = self.repo.page(page_id).await?;
-        page.entries.get(slot).copied().ok_or_else(corrupt)
+        match &self.index {
+            ChunkIndex::Inline(chunks) => chunks.get(index as usize).copied().ok_or_else(corrupt),
+            ChunkIndex::Pages(pages) => {
+                let (page, slot) = locate(index);
+                let page_id = pages.get(page).ok_or_else(corrupt)?;
+                let page = self.repo.page(page_id).await?;
+                page.entries.get(slot).copied().ok_or_else(corrupt)
+            }
+        }
+    }
+
+    /// For chunks `chunks` (clipped to the file), whether each is a hole
+    /// (an all-zero chunk the backup did not store), in order. Reads each
+    /// index page once, never a chunk: what block status queries and
+    /// `used` need.
+    ///
+    /// # Errors
+    /// A page that cannot be read or does not cover a chunk it should.
+    pub async fn holes(&self, chunks: std::ops::Range<u64>) -> Result<Vec<bool>, RepoError> {
+        let end = chunks.end.min(self.chunk_count());
+        let mut out = Vec::with_capacity(end.saturating_sub(chunks.start) as usize);
+        let mut index = chunks.start;
+        let corrupt = |index: u64| RepoError::CorruptObject {
+            key: format!("index of '{}'", self.path),
+            reason: format!("no entry for chunk {index}"),
+        };
+        let pages = match &self.index {
+            ChunkIndex::Inline(ids) => {
+                for i in index..end {
+                    out.push(ids.get(i as usize).ok_or_else(|| corrupt(i))?.is_hole());
+                }
+                return Ok(out);
+            }
+            ChunkIndex::Pages(pages) => pages,
+        };
+        while index < end {
+            let (page_no, slot) = locate(index);
+            let page_id = pages.get(page_no).ok_or_else(|| corrupt(index))?;
+            let page = self.repo.page(page_id).await?;
+            let take = (page.entries.len().saturating_sub(slot) as u64).min(end - index);
+            if take == 0 {
+                return Err(corrupt(index));
+            }
+            out.extend(
+                page.entries[slot..slot + take as usize]
+                    .iter()
+                    .map(ChunkId::is_hole),
+            );
+            index += take;
+        }
+        Ok(out)
     }
 
     /// Plain bytes of chunk number `index`, verified; zeros for a hole.
@@ -110,7 +186,7 @@ impl FileReader {
         let id = self.chunk_id(index).await?;
         if id.is_hole() {
             let start = index * self.chunk_size;
-            let len = self.chunk_size.min(self.entry.size.saturating_sub(start));
+            let len = self.chunk_size.min(self.size.saturating_sub(start));
             return Ok(zeros(len as usize));
         }
         match &self.cache {
@@ -121,7 +197,7 @@ impl FileReader {
 
     /// Reads up to `len` bytes at `offset`; short only at end of file.
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, RepoError> {
-        let end = (offset + len as u64).min(self.entry.size);
+        let end = (offset + len as u64).min(self.size);
         if offset >= end {
             return Ok(Bytes::new());
         }

@@ -45,6 +45,46 @@ fn source_err(path: &Path) -> impl FnOnce(std::io::Error) -> RepoError + '_ {
     }
 }
 
+/// Whether `path` is backed up as a folder tree: with `force` (`--tree`) any
+/// folder is; otherwise a folder is a tree when it has subfolders or symlinks
+/// and no `.vmx` file. A VM folder (a `.vmx`, or only regular files) and a
+/// single file keep the VM format.
+///
+/// # Errors
+/// A missing or unreadable path; `force` on something that is not a folder.
+pub fn is_tree(path: &Path, force: bool) -> Result<bool, RepoError> {
+    let meta = fs::metadata(path).map_err(source_err(path))?;
+    if !meta.is_dir() {
+        if force {
+            return Err(RepoError::BadSource {
+                path: path.to_path_buf(),
+                reason: "not a folder; only a folder can be backed up as a tree".into(),
+            });
+        }
+        return Ok(false);
+    }
+    if force {
+        return Ok(true);
+    }
+    let mut nested = false;
+    for entry in fs::read_dir(path).map_err(source_err(path))? {
+        let entry = entry.map_err(source_err(path))?;
+        let p = entry.path();
+        let kind = entry.file_type().map_err(source_err(&p))?;
+        let name = entry.file_name();
+        if kind.is_file()
+            && name
+                .to_string_lossy()
+                .to_ascii_lowercase()
+                .ends_with(".vmx")
+        {
+            return Ok(false);
+        }
+        nested |= kind.is_dir() || kind.is_symlink();
+    }
+    Ok(nested)
+}
+
 /// Scans a VM folder or a single image file.
 ///
 /// # Errors
@@ -162,6 +202,17 @@ pub fn descriptor_extents(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// `memsize = "2048"` of a `.vmx` file: the VM's memory in MiB.
+pub fn vmx_memsize(vmx: &str) -> Option<u64> {
+    vmx.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        if !key.trim().eq_ignore_ascii_case("memsize") {
+            return None;
+        }
+        value.trim().trim_matches('"').parse().ok()
+    })
+}
+
 fn check_extents(descriptor: &Path, folder: &Path) -> Result<(), RepoError> {
     let text = fs::read_to_string(descriptor).map_err(source_err(descriptor))?;
     for extent in descriptor_extents(&text) {
@@ -184,6 +235,14 @@ mod tests {
 
     const DESCRIPTOR: &str = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\n\
         createType=\"vmfs\"\n\n# Extent description\nRW 524288 VMFS \"web01-flat.vmdk\"\n";
+
+    #[test]
+    fn memsize_is_read_from_vmx() {
+        let vmx = ".encoding = \"UTF-8\"\nmemSize = \"2048\"\nnumvcpus = \"2\"\n";
+        assert_eq!(vmx_memsize(vmx), Some(2048));
+        assert_eq!(vmx_memsize("numvcpus = \"2\"\n"), None);
+        assert_eq!(vmx_memsize("memsize = \"lots\"\n"), None);
+    }
 
     #[test]
     fn extents_are_parsed() {
@@ -217,6 +276,28 @@ mod tests {
                 ("web01.vmx", FileKind::Vmx),
             ]
         );
+    }
+
+    #[test]
+    fn folders_with_subfolders_or_symlinks_are_trees_unless_they_hold_a_vmx() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("disk.img"), b"x").unwrap();
+        assert!(!is_tree(d, false).unwrap(), "flat folder of files");
+        assert!(is_tree(d, true).unwrap(), "--tree");
+        std::os::unix::fs::symlink("disk.img", d.join("link")).unwrap();
+        assert!(is_tree(d, false).unwrap(), "a symlink");
+        fs::remove_file(d.join("link")).unwrap();
+        fs::create_dir(d.join("base")).unwrap();
+        assert!(is_tree(d, false).unwrap(), "a subfolder");
+        fs::write(d.join("web01.VMX"), b"x").unwrap();
+        assert!(
+            !is_tree(d, false).unwrap(),
+            "a VM folder with a lock folder"
+        );
+        assert!(!is_tree(&d.join("disk.img"), false).unwrap());
+        let err = is_tree(&d.join("disk.img"), true).unwrap_err();
+        assert!(err.to_string().contains("only a folder"), "{err}");
     }
 
     #[test]

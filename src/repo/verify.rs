@@ -1,4 +1,6 @@
-//! Verify: re-reads every chunk that restore points use and checks its hash.
+//! Verify: re-reads every chunk that restore points use and checks its hash:
+//! every index page and every chunk a VM point's files or a tree point's
+//! files (inline chunk lists and pages alike) name.
 //!
 //! A problem names the object and every restore point that depends on it, so
 //! an operator knows which backups are affected.
@@ -11,6 +13,7 @@ use tracing::warn;
 
 use super::chunk::ChunkId;
 use super::manifest::RestorePoint;
+use super::tree::IndexRef;
 use super::{RepoError, Repository};
 use crate::progress::Progress;
 
@@ -72,8 +75,17 @@ impl Repository {
         // chunk → indexes into `points` that use it
         let mut users: BTreeMap<ChunkId, BTreeSet<usize>> = BTreeMap::new();
         for (n, point) in points.iter().enumerate() {
-            for file in &point.files {
-                for page_id in &file.pages {
+            for (_, index) in point.file_indexes() {
+                let pages = match index {
+                    IndexRef::Inline(chunks) => {
+                        for id in chunks.iter().filter(|id| !id.is_hole()) {
+                            users.entry(*id).or_default().insert(n);
+                        }
+                        continue;
+                    }
+                    IndexRef::Pages(pages) => pages,
+                };
+                for page_id in pages {
                     match self.page(page_id).await {
                         Ok(page) => {
                             for id in page.entries.iter().filter(|id| !id.is_hole()) {

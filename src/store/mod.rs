@@ -19,7 +19,8 @@ pub use disk_cache::{CachedStore, DiskCache};
 pub use local::LocalStore;
 pub use location::StoreLocation;
 pub use s3::{
-    S3Options, S3Store, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW, DEFAULT_S3_GC_GRACE,
+    S3Options, S3Settings, S3Store, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_WINDOW,
+    DEFAULT_S3_GC_GRACE,
 };
 
 use std::fmt;

@@ -42,16 +42,13 @@ pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(60);
 /// publish a manifest naming objects it wrote within this time.
 pub const DEFAULT_S3_GC_GRACE: Duration = Duration::from_secs(15 * 60);
 
-/// Where an S3 repository lives and how to reach it. Fields left `None` fall
-/// back to the usual AWS environment variables (`AWS_ENDPOINT_URL`,
-/// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-/// `AWS_ALLOW_HTTP`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Options {
-    /// Bucket name.
-    pub bucket: String,
-    /// Key prefix inside the bucket (no leading or trailing `/`; may be empty).
-    pub prefix: String,
+/// How to reach an S3 store: `[repository.s3]` of the config file, parsed
+/// as it is. Fields left `None` fall back to the usual AWS environment
+/// variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`); times are whole seconds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
     /// Endpoint URL of a self-hosted store, e.g. `http://127.0.0.1:9000`.
     pub endpoint: Option<String>,
     /// Region (self-hosted stores accept any; AWS needs the bucket's).
@@ -65,20 +62,21 @@ pub struct S3Options {
     /// Path-style addressing (`endpoint/bucket/key`): what self-hosted stores
     /// expect. Virtual-hosted style (`bucket.endpoint/key`) when false.
     pub path_style: bool,
-    /// Time limit of one HTTP request.
+    /// Time limit of one HTTP request before it is retried.
+    #[serde(with = "seconds")]
     pub request_timeout: Duration,
-    /// Time in which failed requests are retried.
+    /// Time in which failed requests are retried before reads fail
+    /// (transiently: NFS clients are told to retry).
+    #[serde(with = "seconds")]
     pub retry_window: Duration,
-    /// Grace period of `gc` for unreferenced objects.
+    /// Grace period of `gc` for unreferenced objects (see docs/formats.md).
+    #[serde(with = "seconds")]
     pub gc_grace: Duration,
 }
 
-impl S3Options {
-    /// Options for `s3://bucket/prefix` with everything else from the environment.
-    pub fn new(bucket: &str, prefix: &str) -> S3Options {
-        S3Options {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
             endpoint: None,
             region: None,
             access_key_id: None,
@@ -88,6 +86,38 @@ impl S3Options {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry_window: DEFAULT_RETRY_WINDOW,
             gc_grace: DEFAULT_S3_GC_GRACE,
+        }
+    }
+}
+
+/// Durations written as whole seconds in the config file.
+mod seconds {
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs: u64 = serde::Deserialize::deserialize(d)?;
+        Ok(Duration::from_secs(secs))
+    }
+}
+
+/// Where an S3 repository lives (bucket and prefix) and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Options {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+    /// Endpoint, credentials and timeouts.
+    pub settings: S3Settings,
+}
+
+impl S3Options {
+    /// Options for `s3://bucket/prefix` with everything else from the environment.
+    pub fn new(bucket: &str, prefix: &str) -> S3Options {
+        S3Options {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            settings: S3Settings::default(),
         }
     }
 
@@ -127,16 +157,16 @@ impl S3Store {
         // from_env: credentials, region, endpoint and allow_http from AWS_*
         // unless the configuration names them.
         let mut b = AmazonS3Builder::from_env().with_bucket_name(&options.bucket);
-        if let Some(e) = &options.endpoint {
+        if let Some(e) = &options.settings.endpoint {
             b = b.with_endpoint(e);
         }
-        if let Some(r) = &options.region {
+        if let Some(r) = &options.settings.region {
             b = b.with_region(r);
         }
-        if let Some(k) = &options.access_key_id {
+        if let Some(k) = &options.settings.access_key_id {
             b = b.with_access_key_id(k);
         }
-        if let Some(s) = &options.secret_access_key {
+        if let Some(s) = &options.settings.secret_access_key {
             b = b.with_secret_access_key(s);
         }
         // Our client options replace those from_env collected, so decide
@@ -144,17 +174,18 @@ impl S3Store {
         // endpoint (configured or AWS_ENDPOINT_URL) says so.
         let env = |k: &str| std::env::var(k).ok();
         let endpoint = options
+            .settings
             .endpoint
             .clone()
             .or_else(|| env("AWS_ENDPOINT_URL"))
             .or_else(|| env("AWS_ENDPOINT"));
-        let allow_http = options.allow_http.unwrap_or_else(|| {
+        let allow_http = options.settings.allow_http.unwrap_or_else(|| {
             env("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true"))
                 || endpoint
                     .as_deref()
                     .is_some_and(|e| e.starts_with("http://"))
         });
-        if options.region.is_none()
+        if options.settings.region.is_none()
             && env("AWS_REGION").is_none()
             && env("AWS_DEFAULT_REGION").is_none()
         {
@@ -162,11 +193,13 @@ impl S3Store {
             b = b.with_region("us-east-1");
         }
         b = b
-            .with_virtual_hosted_style_request(!options.path_style)
+            .with_virtual_hosted_style_request(!options.settings.path_style)
             .with_client_options(
                 ClientOptions::new()
-                    .with_timeout(options.request_timeout)
-                    .with_connect_timeout(options.request_timeout.min(Duration::from_secs(5)))
+                    .with_timeout(options.settings.request_timeout)
+                    .with_connect_timeout(
+                        options.settings.request_timeout.min(Duration::from_secs(5)),
+                    )
                     .with_allow_http(allow_http),
             )
             .with_retry(RetryConfig {
@@ -178,7 +211,7 @@ impl S3Store {
                 },
                 // The window, not the count, is the limit that matters.
                 max_retries: 1000,
-                retry_timeout: options.retry_window,
+                retry_timeout: options.settings.retry_window,
             });
         let s3 = b.build().map_err(|e| StoreError::Config {
             store: url.clone(),
@@ -361,6 +394,6 @@ impl Store for S3Store {
     }
 
     fn gc_grace(&self) -> Duration {
-        self.inner.options.gc_grace
+        self.inner.options.settings.gc_grace
     }
 }

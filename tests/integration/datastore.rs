@@ -26,9 +26,9 @@ mod namespace;
 mod peers;
 mod restart;
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 /// Folder name of the publication in every test.
-const PUB: &str = "restore";
+pub(crate) const PUB: &str = "restore";
 
 /// A backed-up sample VM, its repository, and `revive serve` publishing it
 /// as `/revive/restore`.

@@ -4,11 +4,18 @@
 
 mod datastore;
 mod fuse;
+mod hardening;
+mod iscsi;
+mod nbd;
 mod nfs_proto;
 mod postgres;
 mod qemu;
 mod repo_cli;
 mod s3;
 mod sessions;
+mod snapshots;
 mod support;
+mod trees;
+mod verify_boot;
 mod vsphere;
+mod web;

@@ -14,10 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use revive::drivers::qemu::qmp::Qmp;
 use revive::drivers::qemu::{self, QemuConfig};
 use revive::drivers::{DatastoreSpec, Driver, MigrationStatus, VmRef};
-use serde_json::Value;
 
 use crate::support::client::run_tool;
 use crate::support::qemu::*;
@@ -45,8 +43,6 @@ struct Published {
 }
 
 async fn publish() -> Published {
-    let up = run_tool("ip", &["link", "set", "lo", "up"]).await;
-    assert!(up.status.success(), "ip link set lo up: {up:?}");
     let image = boot_image();
     let tmp = tempfile::tempdir().expect("tempdir");
     let repo = init_repo(tmp.path(), None);
@@ -92,19 +88,6 @@ fn driver(run_dir: &Path) -> Arc<dyn Driver> {
     qemu::build("kvm1", &config).expect("qemu driver")
 }
 
-/// The file a drive reads and writes now, from QMP `query-block`.
-async fn drive_file(qmp_socket: &Path) -> String {
-    let mut qmp = Qmp::connect(qmp_socket).await.expect("qmp");
-    let block = qmp.execute("query-block", None).await.expect("query-block");
-    block
-        .as_array()
-        .and_then(|a| a.iter().find(|b| b["device"] == "disk0"))
-        .and_then(|b| b.pointer("/inserted/file"))
-        .and_then(Value::as_str)
-        .expect("disk0 file")
-        .to_string()
-}
-
 const DONE: &str = "QEMU-DRIVER-CHECKS-PASSED";
 const TEST: &str = "qemu::driver_boots_from_the_datastore_and_mirrors_to_production_live";
 
@@ -115,13 +98,10 @@ const TEST: &str = "qemu::driver_boots_from_the_datastore_and_mirrors_to_product
 /// guest writes and the repository still verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn driver_boots_from_the_datastore_and_mirrors_to_production_live() {
-    if in_netns() {
-        return driver_inner().await;
-    }
-    if !qemu_vm_peers_or_skip() {
-        return;
-    }
-    rerun_isolated(TEST, DONE, RUN_TIMEOUT).await;
+    netns_test(qemu_vm_peers_or_skip, driver_inner, || {
+        rerun_isolated(TEST, DONE, RUN_TIMEOUT)
+    })
+    .await;
 }
 
 async fn driver_inner() {
@@ -207,8 +187,7 @@ async fn driver_inner() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // The guest runs during the copy: it answers before the pivot.
-    serial.send("ping");
-    assert_eq!(serial.wait_line("pong", 0, ANSWER_TIMEOUT), "pong 1");
+    assert_eq!(serial.ask("ping", "pong", 0, ANSWER_TIMEOUT), "pong 1");
     d.complete_live_migration(&vm_ref, &task)
         .await
         .expect("pivot");
@@ -229,10 +208,8 @@ async fn driver_inner() {
 
     // With revive's server gone, the guest still runs, reads and writes.
     p.server.stop();
-    serial.send("ping");
-    assert_eq!(serial.wait_line("pong", 1, ANSWER_TIMEOUT), "pong 2");
-    serial.send("sync-write");
-    let (w2, h2) = wrote(&serial.wait_line("REVIVE-WROTE", 1, ANSWER_TIMEOUT));
+    assert_eq!(serial.ask("ping", "pong", 1, ANSWER_TIMEOUT), "pong 2");
+    let (w2, h2) = wrote(&serial.ask("sync-write", "REVIVE-WROTE", 1, ANSWER_TIMEOUT));
 
     d.power_off(&vm_ref).await.expect("power off");
     d.power_off(&vm_ref).await.expect("power off again");
@@ -269,18 +246,13 @@ const CLI_TEST: &str = "qemu::recover_power_on_and_migrate_live_through_the_cli"
 /// its writes, `revive verify` passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_power_on_and_migrate_live_through_the_cli() {
-    if in_netns() {
-        return cli_inner().await;
-    }
-    if !qemu_vm_peers_or_skip() {
-        return;
-    }
-    rerun_isolated(CLI_TEST, CLI_DONE, RUN_TIMEOUT).await;
+    netns_test(qemu_vm_peers_or_skip, cli_inner, || {
+        rerun_isolated(CLI_TEST, CLI_DONE, RUN_TIMEOUT)
+    })
+    .await;
 }
 
 async fn cli_inner() {
-    let up = run_tool("ip", &["link", "set", "lo", "up"]).await;
-    assert!(up.status.success(), "ip link set lo up: {up:?}");
     let image = boot_image();
     let tmp = tempfile::tempdir().expect("tempdir");
     let repo = init_repo(tmp.path(), None);
@@ -354,10 +326,8 @@ async fn cli_inner() {
         migrated.to_str().expect("utf8")
     );
     // The guest runs on from the local file: it answers and writes.
-    serial.send("ping");
-    assert_eq!(serial.wait_line("pong", 0, ANSWER_TIMEOUT), "pong 1");
-    serial.send("sync-write");
-    let (w2, h2) = wrote(&serial.wait_line("REVIVE-WROTE", 1, ANSWER_TIMEOUT));
+    assert_eq!(serial.ask("ping", "pong", 0, ANSWER_TIMEOUT), "pong 1");
+    let (w2, h2) = wrote(&serial.ask("sync-write", "REVIVE-WROTE", 1, ANSWER_TIMEOUT));
     // The session finalized: its export folder is gone.
     let listed = run_tool("nfs-ls", &["nfs://127.0.0.1/revive"]).await;
     assert!(listed.status.success(), "nfs-ls: {listed:?}");
@@ -392,13 +362,10 @@ const BENCH: &str = "qemu::boot_time_from_the_datastore_vs_a_local_file";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: scripts/bench-boot.sh"]
 async fn boot_time_from_the_datastore_vs_a_local_file() {
-    if in_netns() {
-        return bench_inner().await;
-    }
-    if !qemu_vm_peers_or_skip() {
-        return;
-    }
-    rerun_isolated(BENCH, BENCH_DONE, Duration::from_secs(1800)).await;
+    netns_test(qemu_vm_peers_or_skip, bench_inner, || {
+        rerun_isolated(BENCH, BENCH_DONE, Duration::from_secs(1800))
+    })
+    .await;
 }
 
 async fn bench_inner() {

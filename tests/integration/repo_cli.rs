@@ -9,35 +9,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::moto::{MotoServer, TestRepo};
+use crate::support::moto::{on_both_stores, TestRepo};
 use crate::support::vm::SampleVm;
 use crate::support::*;
 
 const MIB: u64 = 1 << 20;
-
-/// Runs `body(repo, tmp)` as two tests, `$name::local` and `$name::s3` (a
-/// fresh moto per test; skipped loudly when moto is missing).
-macro_rules! on_both_stores {
-    ($name:ident, $body:ident) => {
-        mod $name {
-            #[test]
-            fn local() {
-                let tmp = tempfile::tempdir().unwrap();
-                super::$body(&super::TestRepo::local(tmp.path()), tmp.path());
-            }
-
-            #[test]
-            fn s3() {
-                let Some(moto) = super::MotoServer::start_or_skip() else {
-                    return;
-                };
-                let tmp = tempfile::tempdir().unwrap();
-                let repo = super::TestRepo::s3(&moto, "repo-cli", "r");
-                super::$body(&repo, tmp.path());
-            }
-        }
-    };
-}
 
 /// `revive points --json` of `repo`, parsed.
 fn points_of(repo: &TestRepo) -> Vec<serde_json::Value> {

@@ -16,6 +16,8 @@ use crate::support::server::{ReviveServer, ServerSpec};
 use crate::support::vm::SampleVm;
 use crate::support::*;
 
+mod slow_destination;
+
 const MIB: u64 = 1 << 20;
 /// Longest wait for a session to reach a state.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -34,6 +36,11 @@ impl Lab {
     /// VMs `(name, disk size)` backed up, and a server with `sessions_toml`
     /// in `[sessions]`, logging at info level (tests read what an operator would).
     fn new(vms: &[(&str, u64)], sessions_toml: &str) -> Lab {
+        Lab::with_env(vms, sessions_toml, &[])
+    }
+
+    /// As [`Lab::new`], with environment variables for the server process.
+    fn with_env(vms: &[(&str, u64)], sessions_toml: &str, env: &[(&str, &str)]) -> Lab {
         let tmp = tempfile::tempdir().expect("tempdir");
         let repo = init_repo(tmp.path(), None);
         let vms: Vec<SampleVm> = vms
@@ -46,12 +53,15 @@ impl Lab {
             })
             .collect();
         let repo_before = snapshot_tree(&repo);
-        let spec = ServerSpec::new(&repo)
+        let mut spec = ServerSpec::new(&repo)
             .with_api()
             .log_level("revive=info")
             .toml(&format!(
                 "[sessions]\nmin_free_cache = \"1MiB\"\n{sessions_toml}"
             ));
+        for (k, v) in env {
+            spec.env.push((k.to_string(), v.to_string()));
+        }
         let server = ReviveServer::start(&tmp.path().join("server"), spec);
         Lab {
             tmp,

@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use revive::drivers::vsphere::api;
-use revive::drivers::vsphere::client::{ClientConfig, VimClient};
+use revive::drivers::vsphere::client::VimClient;
 use revive::drivers::vsphere::{VsphereConfig, VsphereDriver};
 use revive::drivers::{DatastoreSpec, Driver, DriverError, MigrationStatus, VmFile, VmSpec};
 
 use crate::support::client::run_tool;
 use crate::support::server::{ReviveServer, ServerSpec};
-use crate::support::vcsim::{vcsim_or_skip, Mode, Vcsim, PASSWORD, USER};
+use crate::support::vcsim::{vcsim_or_skip, Inventory, Mode, Vcsim, PASSWORD, USER};
 use crate::support::vm::SampleVm;
 use crate::support::{backup_json, init_repo, sha256_file, skip_without_libnfs};
 
@@ -119,6 +119,8 @@ impl Fixture {
             name: n.into(),
             size: std::fs::metadata(self.vm.dir.join(n)).expect("stat").len(),
             disk,
+            url: None,
+            location: None,
         };
         VmSpec {
             name: name.into(),
@@ -165,74 +167,12 @@ impl Fixture {
 
 /// A client of our own, to look at vcsim's inventory.
 fn client_of(vcsim: &Vcsim) -> VimClient {
-    VimClient::new(ClientConfig {
-        host: "inspector".into(),
-        url: vcsim.url.clone(),
-        user: USER.into(),
-        password: PASSWORD.into(),
-        insecure: false,
-        ca_file: Some(vcsim.ca_file()),
-    })
-    .expect("client")
+    crate::support::vcsim::client_of(vcsim)
 }
 
-/// What vcsim's inventory holds, read with our client.
-struct Inventory {
-    /// (name, remote host, remote path) of NAS datastores on the test host.
-    nas: Vec<(String, String, String)>,
-    /// (name, power state, datastore names) of VMs whose name starts with `rec-`.
-    vms: Vec<(String, String, Vec<String>)>,
-}
-
+/// vcsim's NAS datastores and the VMs these tests register (`rec-*`).
 async fn inventory(vcsim: &Vcsim) -> Inventory {
-    let c = client_of(vcsim);
-    let root = c.content().await.expect("login").root_folder;
-    let hosts = api::list_hosts(&c, &root).await.expect("hosts");
-    let wanted = match vcsim.mode {
-        Mode::Esx => None,
-        Mode::Vpx => Some("DC0_H0"),
-    };
-    let host = hosts
-        .into_iter()
-        .find(|h| wanted.is_none() || h.text("name") == wanted)
-        .expect("test host");
-    let all = api::host_datastores(&c, &host.obj)
-        .await
-        .expect("datastores");
-    let nas = all
-        .iter()
-        .filter_map(|d| {
-            Some((
-                d.name.clone(),
-                d.remote_host.clone()?,
-                d.remote_path.clone()?,
-            ))
-        })
-        .collect();
-    let names: std::collections::HashMap<_, _> = all
-        .iter()
-        .map(|d| (d.moref.clone(), d.name.clone()))
-        .collect();
-    let vms = c
-        .find_all(&root, "VirtualMachine", &["name"])
-        .await
-        .expect("vms");
-    let mut out = Vec::new();
-    for vm in vms {
-        let name = vm.text("name").unwrap_or_default().to_string();
-        if !name.starts_with("rec-") {
-            continue;
-        }
-        let info = api::vm_info(&c, &vm.obj).await.expect("vm info");
-        let ds = info
-            .datastores
-            .iter()
-            .map(|d| names.get(d).cloned().unwrap_or_else(|| d.value.clone()))
-            .collect();
-        out.push((name, info.power_state, ds));
-    }
-    out.sort();
-    Inventory { nas, vms: out }
+    crate::support::vcsim::inventory(vcsim, "rec-").await
 }
 
 async fn wait_migration(

@@ -283,6 +283,7 @@ mod tests {
                 format: "raw".into(),
                 size: 64 << 20,
             }],
+            lab: None,
         };
         MigrationState::plan(&vm, Path::new("/prod/s1"))
     }

@@ -280,10 +280,18 @@ impl Driver for QemuDriver {
             .disks()
             .map(|d| DiskState {
                 name: d.name.clone(),
-                location: format!(
-                    "nfs://{}{}/{}/{}",
-                    datastore.remote_host, export, vm.folder, d.name
-                ),
+                // A block session's disk is opened from its block export,
+                // a block image (a Ceph clone) as itself.
+                location: d
+                    .url
+                    .clone()
+                    .or_else(|| d.location.clone())
+                    .unwrap_or_else(|| {
+                        format!(
+                            "nfs://{}{}/{}/{}",
+                            datastore.remote_host, export, vm.folder, d.name
+                        )
+                    }),
                 format: process::format_for(&d.name).into(),
                 size: d.size,
             })
@@ -299,6 +307,7 @@ impl Driver for QemuDriver {
             name: vm.name.clone(),
             memory_mib: self.memory_of(vm),
             disks,
+            lab: vm.lab.clone(),
         })
     }
 
@@ -501,6 +510,37 @@ impl Driver for QemuDriver {
         }
     }
 
+    async fn console_output(&self, vm: &VmRef) -> DriverResult<Vec<u8>> {
+        let paths = self.vm_paths(&vm.0)?;
+        let log = paths.serial_log();
+        match tokio::fs::read(&log).await {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(io_err("read serial log", log, source)),
+        }
+    }
+
+    async fn screenshot(&self, vm: &VmRef) -> DriverResult<Vec<u8>> {
+        let _guard = self.lock.lock().await;
+        let paths = self.vm_paths(&vm.0)?;
+        let file = paths.dir.join("screen.png");
+        let mut qmp = self.qmp(&paths, &vm.0).await?;
+        qmp.execute(
+            "screendump",
+            Some(serde_json::json!({
+                "filename": file.to_string_lossy(),
+                "format": "png",
+            })),
+        )
+        .await
+        .map_err(|e| self.qmp_err("screendump", e))?;
+        let png = tokio::fs::read(&file)
+            .await
+            .map_err(|source| io_err("read screenshot", file.clone(), source))?;
+        let _ = tokio::fs::remove_file(&file).await;
+        Ok(png)
+    }
+
     async fn start_from_copy(&self, vm: &VmSpec, folder: &Path) -> DriverResult<Option<VmRef>> {
         let mut disks = Vec::new();
         for d in vm.disks() {
@@ -525,10 +565,12 @@ impl Driver for QemuDriver {
                 reason: "the copy has no disk to boot".into(),
             });
         }
+        // Production runs as configured, never on a lab network.
         let vm_ref = self.register(VmState {
             name: vm.name.clone(),
             memory_mib: self.memory_of(vm),
             disks,
+            lab: None,
         })?;
         self.power_on(&vm_ref).await?;
         Ok(Some(vm_ref))

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::drivers::{DriverError, DriverResult};
+use crate::drivers::{DriverError, DriverResult, LabNetwork};
 
 /// How long a daemonizing QEMU may take to come up (it opens the NFS disk
 /// before the parent returns, which includes portmapper and MOUNT calls).
@@ -92,6 +92,9 @@ pub struct VmState {
     pub memory_mib: u64,
     /// Disks in boot order.
     pub disks: Vec<DiskState>,
+    /// A verification boot's isolated network and capturable screen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<LabNetwork>,
 }
 
 /// The `-drive` id of disk `index`: the block backend name QMP commands use.
@@ -168,8 +171,32 @@ pub fn qemu_args(state: &VmState, paths: &VmPaths, launch: &Launch<'_>) -> Vec<S
             drive_id(i)
         ));
     }
+    if let Some(lab) = &state.lab {
+        args.extend(lab_args(lab));
+    }
     args.extend(launch.extra_args.iter().cloned());
     args
+}
+
+/// A lab guest's screen (for `screendump`) and its one NIC, on a user-mode
+/// network with `restrict=on`: the guest reaches nothing, not even the
+/// host; only the explicit forwards reach in, from 127.0.0.1.
+fn lab_args(lab: &LabNetwork) -> Vec<String> {
+    let mut netdev = String::from("user,id=lab0,restrict=on");
+    for f in &lab.forwards {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{}-:{}",
+            f.host_port, f.guest_port
+        ));
+    }
+    vec![
+        "-device".into(),
+        "VGA".into(),
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        "virtio-net-pci,netdev=lab0".into(),
+    ]
 }
 
 /// Starts QEMU daemonized. QEMU's parent process returns once the VM is
@@ -263,15 +290,7 @@ pub fn available_memory_mib() -> Option<u64> {
 
 /// Bytes free for an unprivileged writer in the file system holding `dir`.
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    Ok(crate::fsutil::space(dir)?.avail_bytes)
 }
 
 #[cfg(test)]
@@ -296,6 +315,7 @@ mod tests {
                     size: 1 << 20,
                 },
             ],
+            lab: None,
         }
     }
 

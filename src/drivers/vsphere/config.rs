@@ -51,7 +51,8 @@ pub struct VsphereConfig {
     /// datastore, sent as `localPath`. Its last component must be the
     /// datastore name, since vcsim names the datastore after it. Real ESXi
     /// takes `localPath` as the datastore name, which is what the driver
-    /// sends when this is unset.
+    /// sends when this is unset. A datastore whose folder revive knows (a
+    /// snapshot clone's) is sent with that folder instead.
     #[serde(default)]
     pub nas_local_path: Option<PathBuf>,
 }

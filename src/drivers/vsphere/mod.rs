@@ -305,6 +305,16 @@ impl Driver for VsphereDriver {
     }
 
     async fn validate(&self, vm: &VmSpec) -> DriverResult<HostInfo> {
+        if let Some(disk) = vm.disks().find(|d| d.location.is_some()) {
+            return Err(DriverError::UnsupportedVm {
+                driver: "vsphere",
+                vm: vm.source_vm.clone(),
+                reason: format!(
+                    "disk '{}' is a block image that ESXi can only use as a LUN (iSCSI), which revive cannot present yet; recover it on a qemu host",
+                    disk.name
+                ),
+            });
+        }
         let ctx = self.host_context().await?;
         if let Some(redirect) = &self.config.redirect_datastore {
             self.require_datastore(&ctx, redirect).await?;
@@ -356,13 +366,15 @@ impl Driver for VsphereDriver {
                 ),
             });
         }
-        let local_path = self
-            .config
-            .nas_local_path
-            .clone()
-            .or_else(|| datastore.local_path.clone())
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_else(|| datastore.name.clone());
+        // Real ESXi takes localPath as the datastore's name. vcsim (set up
+        // with nas_local_path) takes it as the folder it shows: the folder
+        // revive knows for this datastore (a snapshot clone's), else the
+        // configured one.
+        let local_path = match (&self.config.nas_local_path, &datastore.local_path) {
+            (Some(_), Some(own)) => own.to_string_lossy().into_owned(),
+            (Some(configured), None) => configured.to_string_lossy().into_owned(),
+            (None, _) => datastore.name.clone(),
+        };
         let created = api::create_nas_datastore(
             &self.client,
             &ctx.datastore_system,
@@ -433,6 +445,14 @@ impl Driver for VsphereDriver {
     }
 
     async fn register_vm(&self, datastore: &DatastoreSpec, vm: &VmSpec) -> DriverResult<VmRef> {
+        if vm.lab.is_some() {
+            // Isolating a guest here needs a port group without uplinks on
+            // the host, which revive does not create.
+            return Err(DriverError::NotSupported {
+                driver: "vsphere",
+                operation: "lab networks (verification boots run on a qemu host)",
+            });
+        }
         let vmx = vm.vmx().ok_or_else(|| DriverError::UnsupportedVm {
             driver: "vsphere",
             vm: vm.source_vm.clone(),

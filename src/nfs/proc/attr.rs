@@ -17,8 +17,9 @@ pub const MAX_TRANSFER: u32 = 1024 * 1024;
 /// Preferred READDIR size.
 const DTPREF: u32 = 64 * 1024;
 
-/// Largest file: 64 TiB, the VMFS/vSphere virtual disk limit.
-const MAX_FILE_SIZE: u64 = 64 << 40;
+/// Largest file: the datastore's limit (64 TiB, the VMFS/vSphere virtual
+/// disk limit), which it enforces on SETATTR, WRITE and CREATE.
+const MAX_FILE_SIZE: u64 = crate::datastore::types::MAX_FILE_SIZE;
 
 /// GETATTR: `fh` → `fattr3`.
 pub(super) async fn getattr(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) -> ProcResult {
@@ -27,7 +28,7 @@ pub(super) async fn getattr(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply)
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 0),
     };
-    match ctx.state.backend.getattr(t.export.id, t.file).await {
+    match ctx.state.backend.getattr(t.at()).await {
         Ok(a) => ok(
             reply,
             &GETATTR3resok {
@@ -47,12 +48,7 @@ pub(super) async fn setattr(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply)
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 2),
     };
-    match ctx
-        .state
-        .backend
-        .setattr(t.export.id, t.file, &set, guard)
-        .await
-    {
+    match ctx.state.backend.setattr(t.at(), &set, guard).await {
         Ok(a) => ok(
             reply,
             &SETATTR3resok {
@@ -74,7 +70,7 @@ pub(super) async fn access(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 1),
     };
-    match ctx.state.backend.getattr(t.export.id, t.file).await {
+    match ctx.state.backend.getattr(t.at()).await {
         Ok(a) => ok(
             reply,
             &nfs3_types::nfs3::ACCESS3resok {
@@ -118,7 +114,7 @@ pub(super) async fn fsinfo(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 1),
     };
-    let attr = ctx.state.backend.getattr(t.export.id, t.file).await.ok();
+    let attr = ctx.state.backend.getattr(t.at()).await.ok();
     ok(
         reply,
         &FSINFO3resok {

@@ -14,7 +14,7 @@ use super::{
     backend_fail, check_name, fail, ok, read_dirop, read_fh, read_path, read_sattr, Ctx, NameUse,
     ProcResult, Target,
 };
-use crate::nfs::backend::{Attr, BackendResult, CreateMode, SetAttr};
+use crate::datastore::{Attr, CreateMode, DsResult, SetAttr};
 use crate::nfs::rpc::Reply;
 use crate::nfs::xdr::{pack, Garbage, XdrReader};
 
@@ -40,9 +40,9 @@ pub(super) async fn lookup(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
     };
     let backend = &ctx.state.backend;
     let found = if name == "." {
-        backend.getattr(dir.export.id, dir.file).await
+        backend.getattr(dir.at()).await
     } else {
-        backend.lookup(dir.export.id, dir.file, name).await
+        backend.lookup(&dir.at().child(name)).await
     };
     match found {
         Ok(a) => ok(
@@ -60,7 +60,7 @@ pub(super) async fn lookup(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
 /// Append the result of an operation that made a new object. CREATE3resok,
 /// MKDIR3resok and SYMLINK3resok share one layout:
 /// `post_op_fh3 obj, post_op_attr obj_attributes, wcc_data dir_wcc`.
-fn created(ctx: &Ctx<'_>, dir: &Target, res: BackendResult<Attr>, reply: &mut Reply) -> ProcResult {
+fn created(ctx: &Ctx<'_>, dir: &Target, res: DsResult<Attr>, reply: &mut Reply) -> ProcResult {
     match res {
         Ok(a) => ok(
             reply,
@@ -92,13 +92,7 @@ pub(super) async fn create(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
     let res = ctx
         .state
         .backend
-        .create(
-            dir.export.id,
-            dir.file,
-            name,
-            mode,
-            &ctx.owned_by_caller(attrs),
-        )
+        .create(&dir.at().child(name), mode, &ctx.owned_by_caller(attrs))
         .await;
     created(ctx, &dir, res, reply)
 }
@@ -114,7 +108,7 @@ pub(super) async fn mkdir(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) -
     let res = ctx
         .state
         .backend
-        .mkdir(dir.export.id, dir.file, name, &ctx.owned_by_caller(attrs))
+        .mkdir(&dir.at().child(name), &ctx.owned_by_caller(attrs))
         .await;
     created(ctx, &dir, res, reply)
 }
@@ -134,13 +128,7 @@ pub(super) async fn symlink(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply)
     let res = ctx
         .state
         .backend
-        .symlink(
-            dir.export.id,
-            dir.file,
-            name,
-            target,
-            &ctx.owned_by_caller(attrs),
-        )
+        .symlink(&dir.at().child(name), target, &ctx.owned_by_caller(attrs))
         .await;
     created(ctx, &dir, res, reply)
 }
@@ -163,12 +151,7 @@ pub(super) async fn remove(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
         Ok(v) => v,
         Err(stat) => return fail(reply, stat, 2),
     };
-    match ctx
-        .state
-        .backend
-        .remove(dir.export.id, dir.file, name)
-        .await
-    {
+    match ctx.state.backend.remove(&dir.at().child(name)).await {
         Ok(()) => ok(
             reply,
             &REMOVE3resok {
@@ -186,7 +169,7 @@ pub(super) async fn rmdir(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) -
         Ok(v) => v,
         Err(stat) => return fail(reply, stat, 2),
     };
-    match ctx.state.backend.rmdir(dir.export.id, dir.file, name).await {
+    match ctx.state.backend.rmdir(&dir.at().child(name)).await {
         Ok(()) => ok(
             reply,
             &RMDIR3resok {
@@ -215,13 +198,7 @@ pub(super) async fn rename(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) 
     match ctx
         .state
         .backend
-        .rename(
-            from_dir.export.id,
-            from_dir.file,
-            from_name,
-            to_dir.file,
-            to_name,
-        )
+        .rename(&from_dir.at().child(from_name), &to_dir.at().child(to_name))
         .await
     {
         Ok(()) => ok(
@@ -253,7 +230,7 @@ pub(super) async fn link(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply) ->
     match ctx
         .state
         .backend
-        .link(file.export.id, file.file, dir.file, name)
+        .link(file.at(), &dir.at().child(name))
         .await
     {
         Ok(a) => ok(
@@ -274,7 +251,7 @@ pub(super) async fn readlink(ctx: &Ctx<'_>, r: &mut XdrReader, reply: &mut Reply
         Ok(t) => t,
         Err(stat) => return fail(reply, stat, 1),
     };
-    match ctx.state.backend.readlink(t.export.id, t.file).await {
+    match ctx.state.backend.readlink(t.at()).await {
         Ok(target) => {
             let body = reply.body();
             body.put_u32(nfsstat3::NFS3_OK as u32);

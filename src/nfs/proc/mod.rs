@@ -29,12 +29,12 @@ use nfs3_types::nfs3::{
 use nfs3_types::rpc::accept_stat;
 use nfs3_types::xdr_codec::Opaque;
 
-use super::backend::{Attr, Export, FileId, FileKind, SetAttr, SetTime};
 use super::error::nfsstat;
 use super::handle::FileHandle;
 use super::rpc::{Call, Credentials, Reply};
 use super::server::ServerState;
 use super::xdr::{pack, Garbage, XdrReader};
+use crate::datastore::{Attr, DatastoreError, Export, FileAt, FileId, FileKind, SetAttr, SetTime};
 
 /// Largest name accepted in a directory operation (NAME_MAX).
 pub(crate) const MAX_NAME: usize = 255;
@@ -62,6 +62,13 @@ pub(crate) struct Ctx<'a> {
 pub(crate) struct Target {
     pub export: Arc<Export>,
     pub file: FileId,
+}
+
+impl Target {
+    /// The file as the datastore addresses it.
+    pub(crate) fn at(&self) -> FileAt {
+        FileAt::new(self.export.id, self.file)
+    }
 }
 
 /// What a procedure produced, for the counters.
@@ -226,7 +233,7 @@ pub(crate) fn ok<T: nfs3_types::xdr_codec::Pack>(reply: &mut Reply, res: &T) -> 
 /// Map a backend error and append it as a failure.
 pub(crate) fn backend_fail(
     reply: &mut Reply,
-    err: &super::backend::BackendError,
+    err: &DatastoreError,
     zero_words: usize,
 ) -> ProcResult {
     fail(reply, nfsstat(err), zero_words)

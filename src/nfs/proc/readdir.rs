@@ -10,7 +10,7 @@ use nfs3_types::nfs3::{entry3, entryplus3, filename3, nfsstat3, post_op_attr, po
 use nfs3_types::xdr_codec::{Opaque, Pack};
 
 use super::{fail, read_fh, Ctx, ProcResult, Target};
-use crate::nfs::backend::DirPage;
+use crate::datastore::DirPage;
 use crate::nfs::rpc::Reply;
 use crate::nfs::xdr::{pack, pad4, XdrReader};
 
@@ -39,12 +39,12 @@ async fn list(
     let t = &args.target;
     let backend = &ctx.state.backend;
     let dir_attr = backend
-        .getattr(t.export.id, t.file)
+        .getattr(t.at())
         .await
         .map_err(|e| crate::nfs::error::nfsstat(&e))?;
     let max_entries = (budget / MIN_ENTRY).clamp(1, MAX_ENTRIES);
     let page = backend
-        .readdir(t.export.id, t.file, args.cookie, max_entries)
+        .readdir(t.at(), args.cookie, max_entries)
         .await
         .map_err(|e| crate::nfs::error::nfsstat(&e))?;
     Ok((page, ctx.post_op(t, Some(&dir_attr))))

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{Fixture, MIB, PUB};
 use crate::support::client::*;
 use crate::support::{
-    fio_nfs_or_skip, fio_verify_job, in_netns, qemu_peers_or_skip, rerun_in_netns, sha256_file,
+    fio_nfs_or_skip, fio_verify_job, netns_test, qemu_peers_or_skip, rerun_in_netns, sha256_file,
     FioPhase,
 };
 
@@ -20,18 +20,10 @@ const TEST: &str = "datastore::peers::qemu_img_converts_out_of_and_into_the_data
 /// itself in a private network namespace where the server takes 111/2049.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_converts_out_of_and_into_the_datastore() {
-    if in_netns() {
-        return inner().await;
-    }
-    if !qemu_peers_or_skip() {
-        return;
-    }
-    rerun_in_netns(TEST, DONE).await;
+    netns_test(qemu_peers_or_skip, inner, || rerun_in_netns(TEST, DONE)).await;
 }
 
 async fn inner() {
-    let up = run_tool("ip", &["link", "set", "lo", "up"]).await;
-    assert!(up.status.success(), "ip link set lo up: {up:?}");
     let mut f = Fixture::with("qemu01", 24 * MIB, 36, |s| s.fixed_ports(2049, 20048, 111));
     assert_eq!(f.server.portmap_port, Some(111));
     let local = |name: &str| f.tmp.path().join(name).to_str().expect("utf8").to_owned();

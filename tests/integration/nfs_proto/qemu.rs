@@ -14,7 +14,7 @@ use revive::nfs::{NfsBind, NfsListeners};
 
 use super::{pattern, run, sha256};
 use crate::support::memfs::{MemFs, ROOT};
-use crate::support::{in_netns, qemu_peers_or_skip, rerun_in_netns, TestServer};
+use crate::support::{netns_test, qemu_peers_or_skip, rerun_in_netns, TestServer};
 
 const DONE: &str = "QEMU-NFS-CHECKS-PASSED";
 const TEST: &str = "nfs_proto::qemu::qemu_img_over_nfs_with_portmapper_on_111";
@@ -23,18 +23,10 @@ const TEST: &str = "nfs_proto::qemu::qemu_img_over_nfs_with_portmapper_on_111";
 /// in it: reads, writes, and the flushes (COMMIT) qcow2 needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_over_nfs_with_portmapper_on_111() {
-    if in_netns() {
-        return inner().await;
-    }
-    if !qemu_peers_or_skip() {
-        return;
-    }
-    rerun_in_netns(TEST, DONE).await;
+    netns_test(qemu_peers_or_skip, inner, || rerun_in_netns(TEST, DONE)).await;
 }
 
 async fn inner() {
-    let up = run("ip", &["link", "set", "lo", "up"]).await;
-    assert!(up.status.success(), "ip link set lo up: {up:?}");
     let fs = MemFs::new();
     let disk = pattern(8 * 1024 * 1024 + 4096, 21);
     fs.add_file(ROOT, "disk.raw", disk.clone());

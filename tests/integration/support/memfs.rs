@@ -1,4 +1,4 @@
-//! An in-memory `NfsBackend` for protocol tests only.
+//! An in-memory `FileOps` for protocol tests only.
 //!
 //! It exists to drive the NFS layer with real clients; it is not the
 //! datastore (which comes later, with the write cache and the repository).
@@ -13,9 +13,9 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use revive::nfs::{
-    Attr, BackendError, BackendResult, CreateMode, DirEntry, DirPage, Export, ExportId, FileId,
-    FileKind, FsStat, NfsBackend, ReadReply, SetAttr, SetTime, Stability, WriteReply,
+use revive::datastore::{
+    Attr, CreateMode, DatastoreError, DirEntry, DirPage, DsResult, Export, ExportId, FileAt,
+    FileId, FileKind, FileOps, FsStat, NameAt, ReadReply, SetAttr, SetTime, Stability, WriteReply,
 };
 
 /// Root directory of every export.
@@ -162,25 +162,25 @@ impl MemFs {
 }
 
 impl State {
-    fn node(&self, id: FileId) -> BackendResult<&Node> {
-        self.nodes.get(&id).ok_or(BackendError::Stale)
+    fn node(&self, id: FileId) -> DsResult<&Node> {
+        self.nodes.get(&id).ok_or(DatastoreError::Stale)
     }
 
-    fn node_mut(&mut self, id: FileId) -> BackendResult<&mut Node> {
-        self.nodes.get_mut(&id).ok_or(BackendError::Stale)
+    fn node_mut(&mut self, id: FileId) -> DsResult<&mut Node> {
+        self.nodes.get_mut(&id).ok_or(DatastoreError::Stale)
     }
 
-    fn dir(&self, id: FileId) -> BackendResult<&BTreeMap<String, FileId>> {
+    fn dir(&self, id: FileId) -> DsResult<&BTreeMap<String, FileId>> {
         match &self.node(id)?.content {
             Content::Dir(d) => Ok(d),
-            _ => Err(BackendError::NotDir),
+            _ => Err(DatastoreError::NotDir),
         }
     }
 
-    fn dir_mut(&mut self, id: FileId) -> BackendResult<&mut BTreeMap<String, FileId>> {
+    fn dir_mut(&mut self, id: FileId) -> DsResult<&mut BTreeMap<String, FileId>> {
         match &mut self.node_mut(id)?.content {
             Content::Dir(d) => Ok(d),
-            _ => Err(BackendError::NotDir),
+            _ => Err(DatastoreError::NotDir),
         }
     }
 
@@ -191,12 +191,12 @@ impl State {
         kind: FileKind,
         mode: u32,
         content: Content,
-    ) -> BackendResult<FileId> {
+    ) -> DsResult<FileId> {
         if name.contains('/') || name == ".." || name == "." || name.is_empty() {
-            return Err(BackendError::InvalidName);
+            return Err(DatastoreError::InvalidName);
         }
         if self.dir(dir)?.contains_key(name) {
-            return Err(BackendError::Exists);
+            return Err(DatastoreError::Exists);
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -213,14 +213,14 @@ impl State {
         Ok(id)
     }
 
-    fn apply(&mut self, id: FileId, set: &SetAttr) -> BackendResult<Attr> {
+    fn apply(&mut self, id: FileId, set: &SetAttr) -> DsResult<Attr> {
         let node = self.node_mut(id)?;
         let now = SystemTime::now();
         if let Some(size) = set.size {
             match &mut node.content {
                 Content::File(data) => data.resize(size as usize, 0),
-                Content::Dir(_) => return Err(BackendError::IsDir),
-                Content::Symlink(_) => return Err(BackendError::Invalid),
+                Content::Dir(_) => return Err(DatastoreError::IsDir),
+                Content::Symlink(_) => return Err(DatastoreError::Invalid),
             }
             node.attr.size = size;
             node.attr.used = size;
@@ -246,12 +246,12 @@ impl State {
         Ok(node.attr.clone())
     }
 
-    fn unlink(&mut self, dir: FileId, name: &str, want_dir: bool) -> BackendResult<()> {
-        let id = *self.dir(dir)?.get(name).ok_or(BackendError::NotFound)?;
+    fn unlink(&mut self, dir: FileId, name: &str, want_dir: bool) -> DsResult<()> {
+        let id = *self.dir(dir)?.get(name).ok_or(DatastoreError::NotFound)?;
         match (&self.node(id)?.content, want_dir) {
-            (Content::Dir(d), true) if !d.is_empty() => return Err(BackendError::NotEmpty),
-            (Content::Dir(_), false) => return Err(BackendError::IsDir),
-            (Content::File(_) | Content::Symlink(_), true) => return Err(BackendError::NotDir),
+            (Content::Dir(d), true) if !d.is_empty() => return Err(DatastoreError::NotEmpty),
+            (Content::Dir(_), false) => return Err(DatastoreError::IsDir),
+            (Content::File(_) | Content::Symlink(_), true) => return Err(DatastoreError::NotDir),
             _ => {}
         }
         self.dir_mut(dir)?.remove(name);
@@ -261,7 +261,7 @@ impl State {
 }
 
 #[async_trait]
-impl NfsBackend for MemFs {
+impl FileOps for MemFs {
     fn exports(&self) -> Vec<Arc<Export>> {
         self.exports.clone()
     }
@@ -270,47 +270,42 @@ impl NfsBackend for MemFs {
         self.exports.iter().find(|e| e.id == id).cloned()
     }
 
-    async fn getattr(&self, _export: ExportId, id: FileId) -> BackendResult<Attr> {
-        Ok(self.lock().node(id)?.attr.clone())
+    async fn getattr(&self, at: FileAt) -> DsResult<Attr> {
+        Ok(self.lock().node(at.id)?.attr.clone())
     }
 
     async fn setattr(
         &self,
-        _export: ExportId,
-        id: FileId,
+        at: FileAt,
         set: &SetAttr,
         guard: Option<SystemTime>,
-    ) -> BackendResult<Attr> {
+    ) -> DsResult<Attr> {
+        let id = at.id;
         let mut st = self.lock();
         if let Some(g) = guard {
             if st.node(id)?.attr.ctime != g {
-                return Err(BackendError::NotSync);
+                return Err(DatastoreError::NotSync);
             }
         }
         st.apply(id, set)
     }
 
-    async fn lookup(&self, _export: ExportId, dir: FileId, name: &str) -> BackendResult<Attr> {
+    async fn lookup(&self, at: &NameAt) -> DsResult<Attr> {
+        let (dir, name) = (at.dir.id, at.name.as_str());
         let st = self.lock();
         let id = if name == ".." {
             st.node(dir)?.parent
         } else {
-            *st.dir(dir)?.get(name).ok_or(BackendError::NotFound)?
+            *st.dir(dir)?.get(name).ok_or(DatastoreError::NotFound)?
         };
         Ok(st.node(id)?.attr.clone())
     }
 
-    async fn read(
-        &self,
-        _export: ExportId,
-        id: FileId,
-        offset: u64,
-        count: u32,
-    ) -> BackendResult<ReadReply> {
+    async fn read(&self, at: FileAt, offset: u64, count: u32) -> DsResult<ReadReply> {
         let st = self.lock();
-        let node = st.node(id)?;
+        let node = st.node(at.id)?;
         let Content::File(data) = &node.content else {
-            return Err(BackendError::IsDir);
+            return Err(DatastoreError::IsDir);
         };
         let start = (offset as usize).min(data.len());
         let end = start.saturating_add(count as usize).min(data.len());
@@ -323,16 +318,15 @@ impl NfsBackend for MemFs {
 
     async fn write(
         &self,
-        _export: ExportId,
-        id: FileId,
+        at: FileAt,
         offset: u64,
         data: Bytes,
         _stability: Stability,
-    ) -> BackendResult<WriteReply> {
+    ) -> DsResult<WriteReply> {
         let mut st = self.lock();
-        let node = st.node_mut(id)?;
+        let node = st.node_mut(at.id)?;
         let Content::File(content) = &mut node.content else {
-            return Err(BackendError::IsDir);
+            return Err(DatastoreError::IsDir);
         };
         let start = offset as usize;
         let end = start + data.len();
@@ -351,32 +345,20 @@ impl NfsBackend for MemFs {
         })
     }
 
-    async fn commit(
-        &self,
-        _export: ExportId,
-        id: FileId,
-        _offset: u64,
-        _count: u32,
-    ) -> BackendResult<()> {
-        self.lock().node(id).map(drop)
+    async fn commit(&self, at: FileAt) -> DsResult<()> {
+        self.lock().node(at.id).map(drop)
     }
 
-    async fn create(
-        &self,
-        _export: ExportId,
-        dir: FileId,
-        name: &str,
-        mode: CreateMode,
-        attrs: &SetAttr,
-    ) -> BackendResult<Attr> {
+    async fn create(&self, at: &NameAt, mode: CreateMode, attrs: &SetAttr) -> DsResult<Attr> {
+        let (dir, name) = (at.dir.id, at.name.as_str());
         let mut st = self.lock();
         if let Some(&existing) = st.dir(dir)?.get(name) {
             return match mode {
-                CreateMode::Guarded => Err(BackendError::Exists),
+                CreateMode::Guarded => Err(DatastoreError::Exists),
                 CreateMode::Exclusive(v) if st.node(existing)?.verifier == Some(v) => {
                     Ok(st.node(existing)?.attr.clone())
                 }
-                CreateMode::Exclusive(_) => Err(BackendError::Exists),
+                CreateMode::Exclusive(_) => Err(DatastoreError::Exists),
                 CreateMode::Unchecked => st.apply(
                     existing,
                     &SetAttr {
@@ -399,13 +381,8 @@ impl NfsBackend for MemFs {
         st.apply(id, attrs)
     }
 
-    async fn mkdir(
-        &self,
-        _export: ExportId,
-        dir: FileId,
-        name: &str,
-        attrs: &SetAttr,
-    ) -> BackendResult<Attr> {
+    async fn mkdir(&self, at: &NameAt, attrs: &SetAttr) -> DsResult<Attr> {
+        let (dir, name) = (at.dir.id, at.name.as_str());
         let mut st = self.lock();
         let id = st.insert(
             dir,
@@ -417,27 +394,22 @@ impl NfsBackend for MemFs {
         st.apply(id, attrs)
     }
 
-    async fn remove(&self, _export: ExportId, dir: FileId, name: &str) -> BackendResult<()> {
-        self.lock().unlink(dir, name, false)
+    async fn remove(&self, at: &NameAt) -> DsResult<()> {
+        self.lock().unlink(at.dir.id, &at.name, false)
     }
 
-    async fn rmdir(&self, _export: ExportId, dir: FileId, name: &str) -> BackendResult<()> {
-        self.lock().unlink(dir, name, true)
+    async fn rmdir(&self, at: &NameAt) -> DsResult<()> {
+        self.lock().unlink(at.dir.id, &at.name, true)
     }
 
-    async fn rename(
-        &self,
-        _export: ExportId,
-        from_dir: FileId,
-        from_name: &str,
-        to_dir: FileId,
-        to_name: &str,
-    ) -> BackendResult<()> {
+    async fn rename(&self, from: &NameAt, to: &NameAt) -> DsResult<()> {
+        let (from_dir, from_name) = (from.dir.id, from.name.as_str());
+        let (to_dir, to_name) = (to.dir.id, to.name.as_str());
         let mut st = self.lock();
         let id = *st
             .dir(from_dir)?
             .get(from_name)
-            .ok_or(BackendError::NotFound)?;
+            .ok_or(DatastoreError::NotFound)?;
         st.dir(to_dir)?;
         if let Some(&old) = st.dir(to_dir)?.get(to_name) {
             if old == id {
@@ -452,13 +424,8 @@ impl NfsBackend for MemFs {
         Ok(())
     }
 
-    async fn readdir(
-        &self,
-        _export: ExportId,
-        dir: FileId,
-        cookie: u64,
-        max_entries: usize,
-    ) -> BackendResult<DirPage> {
+    async fn readdir(&self, at: FileAt, cookie: u64, max_entries: usize) -> DsResult<DirPage> {
+        let dir = at.id;
         let st = self.lock();
         // Cookie = file id: stable while the directory changes.
         let mut children: Vec<(FileId, &String)> = st
@@ -479,11 +446,11 @@ impl NfsBackend for MemFs {
                     attr: st.node(id)?.attr.clone(),
                 })
             })
-            .collect::<BackendResult<Vec<_>>>()?;
+            .collect::<DsResult<Vec<_>>>()?;
         Ok(DirPage { entries, eof })
     }
 
-    async fn fsstat(&self, _export: ExportId) -> BackendResult<FsStat> {
+    async fn fsstat(&self, _export: ExportId) -> DsResult<FsStat> {
         Ok(FsStat {
             total_bytes: 1 << 40,
             free_bytes: 1 << 39,
@@ -494,21 +461,15 @@ impl NfsBackend for MemFs {
         })
     }
 
-    async fn readlink(&self, _export: ExportId, id: FileId) -> BackendResult<String> {
-        match &self.lock().node(id)?.content {
+    async fn readlink(&self, at: FileAt) -> DsResult<String> {
+        match &self.lock().node(at.id)?.content {
             Content::Symlink(t) => Ok(t.clone()),
-            _ => Err(BackendError::Invalid),
+            _ => Err(DatastoreError::Invalid),
         }
     }
 
-    async fn symlink(
-        &self,
-        _export: ExportId,
-        dir: FileId,
-        name: &str,
-        target: &str,
-        _attrs: &SetAttr,
-    ) -> BackendResult<Attr> {
+    async fn symlink(&self, at: &NameAt, target: &str, _attrs: &SetAttr) -> DsResult<Attr> {
+        let (dir, name) = (at.dir.id, at.name.as_str());
         let mut st = self.lock();
         let id = st.insert(
             dir,

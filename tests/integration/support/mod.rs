@@ -3,13 +3,20 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod btrfs;
+pub mod ceph;
 pub mod client;
 pub mod fuse;
+pub mod iscsi;
 pub mod memfs;
 pub mod moto;
+pub mod nbd;
 pub mod postgres;
 pub mod qemu;
 pub mod server;
+pub mod slowfs;
+pub mod tree;
 pub mod vcsim;
 pub mod vm;
 
@@ -28,9 +35,14 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// The `revive` binary built for this test run.
+/// The `revive` binary built for this test run, or the one `REVIVE_BIN`
+/// names (to run a test against another build, e.g. to show that it fails
+/// on the code before a fix).
 pub fn revive_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_revive"))
+    match std::env::var_os("REVIVE_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_revive")),
+    }
 }
 
 /// A `revive` command with logging quiet unless the test run asks for it.
@@ -342,6 +354,37 @@ pub const NETNS_INNER: &str = "REVIVE_TEST_NETNS_INNER";
 /// True inside the re-run of [`rerun_in_netns`]: the test does its real work.
 pub fn in_netns() -> bool {
     std::env::var_os(NETNS_INNER).is_some()
+}
+
+/// Brings the loopback interface up: the first step inside a fresh network
+/// namespace, where `lo` starts down.
+pub async fn loopback_up() {
+    let up = tokio::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .await
+        .expect("run ip");
+    assert!(up.status.success(), "ip link set lo up: {up:?}");
+}
+
+/// The shape of every test that needs its own network namespace: inside the
+/// re-run, bring `lo` up and do `inner`; outside, re-run (`rerun`) only when
+/// `peers_ok` says the peers are here (it prints why not, and fails under CI).
+pub async fn netns_test<I, R>(
+    peers_ok: fn() -> bool,
+    inner: impl FnOnce() -> I,
+    rerun: impl FnOnce() -> R,
+) where
+    I: std::future::Future<Output = ()>,
+    R: std::future::Future<Output = ()>,
+{
+    if in_netns() {
+        loopback_up().await;
+        return inner().await;
+    }
+    if peers_ok() {
+        rerun().await;
+    }
 }
 
 /// Re-runs test `test` (its full path) of this binary inside a private network

@@ -217,11 +217,40 @@ impl TestRepo {
                 .find(|(key, _)| key == k)
                 .map(|(_, v)| v.clone())
         };
-        o.endpoint = get("AWS_ENDPOINT_URL");
-        o.access_key_id = get("AWS_ACCESS_KEY_ID");
-        o.secret_access_key = get("AWS_SECRET_ACCESS_KEY");
-        o.region = get("AWS_REGION");
-        o.allow_http = Some(true);
+        o.settings.endpoint = get("AWS_ENDPOINT_URL");
+        o.settings.access_key_id = get("AWS_ACCESS_KEY_ID");
+        o.settings.secret_access_key = get("AWS_SECRET_ACCESS_KEY");
+        o.settings.region = get("AWS_REGION");
+        o.settings.allow_http = Some(true);
         revive::store::S3Store::open(o).ok()
     }
 }
+
+/// Runs `body(repo, tmp)` as two tests, `$name::local` and `$name::s3` (a
+/// fresh moto per test; skipped loudly when moto is missing), so a
+/// repository test body holds on a folder and on S3 alike.
+macro_rules! on_both_stores {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn local() {
+                let tmp = tempfile::tempdir().unwrap();
+                super::$body(
+                    &$crate::support::moto::TestRepo::local(tmp.path()),
+                    tmp.path(),
+                );
+            }
+
+            #[test]
+            fn s3() {
+                let Some(moto) = $crate::support::moto::MotoServer::start_or_skip() else {
+                    return;
+                };
+                let tmp = tempfile::tempdir().unwrap();
+                let repo = $crate::support::moto::TestRepo::s3(&moto, "repo-cli", "r");
+                super::$body(&repo, tmp.path());
+            }
+        }
+    };
+}
+pub(crate) use on_both_stores;

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use revive::drivers::qemu::qmp::Qmp;
 use revive::drivers::{VmFile, VmSpec};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{have_tool, qemu_has_nfs, skip_missing_peer};
@@ -78,6 +80,8 @@ pub fn vm_spec(vm_dir: &Path, name: &str, folder: &str, memory_mib: Option<u64>)
                 disk: name.ends_with("-flat.vmdk") || name.ends_with(".img"),
                 size: e.metadata().expect("metadata").len(),
                 name,
+                url: None,
+                location: None,
             }
         })
         .collect();
@@ -134,14 +138,18 @@ impl Serial {
         }
     }
 
-    /// Types one command line into the console.
-    pub fn send(&self, line: &str) {
+    /// Types one command line into the console and waits for the guest's
+    /// answer: the `skip`-th line starting with `prefix` (see
+    /// [`SerialConsole::wait_line`]). The connection stays open until the
+    /// answer is there, so QEMU has read the command whatever the timing.
+    pub fn ask(&self, line: &str, prefix: &str, skip: usize, timeout: Duration) -> String {
         let mut s = UnixStream::connect(&self.socket)
             .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
         s.write_all(format!("{line}\n").as_bytes())
             .expect("write serial");
-        // Let QEMU read it before the connection closes.
-        std::thread::sleep(Duration::from_millis(200));
+        let answer = self.wait_line(prefix, skip, timeout);
+        drop(s);
+        answer
     }
 }
 
@@ -187,4 +195,17 @@ pub async fn rerun_isolated(test: &str, done: &str, timeout: Duration) {
     .await;
     // Pass the inner run's report lines (benchmark figures) on.
     print!("{stdout}");
+}
+
+/// The file a drive reads and writes now, from QMP `query-block`.
+pub async fn drive_file(qmp_socket: &Path) -> String {
+    let mut qmp = Qmp::connect(qmp_socket).await.expect("qmp");
+    let block = qmp.execute("query-block", None).await.expect("query-block");
+    block
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["device"] == "disk0"))
+        .and_then(|b| b.pointer("/inserted/file"))
+        .and_then(Value::as_str)
+        .expect("disk0 file")
+        .to_string()
 }

@@ -61,6 +61,14 @@ pub struct ServerSpec {
     pub repository_extra: String,
     /// Body of `[repository.s3]`.
     pub s3_section: String,
+    /// Serve NBD (`[nbd]`) on a free loopback port.
+    pub nbd: bool,
+    /// Serve iSCSI (`[iscsi]`) on a free loopback port.
+    pub iscsi: bool,
+    /// `RLIMIT_NOFILE` (soft, hard) the server process starts with.
+    pub nofile: Option<(u64, u64)>,
+    /// Extra TOML lines of `[nfs]` (connection limits, timeouts).
+    pub nfs_extra: String,
 }
 
 /// The API token of test servers.
@@ -83,7 +91,57 @@ impl ServerSpec {
             env: Vec::new(),
             repository_extra: String::new(),
             s3_section: String::new(),
+            nbd: false,
+            iscsi: false,
+            nofile: None,
+            nfs_extra: String::new(),
         }
+    }
+
+    /// Serves iSCSI on a free loopback port (`[iscsi] enabled`), for block
+    /// exports and block sessions.
+    pub fn with_iscsi(mut self) -> Self {
+        self.iscsi = true;
+        self
+    }
+
+    /// Adds TOML lines to `[nfs]`.
+    pub fn nfs(mut self, lines: &str) -> Self {
+        self.nfs_extra.push_str(lines);
+        self.nfs_extra.push('\n');
+        self
+    }
+
+    /// Starts the server with `RLIMIT_NOFILE` set to `soft` and `hard`
+    /// (`soft = hard` keeps it from raising its own limit).
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
+        self
+    }
+
+    /// Serves NBD on a free loopback port (`[nbd] enabled`), for block
+    /// exports and block sessions.
+    pub fn with_nbd(mut self) -> Self {
+        self.nbd = true;
+        self
+    }
+
+    /// A `[[block_export]]` over NBD of `file` (default: the only disk) of
+    /// restore point `point`, for `allowed` clients; serves NBD.
+    pub fn block_export(
+        mut self,
+        name: &str,
+        point: &str,
+        file: Option<&str>,
+        allowed: &[&str],
+    ) -> Self {
+        self.nbd = true;
+        let file = file.map_or(String::new(), |f| format!("file = {f:?}\n"));
+        self.extra_toml += &format!(
+            "\n[[block_export]]\nname = {name:?}\npoint = {point:?}\n{file}protocol = \"nbd\"\n\
+             allowed_clients = {allowed:?}\n"
+        );
+        self
     }
 
     /// Logs at `level` (e.g. "revive=info") to `serve.log`, for tests that read it.
@@ -165,6 +223,10 @@ pub struct ReviveServer {
     pub portmap_port: Option<u16>,
     /// API port of the current boot, when the spec asks for the API.
     pub api_port: Option<u16>,
+    /// NBD port of the current boot, when NBD is served.
+    pub nbd_port: Option<u16>,
+    /// iSCSI port, when served.
+    pub iscsi_port: Option<u16>,
     /// Spawn to ports line, of the last boot.
     pub startup: Duration,
 }
@@ -187,6 +249,8 @@ impl ReviveServer {
             mount_port: 0,
             portmap_port: None,
             api_port: None,
+            nbd_port: None,
+            iscsi_port: None,
             startup: Duration::ZERO,
         };
         let ports = s.spec.ports;
@@ -231,7 +295,7 @@ impl ReviveServer {
         let mut text = format!(
             "[repository]\n{}\n{}\n\n[repository.s3]\n{}\n\n[datastore]\nstate_dir = {}\ncache_root = {}\n\
              block_cache = {:?}\n\n[nfs]\nbind = \"127.0.0.1\"\nnfs_port = {}\n\
-             mount_port = {}\nportmap_port = {}\nportmap = {}\n",
+             mount_port = {}\nportmap_port = {}\nportmap = {}\n{}\n",
             repo_line,
             self.spec.repository_extra,
             self.spec.s3_section,
@@ -241,10 +305,17 @@ impl ReviveServer {
             ports.0,
             ports.1,
             ports.2,
-            self.spec.portmap
+            self.spec.portmap,
+            self.spec.nfs_extra
         );
         if self.spec.api {
             text += &format!("\n[api]\nbind = \"127.0.0.1:0\"\ntoken = {API_TOKEN:?}\n");
+        }
+        if self.spec.nbd {
+            text += "\n[nbd]\nenabled = true\nbind = \"127.0.0.1\"\nport = 0\n";
+        }
+        if self.spec.iscsi {
+            text += "\n[iscsi]\nenabled = true\nbind = \"127.0.0.1\"\nport = 0\n";
         }
         for (path, allowed) in &self.spec.exports {
             text += &format!("\n[[export]]\npath = {path:?}\nallowed_clients = {allowed:?}\n");
@@ -281,10 +352,21 @@ impl ReviveServer {
             cmd.env("RUST_LOG", level);
         }
         // If the test process dies (timeout, abort), the server goes with it.
-        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+        let nofile = self.spec.nofile;
+        // SAFETY: prctl and setrlimit are async-signal-safe; nothing else
+        // runs in pre_exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some((soft, hard)) = nofile {
+                    let limit = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -325,8 +407,38 @@ impl ReviveServer {
         self.mount_port = port("mount_port").ok_or("no mount_port")?;
         self.portmap_port = port("portmap_port");
         self.api_port = port("api_port");
+        self.nbd_port = port("nbd_port");
+        self.iscsi_port = port("iscsi_port");
         self.child = Some(child);
         Ok(())
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME` of a block export of this boot.
+    pub fn nbd_url(&self, name: &str) -> String {
+        let port = self.nbd_port.expect("server started without NBD");
+        format!("nbd://127.0.0.1:{port}/{name}")
+    }
+
+    /// `iscsi://127.0.0.1:PORT/IQN/0`, LUN 0 of target `iqn` of this boot.
+    pub fn iscsi_url(&self, iqn: &str) -> String {
+        let port = self.iscsi_port.expect("server started without iSCSI");
+        format!("iscsi://127.0.0.1:{port}/{iqn}/0")
+    }
+
+    /// The API's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let port = self.api_port.expect("server started without the API");
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .error_for_status()
+            .expect("metrics status")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// `revive` with `--api` and `--token` of this server, for the session commands.
@@ -415,6 +527,47 @@ impl ReviveServer {
             }
         }
         self.startup
+    }
+
+    /// Process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not running").id()
+    }
+
+    /// A line of `/proc/<pid>/status` (`VmRSS`, `FDSize`...), as its number
+    /// (kB for sizes).
+    pub fn proc_status(&self, key: &str) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc status:\n{status}"))
+    }
+
+    /// Open file descriptors of the running server.
+    pub fn open_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("list /proc/<pid>/fd")
+            .count()
+    }
+
+    /// The soft and hard `RLIMIT_NOFILE` of the running server.
+    pub fn nofile_limits(&self) -> (u64, u64) {
+        let limits = fs::read_to_string(format!("/proc/{}/limits", self.pid()))
+            .expect("read /proc/<pid>/limits");
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("Max open files line");
+        let mut nums = line
+            .split_whitespace()
+            .filter_map(|w| w.parse::<u64>().ok());
+        (
+            nums.next().expect("soft limit"),
+            nums.next().expect("hard limit"),
+        )
     }
 
     /// Whether the child is still running.

@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use revive::drivers::vsphere::api;
+use revive::drivers::vsphere::client::{ClientConfig, VimClient};
+
 use super::skip_missing_peer;
 
 /// Longest wait for vcsim to print its URL (it builds its inventory first).
@@ -171,4 +174,77 @@ impl Drop for Vcsim {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A client of our own, to look at vcsim's inventory.
+pub fn client_of(vcsim: &Vcsim) -> VimClient {
+    VimClient::new(ClientConfig {
+        host: "inspector".into(),
+        url: vcsim.url.clone(),
+        user: USER.into(),
+        password: PASSWORD.into(),
+        insecure: false,
+        ca_file: Some(vcsim.ca_file()),
+    })
+    .expect("client")
+}
+
+/// What vcsim's inventory holds, read with our client.
+pub struct Inventory {
+    /// (name, remote host, remote path) of NAS datastores on the test host.
+    pub nas: Vec<(String, String, String)>,
+    /// (name, power state, datastore names) of VMs whose name starts with the prefix asked for.
+    pub vms: Vec<(String, String, Vec<String>)>,
+}
+
+/// The test host's NAS datastores and the VMs whose name starts with `vm_prefix`.
+pub async fn inventory(vcsim: &Vcsim, vm_prefix: &str) -> Inventory {
+    let c = client_of(vcsim);
+    let root = c.content().await.expect("login").root_folder;
+    let hosts = api::list_hosts(&c, &root).await.expect("hosts");
+    let wanted = match vcsim.mode {
+        Mode::Esx => None,
+        Mode::Vpx => Some("DC0_H0"),
+    };
+    let host = hosts
+        .into_iter()
+        .find(|h| wanted.is_none() || h.text("name") == wanted)
+        .expect("test host");
+    let all = api::host_datastores(&c, &host.obj)
+        .await
+        .expect("datastores");
+    let nas = all
+        .iter()
+        .filter_map(|d| {
+            Some((
+                d.name.clone(),
+                d.remote_host.clone()?,
+                d.remote_path.clone()?,
+            ))
+        })
+        .collect();
+    let names: std::collections::HashMap<_, _> = all
+        .iter()
+        .map(|d| (d.moref.clone(), d.name.clone()))
+        .collect();
+    let vms = c
+        .find_all(&root, "VirtualMachine", &["name"])
+        .await
+        .expect("vms");
+    let mut out = Vec::new();
+    for vm in vms {
+        let name = vm.text("name").unwrap_or_default().to_string();
+        if !name.starts_with(vm_prefix) {
+            continue;
+        }
+        let info = api::vm_info(&c, &vm.obj).await.expect("vm info");
+        let ds = info
+            .datastores
+            .iter()
+            .map(|d| names.get(d).cloned().unwrap_or_else(|| d.value.clone()))
+            .collect();
+        out.push((name, info.power_state, ds));
+    }
+    out.sort();
+    Inventory { nas, vms: out }
 }

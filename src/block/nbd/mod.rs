@@ -1,0 +1,154 @@
+//! `nbd`: a Network Block Device server for block exports, on tokio.
+//!
+//! - [`proto`]: wire constants and the request header.
+//! - [`handshake`]: fixed newstyle option haggling (NBD_OPT_GO, INFO, LIST,
+//!   ABORT, EXPORT_NAME, STRUCTURED_REPLY, LIST/SET_META_CONTEXT) and the
+//!   allow-list.
+//! - `transmission`: requests (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
+//!   BLOCK_STATUS with base:allocation, DISC; the FUA flag) and replies.
+//! - [`reply`]: option replies, simple replies, structured reply chunks.
+//!
+//! One task accepts connections; each connection runs its handshake (at
+//! most [`HANDSHAKE_TIMEOUT`]) and then its transmission phase on the
+//! export it chose. Exports come from the protocol-agnostic
+//! [`BlockExports`]. Multi-conn is advertised: every connection to an
+//! export writes into the same write cache, and a flush commits it whole.
+//! TLS (NBD_OPT_STARTTLS) is not offered; it is answered NBD_REP_ERR_UNSUP.
+
+pub mod handshake;
+pub mod proto;
+pub mod reply;
+mod transmission;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use super::registry::{BlockExports, BlockProtocol};
+
+/// Longest request (READ, WRITE) served: 32 MiB, the size the protocol
+/// document says no server should treat as an attack. Advertised as the
+/// maximum block size; a longer WRITE closes its connection.
+pub const MAX_REQUEST: u32 = 32 << 20;
+
+/// A client gets this long to choose an export; then its connection closes.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The NBD server of one registry of block exports.
+pub struct NbdServer {
+    registry: Arc<BlockExports>,
+}
+
+impl NbdServer {
+    /// A server for the NBD exports of `registry`.
+    pub fn new(registry: Arc<BlockExports>) -> NbdServer {
+        NbdServer { registry }
+    }
+
+    /// Serves `listener` until `shutdown` completes, then stops accepting,
+    /// lets every connection answer its requests in flight, and returns.
+    /// Records the listening address in the registry first.
+    ///
+    /// # Errors
+    /// A listener whose address cannot be read.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        self.registry.set_listening(BlockProtocol::Nbd, addr);
+        tracing::info!(%addr, "nbd server listening");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // Every connection holds a clone; all dropped means all are done.
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let accept = async {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(connection(
+                            stream,
+                            peer,
+                            self.registry.clone(),
+                            stop_rx.clone(),
+                            done_tx.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(cause = %e, "nbd accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = accept => {}
+            () = shutdown => {}
+        }
+        tracing::info!("nbd server shutting down");
+        let _ = stop_tx.send(true);
+        drop(done_tx);
+        let _ = done_rx.recv().await;
+        tracing::info!("nbd server stopped");
+        Ok(())
+    }
+}
+
+// Debug level: an enabled span is entered on every poll of the connection.
+#[tracing::instrument(level = "debug", name = "nbd", skip_all, fields(peer = %peer))]
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    registry: Arc<BlockExports>,
+    mut stop: watch::Receiver<bool>,
+    _done: mpsc::Sender<()>,
+) {
+    tracing::debug!("nbd connection accepted");
+    // Small replies must leave at once, not wait for Nagle.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(cause = %e, "set TCP_NODELAY failed");
+    }
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut stream, peer.ip(), &registry)) => r,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    let negotiated = match negotiated {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(cause = %e, "closing nbd connection during the handshake");
+            return;
+        }
+        Err(_) => {
+            tracing::info!("closing nbd connection: no export chosen in time");
+            return;
+        }
+    };
+    // The export may have been removed since it was looked up.
+    let Some(export_use) = negotiated.export.start_use() else {
+        return;
+    };
+    let export = negotiated.export.clone();
+    tracing::debug!(export = %export.name, flags = negotiated.flags, structured = negotiated.structured, block_status = negotiated.block_status, "nbd transmission");
+    export.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    export
+        .metrics
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
+    let (rd, wr) = stream.into_split();
+    transmission::serve(rd, wr, negotiated, export_use, stop).await;
+    export
+        .metrics
+        .connections_open
+        .fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!("nbd connection closed");
+}
+
+#[cfg(test)]
+mod tests;
