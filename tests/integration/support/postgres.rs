@@ -3,7 +3,6 @@
 //! user, each stopped by a drop guard; pgbench; SQL through tokio-postgres.
 //! Tests that mount re-run themselves in private namespaces (`support::fuse`).
 
-use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -12,43 +11,65 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
-use super::moto::free_port;
 use super::tree::is_root;
-use super::{have_tool, run, skip_missing_peer};
+use super::{have_tool, skip_missing_peer};
 
-/// Debian's PostgreSQL 15 programs.
+/// Debian's PostgreSQL 15 programs (scripts/install-test-deps.sh).
 pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The OS user clusters run as (created by the postgresql-common package).
+pub const USER: &str = "postgres";
 
 /// uid and gid of the `postgres` OS user.
 pub fn postgres_ids() -> (u32, u32) {
-    let u = revive::fuse::users::user_named("postgres").expect("user postgres");
+    let u = revive::fuse::users::user_named(USER).expect("user postgres");
     (u.uid, u.gid)
 }
 
-/// True when PostgreSQL 15, the postgres user, /dev/fuse, root and the
-/// namespace tools are there; else a skip (a failure under CI).
+/// True when PostgreSQL 15 is installed and root can run it as the
+/// postgres user (clusters, basebackups, restores); else a skip (a failure
+/// under CI).
+pub fn pg_or_skip() -> bool {
+    peers_or_skip(
+        &[
+            "initdb",
+            "pg_ctl",
+            "pg_basebackup",
+            "pg_verifybackup",
+            "psql",
+        ],
+        false,
+    )
+}
+
+/// As [`pg_or_skip`], plus what the FUSE-mounted sessions need: pgbench,
+/// pg_amcheck, /dev/fuse and the namespace tools.
 pub fn postgres_peers_or_skip() -> bool {
+    peers_or_skip(
+        &[
+            "initdb",
+            "pg_ctl",
+            "postgres",
+            "pg_basebackup",
+            "pgbench",
+            "pg_amcheck",
+        ],
+        true,
+    )
+}
+
+fn peers_or_skip(programs: &[&str], fuse: bool) -> bool {
     let bin = Path::new(BIN);
-    let programs = [
-        "initdb",
-        "pg_ctl",
-        "postgres",
-        "pg_basebackup",
-        "pgbench",
-        "pg_amcheck",
-    ];
     let ok = programs.iter().all(|p| bin.join(p).is_file())
-        && revive::fuse::users::user_named("postgres").is_some()
-        && Path::new("/dev/fuse").exists()
-        // SAFETY: getuid has no preconditions.
-        && unsafe { libc::getuid() } == 0
-        && have_tool("unshare")
-        && have_tool("ip");
+        && revive::fuse::users::user_named(USER).is_some()
+        && is_root()
+        && (!fuse || (Path::new("/dev/fuse").exists() && have_tool("unshare") && have_tool("ip")));
     if !ok {
-        skip_missing_peer(
+        skip_missing_peer(if fuse {
             "PostgreSQL 15 (postgresql-15, postgresql-contrib), root, /dev/fuse, unshare or ip \
-             (scripts/install-test-deps.sh)",
-        );
+             (scripts/install-test-deps.sh)"
+        } else {
+            "PostgreSQL 15 (postgresql-15) and root, to run it as the postgres user"
+        });
     }
     ok
 }
@@ -171,6 +192,23 @@ impl Endpoint {
         processed(&String::from_utf8_lossy(&out.stdout))
     }
 
+    /// SQL through psql (for tests without a runtime): its unaligned,
+    /// tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = ok(as_postgres("psql").args(self.args()).args([
+            "-d",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     fn args(&self) -> Vec<String> {
         vec![
             "-h".into(),
@@ -231,8 +269,15 @@ impl Cluster {
     pub fn create(data: &Path, port: u16, socket_dir: &Path) -> Cluster {
         postgres_dir(data, 0o700);
         ok(as_postgres("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .args(["-A", "trust", "-U", USER, "--no-sync", "-D"])
             .arg(data));
+        Cluster::open(data, port, socket_dir)
+    }
+
+    /// Started on an existing data folder (a restored basebackup, whose
+    /// backup_label makes it recover first): the same settings appended to
+    /// its postgresql.conf.
+    pub fn open(data: &Path, port: u16, socket_dir: &Path) -> Cluster {
         let conf = format!(
             "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
              shared_buffers = 64MB\nmax_wal_size = 1GB\nfsync = on\n",
@@ -371,188 +416,4 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .filter(|mp| mp.starts_with(&prefix))
         .map(str::to_string)
         .collect()
-}
-
-/// Debian's PostgreSQL 15 binaries (scripts/install-test-deps.sh).
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-/// The OS user clusters run as (created by the postgresql-common package).
-pub const PG_USER: &str = "postgres";
-
-/// True when PostgreSQL 15 is installed and this process can run it as the
-/// postgres user (root); otherwise a skip (a failure under CI).
-pub fn pg_or_skip() -> bool {
-    let installed = [
-        "initdb",
-        "pg_ctl",
-        "pg_basebackup",
-        "pg_verifybackup",
-        "psql",
-    ]
-    .iter()
-    .all(|t| Path::new(PG_BIN).join(t).exists());
-    if !installed {
-        skip_missing_peer("postgresql-15 (/usr/lib/postgresql/15/bin)");
-        return false;
-    }
-    if !is_root() {
-        skip_missing_peer("root, to run PostgreSQL as the postgres user");
-        return false;
-    }
-    true
-}
-
-/// `PG_BIN/<tool>` run as the postgres user, in `cwd` (PostgreSQL tools
-/// want a working directory they can read).
-pub fn pg_command(tool: &str, cwd: &Path) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", PG_USER, "--"])
-        .arg(Path::new(PG_BIN).join(tool))
-        .current_dir(cwd);
-    c
-}
-
-/// Runs a command and panics with its output unless it succeeds.
-pub fn pg_ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A folder owned by the postgres user (and `parent` made traversable), for
-/// data folders, basebackups and sockets.
-pub fn pg_folder(parent: &Path, name: &str) -> PathBuf {
-    fs::set_permissions(parent, fs::Permissions::from_mode(0o755)).expect("chmod parent");
-    let dir = parent.join(name);
-    fs::create_dir_all(&dir).expect("create pg folder");
-    pg_ok(Command::new("chown").arg(format!("{PG_USER}:")).arg(&dir));
-    dir
-}
-
-/// One running cluster; stopped (immediate shutdown) when dropped.
-pub struct PgCluster {
-    /// Data folder.
-    pub data: PathBuf,
-    /// Port number of its Unix socket.
-    pub port: u16,
-    /// Folder holding the socket and the server log.
-    pub run_dir: PathBuf,
-    running: bool,
-}
-
-impl PgCluster {
-    /// `initdb` (trust authentication, no fsync: a test cluster) of a new
-    /// data folder `data` inside a postgres-owned folder, then start it.
-    pub fn init_and_start(data: &Path, run_dir: &Path) -> PgCluster {
-        let parent = data.parent().expect("data folder parent");
-        pg_ok(
-            pg_command("initdb", parent)
-                .args(["-A", "trust", "-U", PG_USER, "--no-sync", "-D"])
-                .arg(data),
-        );
-        Self::start(data, run_dir)
-    }
-
-    /// Starts PostgreSQL on an existing data folder (`pg_ctl start -w`).
-    pub fn start(data: &Path, run_dir: &Path) -> PgCluster {
-        let port = free_port();
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses='' -c fsync=off",
-            run_dir.display()
-        );
-        // Running from here on: a start that fails half-way is still stopped on drop.
-        let cluster = PgCluster {
-            data: data.to_path_buf(),
-            port,
-            run_dir: run_dir.to_path_buf(),
-            running: true,
-        };
-        pg_ok(
-            pg_command("pg_ctl", run_dir)
-                .arg("-D")
-                .arg(data)
-                .arg("-l")
-                .arg(run_dir.join(format!("server-{port}.log")))
-                .args(["-w", "-t", "120", "-o", &options, "start"]),
-        );
-        cluster
-    }
-
-    /// Runs SQL through psql; returns its unaligned, tuples-only output.
-    pub fn psql(&self, sql: &str) -> String {
-        let out = pg_ok(
-            pg_command("psql", &self.run_dir)
-                .arg("-h")
-                .arg(&self.run_dir)
-                .args([
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    PG_USER,
-                    "-d",
-                    "postgres",
-                ])
-                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]),
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// `pg_basebackup -Fp -X stream -c fast` into `dest` (a new folder in a
-    /// postgres-owned one).
-    pub fn basebackup(&self, dest: &Path) {
-        pg_ok(
-            pg_command("pg_basebackup", &self.run_dir)
-                .arg("-h")
-                .arg(&self.run_dir)
-                .args(["-p", &self.port.to_string(), "-U", PG_USER])
-                .args(["-Fp", "-X", "stream", "-c", "fast", "--no-sync", "-D"])
-                .arg(dest),
-        );
-    }
-
-    /// Stops the cluster (fast shutdown), checking that it stopped.
-    pub fn stop(&mut self) {
-        if self.running {
-            pg_ok(
-                pg_command("pg_ctl", &self.run_dir)
-                    .arg("-D")
-                    .arg(&self.data)
-                    .args(["-w", "-m", "fast", "stop"]),
-            );
-            self.running = false;
-        }
-    }
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        if !self.running {
-            return;
-        }
-        let stopped = pg_command("pg_ctl", &self.run_dir)
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-w", "-m", "immediate", "stop"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !stopped {
-            // Last resort: the postmaster's pid is the first line of postmaster.pid.
-            if let Ok(text) = fs::read_to_string(self.data.join("postmaster.pid")) {
-                if let Some(pid) = text
-                    .lines()
-                    .next()
-                    .and_then(|l| l.trim().parse::<i32>().ok())
-                {
-                    // SAFETY: kill(2) of the postmaster this cluster started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-    }
 }

@@ -4,8 +4,9 @@
 
 use std::fs;
 
+use crate::support::moto::free_port;
 use crate::support::moto::TestRepo;
-use crate::support::postgres::{pg_command, pg_folder, pg_ok, pg_or_skip, PgCluster};
+use crate::support::postgres::{as_postgres, ok, open_tempdir, pg_or_skip, postgres_dir, Cluster};
 use crate::support::tree::assert_same_tree;
 use crate::support::*;
 
@@ -14,15 +15,16 @@ fn a_restored_basebackup_passes_pg_verifybackup_and_starts() {
     if !pg_or_skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let pg = pg_folder(tmp.path(), "pg");
-    let mut primary = PgCluster::init_and_start(&pg.join("primary"), &pg);
-    primary.psql(
+    let tmp = open_tempdir();
+    let pg = postgres_dir(&tmp.path().join("pg"), 0o755);
+    let primary = Cluster::create(&pg.join("primary"), free_port(), &pg);
+    primary.endpoint.psql(
         "create table t as select i, md5(i::text) as h from generate_series(1, 20000) i; \
          create index on t (i);",
     );
-    let expected =
-        primary.psql("select count(*), sum(i), md5(string_agg(h, '' order by i)) from t");
+    let expected = primary
+        .endpoint
+        .psql("select count(*), sum(i), md5(string_agg(h, '' order by i)) from t");
     let bb1 = pg.join("basebackup-1");
     primary.basebackup(&bb1);
 
@@ -33,7 +35,9 @@ fn a_restored_basebackup_passes_pg_verifybackup_and_starts() {
     assert!(first["counts"]["files"].as_u64().unwrap() > 900, "{first}");
 
     // A second basebackup after a few writes: most of it is deduplicated.
-    primary.psql("insert into t select i, md5(i::text) from generate_series(20001, 20100) i");
+    primary
+        .endpoint
+        .psql("insert into t select i, md5(i::text) from generate_series(20001, 20100) i");
     let bb2 = pg.join("basebackup-2");
     primary.basebackup(&bb2);
     primary.stop();
@@ -51,19 +55,20 @@ fn a_restored_basebackup_passes_pg_verifybackup_and_starts() {
     let restored = pg.join("restored");
     repo.restore(first["id"].as_str().unwrap(), &restored);
     assert_same_tree(&bb1, &restored, &[], 0);
-    let verify = pg_ok(pg_command("pg_verifybackup", &pg).arg("-n").arg(&restored));
+    let verify = ok(as_postgres("pg_verifybackup").arg("-n").arg(&restored));
     let said = String::from_utf8_lossy(&verify.stdout);
     assert!(said.contains("successfully verified"), "{said}");
     assert!(run_ok(&mut repo.cmd("verify")).contains(": ok"));
 
     // PostgreSQL starts on the restored copy (recovering from the backup
     // label) and answers with the data of the first basebackup.
-    let copy = PgCluster::start(&restored, &pg);
+    let copy = Cluster::open(&restored, free_port(), &pg);
     assert_eq!(
-        copy.psql("select count(*), sum(i), md5(string_agg(h, '' order by i)) from t"),
+        copy.endpoint
+            .psql("select count(*), sum(i), md5(string_agg(h, '' order by i)) from t"),
         expected
     );
-    assert_eq!(copy.psql("select pg_is_in_recovery()"), "f");
+    assert_eq!(copy.endpoint.psql("select pg_is_in_recovery()"), "f");
     drop(copy);
     assert!(fs::metadata(restored.join("PG_VERSION")).is_ok());
 }
