@@ -269,6 +269,31 @@ pub fn is_our_postmaster(pid: u32, bin_dir: &Path, data: &Path) -> bool {
     }
 }
 
+/// Removes the socket lock file `<socket_dir>/.s.PGSQL.<port>.lock` when
+/// the process it names is gone or a zombie (an orphaned postmaster killed
+/// after its grace, not yet reaped): PostgreSQL takes a zombie's pid for a
+/// live server and refuses to start. A live owner keeps its lock.
+pub fn remove_stale_socket_lock(socket_dir: &Path, port: u16) -> std::io::Result<bool> {
+    let lock = socket_dir.join(format!(".s.PGSQL.{port}.lock"));
+    let text = match std::fs::read_to_string(&lock) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let owner = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok());
+    if owner.is_some_and(process_alive) {
+        return Ok(false);
+    }
+    match std::fs::remove_file(&lock) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// True while a process with this pid exists (and is not a zombie).
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -307,6 +332,20 @@ pub async fn kill_postmaster(pid: u32, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_lock_of_a_gone_process_is_removed_and_a_live_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join(".s.PGSQL.5433.lock");
+        // pid_max is at most 2^22: this pid cannot exist.
+        std::fs::write(&lock, "4999999\n/data\n").unwrap();
+        assert!(remove_stale_socket_lock(dir.path(), 5433).unwrap());
+        assert!(!lock.exists());
+        std::fs::write(&lock, format!("{}\n/data\n", std::process::id())).unwrap();
+        assert!(!remove_stale_socket_lock(dir.path(), 5433).unwrap());
+        assert!(lock.exists());
+        assert!(!remove_stale_socket_lock(dir.path(), 5434).unwrap());
+    }
 
     #[test]
     fn major_version_is_read_from_the_version_line() {

@@ -293,6 +293,15 @@ pub(super) async fn ensure_running(
         })
     })
     .await?;
+    let (socket_dir, port) = (driver.config.socket_dir.clone(), state.port);
+    blocking(move || {
+        process::remove_stale_socket_lock(&socket_dir, port).map_err(|source| DriverError::Io {
+            action: "remove stale socket lock in",
+            path: socket_dir.clone(),
+            source,
+        })
+    })
+    .await?;
     let started = Instant::now();
     driver
         .programs()?
