@@ -19,61 +19,11 @@ use fuser::{
     WriteFlags,
 };
 use tokio::runtime::Handle;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::attr::{self, new_attrs, stability, utf8, Inodes, Presentation};
-use crate::datastore::{
-    CreateMode, DatastoreError, ExportId, FileAt, FileId, FileKind, FileOps, NameAt, SetAttr,
-};
-
-/// Shared by every request task.
-pub(super) struct Inner {
-    /// The datastore, reached only through its operation surface.
-    pub ds: Arc<dyn FileOps>,
-    pub export: ExportId,
-    pub view: Presentation,
-    pub ttl: Duration,
-    /// Generation of every inode: the export instance, so an inode number
-    /// never names two files across a recreated export.
-    pub generation: Generation,
-    runtime: Handle,
-}
-
-impl Inner {
-    pub fn id(&self, ino: INodeNo) -> FileId {
-        self.view.inodes.id(ino)
-    }
-
-    /// The datastore file behind an inode.
-    pub fn at(&self, ino: INodeNo) -> FileAt {
-        FileAt::new(self.export, self.id(ino))
-    }
-
-    /// The name `name` in folder `dir` of the export.
-    pub fn name_at(&self, dir: FileId, name: &str) -> NameAt {
-        FileAt::new(self.export, dir).child(name)
-    }
-
-    /// The inode of a folder's parent; the mount's root is its own parent.
-    pub async fn parent(&self, dir: FileId) -> Result<INodeNo, DatastoreError> {
-        if dir == self.view.inodes.root {
-            return Ok(INodeNo::ROOT);
-        }
-        let a = self.ds.lookup(&self.name_at(dir, "..")).await?;
-        Ok(self.view.inodes.ino(a.fileid))
-    }
-
-    /// Logs a failure at the level it deserves and returns its errno.
-    pub fn fail(&self, op: &'static str, ino: INodeNo, e: &DatastoreError) -> Errno {
-        match e {
-            DatastoreError::Io(_) | DatastoreError::NoSpace | DatastoreError::Jukebox => {
-                warn!(op, ino = ino.0, cause = %e, "FUSE request failed")
-            }
-            _ => debug!(op, ino = ino.0, cause = %e, "FUSE request refused"),
-        }
-        attr::errno(e)
-    }
-}
+pub(super) use super::inner::Inner;
+use crate::datastore::{CreateMode, DatastoreError, ExportId, FileId, FileKind, FileOps, SetAttr};
 
 /// The datastore folder served as a FUSE file system.
 pub(super) struct ReviveFs {

@@ -28,6 +28,7 @@
 mod attr;
 mod dir;
 mod fs;
+mod inner;
 pub mod users;
 
 use std::ffi::CString;
