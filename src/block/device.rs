@@ -87,6 +87,23 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Writes `data` at `offset`; with `fua` the data is durable on return.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()>;
 
+    /// Writes each `(offset, data)` of `writes` as `write` one after the
+    /// other would; a device may apply them together (a connection's queue
+    /// of writes then costs one hand-off to storage, not one each).
+    ///
+    /// # Errors
+    /// `(n, error)`: the first `n` writes were done, the others were not.
+    async fn write_many(
+        &self,
+        writes: Vec<(u64, Bytes)>,
+        fua: bool,
+    ) -> Result<(), (usize, BlockError)> {
+        for (i, (offset, data)) in writes.into_iter().enumerate() {
+            self.write(offset, data, fua).await.map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
     /// Makes every write that returned before this call durable.
     async fn flush(&self) -> BlockResult<()>;
 

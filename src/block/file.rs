@@ -134,6 +134,38 @@ impl BlockDevice for FileDevice {
         Ok(())
     }
 
+    async fn write_many(
+        &self,
+        mut writes: Vec<(u64, Bytes)>,
+        fua: bool,
+    ) -> Result<(), (usize, BlockError)> {
+        // A write outside the device stops the batch there, as it would
+        // stop a loop of single writes.
+        let refused = writes.iter().enumerate().find_map(|(i, (offset, data))| {
+            self.check_write(*offset, data.len() as u64)
+                .err()
+                .map(|e| (i, e))
+        });
+        if let Some((n, _)) = &refused {
+            writes.truncate(*n);
+        }
+        if !writes.is_empty() {
+            let stability = if fua {
+                Stability::FileSync
+            } else {
+                Stability::Unstable
+            };
+            self.datastore
+                .write_many(self.at, writes, stability)
+                .await
+                .map_err(|(n, e)| (n, block_err(e)))?;
+        }
+        match refused {
+            Some(r) => Err(r),
+            None => Ok(()),
+        }
+    }
+
     async fn flush(&self) -> BlockResult<()> {
         if self.read_only {
             return Ok(());

@@ -68,6 +68,7 @@
 //! # }).unwrap();
 //! ```
 
+mod batch;
 mod bitmap;
 mod commit;
 mod error;

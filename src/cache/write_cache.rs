@@ -11,7 +11,7 @@
 //! - a write's journal record is queued under the same lock that sets its
 //!   bits, so records reach the journal in the order the data file got them.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,11 +19,12 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 #[cfg(test)]
+use super::commit::trace_io;
+#[cfg(test)]
 use super::commit::Event;
-use super::commit::{trace_io, Shared};
+use super::commit::Shared;
 use super::error::{io_err, join_err, CacheError, Result};
 use super::format::MAX_LOGICAL_SIZE;
-use super::journal::Record;
 use super::open::{self, read_full_at};
 use super::segment::{assemble, BaseRead, Segment};
 
@@ -349,93 +350,13 @@ impl WriteCache {
         if data.is_empty() {
             return self.finish(stability, None).await;
         }
-        let bs = self.shared.block_size;
-        let (first, last) = (offset / bs, (end - 1) / bs);
-        let guard = self.shared.locks.lock(first..last + 1).await;
-        let (head_cow, tail_cow, base_len) = {
-            let inner = self.shared.lock();
-            Shared::check_poisoned(&inner, &self.shared.paths)?;
-            let partial = |b: u64| offset > b * bs || end < (b + 1) * bs;
-            (
-                partial(first) && !inner.bitmap.get(first),
-                last != first && partial(last) && !inner.bitmap.get(last),
-                inner.header.base_len,
-            )
-        };
-        // Fetch the base of both partial blocks at once: each may be a
-        // chunk read from the repository.
-        let cow = |wanted: bool, block: u64| {
-            let data = &data;
-            async move {
-                match wanted {
-                    true => Ok(Some(
-                        self.cow_block(block, base_len, offset, data, base).await?,
-                    )),
-                    false => Ok::<_, CacheError>(None),
-                }
-            }
-        };
-        let (head, tail) = tokio::try_join!(cow(head_cow, first), cow(tail_cow, last))?;
-        // Pieces to write: (file offset, bytes).
-        let mut pieces: Vec<(u64, Bytes)> = Vec::with_capacity(3);
-        let (mut lo, mut hi) = (offset, end);
-        if let Some(block) = head {
-            pieces.push((first * bs, block));
-            lo = ((first + 1) * bs).min(end);
-        }
-        if let Some(block) = tail {
-            pieces.push((last * bs, block));
-            hi = last * bs;
-        }
-        if lo < hi {
-            pieces.push((
-                lo,
-                data.slice((lo - offset) as usize..(hi - offset) as usize),
-            ));
-        }
-        // Pieces are contiguous (head block, middle, tail block): in offset
-        // order they form one journal record.
-        pieces.sort_by_key(|p| p.0);
+        #[cfg(not(test))]
+        let _ = end;
+        let prepared = self.prepare(offset, data, base).await?;
         let shared = Arc::clone(&self.shared);
         let seq = blocking(&self.shared.paths.data, move || {
             let files = shared.files()?;
-            // Space for the bitmap pages this write will publish, before any
-            // byte lands: a full file system fails the write here.
-            shared.reserve_map_pages(&files, first, last)?;
-            // Blocks not cached yet first: a full file system fails there,
-            // while they are still invisible (no bit set). Cached blocks
-            // are overwritten in place, needing no new space, only after
-            // that, so a write refused for space changes nothing clients see.
-            let runs = shared.cached_runs(first, last + 1);
-            for cached in [false, true] {
-                for &(start, end, _) in runs.iter().filter(|r| r.2 == cached) {
-                    for (off, bytes) in slices(&pieces, start * bs, end * bs) {
-                        files
-                            .data
-                            .write_all_at(&bytes, off)
-                            .map_err(io_err("write", &shared.paths.data))?;
-                    }
-                }
-            }
-            trace_io!(shared, Event::DataWritten(first, last + 1));
-            // Publish only after the data is in the file (see module doc).
-            let mut inner = shared.lock();
-            inner.data_dirty = true;
-            inner.set_blocks(first, last + 1);
-            if end > inner.header.logical_size {
-                inner.header.logical_size = end;
-                inner.header_dirty = true;
-            }
-            let logical_end = inner.header.logical_size;
-            inner.push_record(Record {
-                offset: pieces[0].0,
-                pieces: pieces.into_iter().map(|p| p.1).collect(),
-                logical_end,
-            });
-            let seq = inner.bump();
-            drop(inner);
-            drop(guard);
-            Ok(seq)
+            prepared.apply(&shared, &files)
         })
         .await?;
         self.finish(stability, Some(seq)).await?;
@@ -448,7 +369,7 @@ impl WriteCache {
 
     /// Builds block `block` for a copy-on-write: base bytes (zeros beyond
     /// `base_len`) overlaid with the part of `data` (at `offset`) inside it.
-    async fn cow_block<B: BaseRead + ?Sized>(
+    pub(super) async fn cow_block<B: BaseRead + ?Sized>(
         &self,
         block: u64,
         base_len: u64,
@@ -487,7 +408,7 @@ impl WriteCache {
     }
 
     /// Makes the change `seq` (or everything, for `None`) durable if asked.
-    async fn finish(&self, stability: Stability, seq: Option<u64>) -> Result<()> {
+    pub(super) async fn finish(&self, stability: Stability, seq: Option<u64>) -> Result<()> {
         if stability == Stability::Unstable {
             return Ok(());
         }
@@ -500,7 +421,7 @@ impl WriteCache {
     /// Records, in test builds, that a stable write of `offset..end` was
     /// acknowledged, so the ordering test can check it was durable.
     #[cfg(test)]
-    fn trace_ack(&self, offset: u64, end: u64) {
+    pub(super) fn trace_ack(&self, offset: u64, end: u64) {
         let bs = self.shared.block_size;
         trace_io!(self.shared, Event::Acked(offset / bs, end.div_ceil(bs)));
     }
@@ -514,18 +435,6 @@ impl WriteCache {
         let target = self.shared.lock().write_seq;
         self.shared.commit_upto(target).await
     }
-}
-
-/// The parts of contiguous `pieces` (offset, bytes) within `[from, to)`.
-fn slices(pieces: &[(u64, Bytes)], from: u64, to: u64) -> Vec<(u64, Bytes)> {
-    pieces
-        .iter()
-        .filter_map(|(off, bytes)| {
-            let lo = from.max(*off);
-            let hi = to.min(off + bytes.len() as u64);
-            (lo < hi).then(|| (lo, bytes.slice((lo - off) as usize..(hi - off) as usize)))
-        })
-        .collect()
 }
 
 /// The kind of a planned read piece.

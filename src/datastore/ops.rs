@@ -98,6 +98,20 @@ impl Datastore {
         Ok(self.attr_of(node, Some(&st)))
     }
 
+    /// Stamps a written file's mtime and ctime, at most once per
+    /// `MTIME_GRANULARITY` (see there).
+    async fn touch_mtime(&self, state: &ExportState, st: &FileState, id: super::FileId) {
+        let now = SystemTime::now();
+        let (now_ns, last) = (unix_nanos(now), st.mtime_ns.load(Ordering::Relaxed));
+        if now_ns.saturating_sub(last) >= MTIME_GRANULARITY.as_nanos() as u64 {
+            st.mtime_ns.store(now_ns, Ordering::Relaxed);
+            if let Ok(n) = state.ns.write().await.get_mut(id) {
+                n.mtime = now;
+                n.ctime = now;
+            }
+        }
+    }
+
     /// Frees the write cache of a removed file.
     async fn drop_file(&self, state: &ExportState, node: &Node) -> DsResult<()> {
         state.files.remove(&node.id);
@@ -475,20 +489,53 @@ impl FileOps for Datastore {
             None => cache.write(offset, data, stability, &NoBase).await,
         }
         .map_err(cache_err)?;
-        let now = SystemTime::now();
-        let (now_ns, last) = (unix_nanos(now), st.mtime_ns.load(Ordering::Relaxed));
-        if now_ns.saturating_sub(last) >= MTIME_GRANULARITY.as_nanos() as u64 {
-            st.mtime_ns.store(now_ns, Ordering::Relaxed);
-            if let Ok(n) = state.ns.write().await.get_mut(at.id) {
-                n.mtime = now;
-                n.ctime = now;
-            }
-        }
+        self.touch_mtime(&state, &st, at.id).await;
         Ok(WriteReply {
             count,
             committed: stability,
             attr: None,
         })
+    }
+
+    /// One write cache call for the lot (one blocking hand-off), one
+    /// mtime update.
+    async fn write_many(
+        &self,
+        at: FileAt,
+        mut writes: Vec<(u64, Bytes)>,
+        stability: Stability,
+    ) -> Result<(), (usize, DatastoreError)> {
+        // Beyond the largest file clients are told of: that write and the
+        // ones after it are refused, the ones before it are done.
+        let too_big = writes.iter().position(|(offset, data)| {
+            offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|end| end > MAX_FILE_SIZE)
+        });
+        if let Some(n) = too_big {
+            writes.truncate(n);
+        }
+        let count = writes.len();
+        let (state, node, st) = self.regular(at.export, at.id).await.map_err(|e| (0, e))?;
+        let cache = self
+            .ensure_cache(&state, &node, &st)
+            .await
+            .map_err(|e| (0, e))?;
+        let done = match &st.base {
+            Some(base) => cache.write_many(writes, stability, &Base(base)).await,
+            None => cache.write_many(writes, stability, &NoBase).await,
+        };
+        let failed = match done {
+            Ok(()) => too_big.map(|n| (n, DatastoreError::TooBig)),
+            Err((n, e)) => Some((n, cache_err(e))),
+        };
+        if failed.as_ref().is_none_or(|(n, _)| *n > 0) && count > 0 {
+            self.touch_mtime(&state, &st, at.id).await;
+        }
+        match failed {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
     }
 
     async fn commit(&self, at: FileAt) -> DsResult<()> {

@@ -87,6 +87,17 @@ impl FileOps for Router {
             .await
     }
 
+    async fn write_many(
+        &self,
+        at: FileAt,
+        writes: Vec<(u64, Bytes)>,
+        stability: Stability,
+    ) -> Result<(), (usize, DatastoreError)> {
+        self.owner(at.export)
+            .write_many(at, writes, stability)
+            .await
+    }
+
     async fn commit(&self, at: FileAt) -> DsResult<()> {
         self.owner(at.export).commit(at).await
     }

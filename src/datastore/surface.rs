@@ -92,6 +92,27 @@ pub trait FileOps: Send + Sync + 'static {
         stability: Stability,
     ) -> DsResult<WriteReply>;
 
+    /// Writes each `(offset, data)` of `writes` to one file, as `write` one
+    /// after the other would, durable as `stability` asks; an implementation
+    /// may hand them to its storage together (a block frontend's queue of
+    /// writes costs one hand-off, not one each).
+    ///
+    /// # Errors
+    /// `(n, error)`: the first `n` writes were done, the others were not.
+    async fn write_many(
+        &self,
+        at: FileAt,
+        writes: Vec<(u64, Bytes)>,
+        stability: Stability,
+    ) -> Result<(), (usize, DatastoreError)> {
+        for (i, (offset, data)) in writes.into_iter().enumerate() {
+            self.write(at, offset, data, stability)
+                .await
+                .map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
     /// Makes every earlier write of the file durable (NFS COMMIT, fsync,
     /// NBD FLUSH, SCSI SYNCHRONIZE CACHE: one rule).
     async fn commit(&self, at: FileAt) -> DsResult<()>;

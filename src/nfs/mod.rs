@@ -54,19 +54,22 @@ pub mod drc;
 pub mod error;
 pub mod handle;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod mount;
 pub mod portmap;
 mod proc;
+pub mod record;
 pub mod rpc;
 pub mod server;
 pub mod xdr;
 
 pub use crate::datastore::{FileAt, FileOps, NameAt};
 pub use limits::ConnLimits;
+pub use listen::{NfsBind, NfsListeners};
 pub use metrics::NfsMetrics;
 pub use portmap::Ports;
-pub use server::{NfsBind, NfsListeners, NfsServer};
+pub use server::NfsServer;
 
 /// NFS program number.
 pub const NFS_PROGRAM: u32 = 100_003;

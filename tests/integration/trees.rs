@@ -15,6 +15,7 @@ use crate::support::*;
 
 mod api;
 mod compat;
+mod nfs;
 mod postgres;
 
 const MIB: u64 = 1 << 20;

@@ -430,3 +430,42 @@ async fn export_name_after_structured_replies_keeps_them() {
     assert_eq!((kind, handle), (REPLY_TYPE_OFFSET_DATA, 3));
     assert_eq!(&data[8..], &[0x5a, 0x5a]);
 }
+
+/// Writes queued back to back go to the device together; one beyond the
+/// end gets ENOSPC, and the writes before and after it are still done.
+#[tokio::test]
+async fn a_queue_of_writes_with_one_beyond_the_end() {
+    let (addr, dev, _) = server().await;
+    let mut c = Client::connect(addr).await;
+    c.option(OPT_EXPORT_NAME, b"disk").await;
+    let mut rest = [0u8; 10];
+    c.0.read_exact(&mut rest).await.unwrap();
+    let mut burst = BytesMut::new();
+    for i in 0..8u64 {
+        let offset = if i == 3 { SIZE as u64 } else { i * 4096 };
+        burst.put_u32(REQUEST_MAGIC);
+        burst.put_u16(0);
+        burst.put_u16(CMD_WRITE);
+        burst.put_u64(i);
+        burst.put_u64(offset);
+        burst.put_u32(4096);
+        burst.put_bytes(0x10 + i as u8, 4096);
+    }
+    c.0.write_all(&burst).await.unwrap();
+    let mut errors = std::collections::BTreeMap::new();
+    for _ in 0..8 {
+        assert_eq!(c.0.read_u32().await.unwrap(), SIMPLE_REPLY_MAGIC);
+        let error = c.0.read_u32().await.unwrap();
+        errors.insert(c.0.read_u64().await.unwrap(), error);
+    }
+    let want: std::collections::BTreeMap<u64, u32> = (0..8)
+        .map(|i| (i, if i == 3 { ENOSPC } else { 0 }))
+        .collect();
+    assert_eq!(errors, want);
+    let data = dev.contents();
+    for i in (0..8u64).filter(|i| *i != 3) {
+        let block = &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
+        assert!(block.iter().all(|b| *b == 0x10 + i as u8), "write {i}");
+    }
+    assert!(data[3 * 4096..4 * 4096].iter().all(|b| *b == 0));
+}

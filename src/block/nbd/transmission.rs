@@ -1,15 +1,18 @@
 //! The transmission phase of one connection: requests in, replies out.
 //!
-//! The reader splits the stream into requests (a WRITE's data is read only
-//! after its length was checked against [`MAX_REQUEST`] and the
-//! connection's byte budget was reserved). A request alone on the
-//! connection (a queue-depth-1 client) is answered in the reader task; any
-//! other gets its own task, so a client's whole queue runs in parallel
-//! against the device. Replies go out in completion order (handles let
-//! replies overtake each other) through a queue: whichever task finds the
-//! socket free writes everything queued in one vectored write, so a client's
-//! burst of small replies costs a few system calls, and a lone request's
-//! reply leaves from its own task without a hand-off.
+//! The reader splits the stream into requests (a WRITE is taken only after
+//! its length was checked against [`MAX_REQUEST`] and the connection's byte
+//! budget was reserved; a receive may bring up to [`READ_AHEAD`] bytes of
+//! the requests queued behind it). A request alone on the connection (a
+//! queue-depth-1 client) is answered in the reader task; any other gets its
+//! own task, so a client's whole queue runs in parallel against the device.
+//! WRITEs already received whole behind a WRITE go to the device with it in
+//! one [`write_many`](crate::block::BlockDevice::write_many), so the storage
+//! below pays one hand-off for the lot. Replies go out in completion order
+//! (handles let replies overtake each other) through a queue: whichever task
+//! finds the socket free writes everything queued in one vectored write, so
+//! a client's burst of small replies costs a few system calls, and a lone
+//! request's reply leaves from its own task without a hand-off.
 //!
 //! A request that breaks the framing (bad magic, a WRITE longer than
 //! [`MAX_REQUEST`]) closes this connection only; a request that is merely
@@ -44,6 +47,13 @@ const ZERO_PIECE: usize = 1 << 20;
 /// Buffers per vectored write (the kernel's IOV_MAX is 1024).
 const MAX_IOV: usize = 1024;
 
+/// Bytes a receive may bring beyond the request being read: a client's
+/// queue of 1 MiB writes (qd4) arrives in one system call.
+const READ_AHEAD: usize = 4 << 20;
+
+/// Most WRITE requests handed to the device together.
+const MAX_BATCH: usize = 64;
+
 /// Splits the stream into request headers and WRITE payloads.
 struct RequestReader<R> {
     inner: R,
@@ -67,7 +77,12 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     /// before any byte of them.
     async fn fill(&mut self, n: usize) -> std::io::Result<bool> {
         while self.buf.len() < n {
-            self.buf.reserve(n - self.buf.len());
+            let need = n - self.buf.len();
+            // Room for what is needed and for the requests a client queued
+            // behind it, so one receive can bring a batch of writes.
+            if self.buf.capacity() - self.buf.len() < need {
+                self.buf.reserve(need.max(READ_AHEAD));
+            }
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 if self.buf.is_empty() {
                     return Ok(false);
@@ -87,6 +102,22 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         h.copy_from_slice(&self.buf[..REQUEST_LEN]);
         self.buf.advance(REQUEST_LEN);
         Ok(Some(h))
+    }
+
+    /// The next request when it is a WRITE with `flags` whose data is
+    /// already buffered whole (and not longer than [`MAX_REQUEST`]).
+    fn peek_write(&self, flags: u16) -> Option<Request> {
+        let header: &[u8; REQUEST_LEN] = self.buf.get(..REQUEST_LEN)?.try_into().ok()?;
+        let req = Request::parse(header)?;
+        let whole = self.buf.len() >= REQUEST_LEN + req.len as usize;
+        (req.kind == CMD_WRITE && req.flags == flags && req.len <= MAX_REQUEST && whole)
+            .then_some(req)
+    }
+
+    /// Takes the request [`Self::peek_write`] returned, and its data.
+    fn take_write(&mut self, req: &Request) -> Bytes {
+        self.buf.advance(REQUEST_LEN);
+        self.buf.split_to(req.len as usize).freeze()
     }
 
     /// The `len` bytes of data after a WRITE header (`len` already checked).
@@ -123,11 +154,59 @@ impl Ctx {
         self.send(reply, permit).await;
     }
 
+    /// Answers a batch of WRITE requests with the same flags, taken from
+    /// the stream back to back: the device gets them in one call. A write
+    /// that fails gets its error; the ones after it are answered one by
+    /// one, as if they had come alone.
+    async fn handle_writes(&self, batch: Vec<(Request, Bytes, OwnedSemaphorePermit)>) {
+        let fua = batch[0].0.flags & CMD_FLAG_FUA != 0;
+        let writes: Vec<(u64, Bytes)> = batch
+            .iter()
+            .map(|(r, p, _)| (r.offset, p.clone()))
+            .collect();
+        let result = self.export.device.write_many(writes, fua).await;
+        let done = match &result {
+            Ok(()) => batch.len(),
+            Err((n, _)) => *n,
+        };
+        let m = &self.export.metrics;
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut rest = Vec::new();
+        for (i, (req, payload, permit)) in batch.into_iter().enumerate() {
+            if i < done {
+                m.request(true);
+                m.bytes_written
+                    .fetch_add(u64::from(req.len), Ordering::Relaxed);
+                replies.push((reply::ok(req.handle, self.structured), permit));
+            } else if let (true, Err((_, e))) = (i == done, &result) {
+                m.request(false);
+                let (code, message) = errno(e, true);
+                tracing::debug!(export = %self.export.name, kind = req.kind, offset = req.offset, len = req.len, errno = code, %message, "nbd request failed");
+                replies.push((
+                    reply::error(req.handle, code, &message, self.structured),
+                    permit,
+                ));
+            } else {
+                rest.push((req, payload, permit));
+            }
+        }
+        self.send_all(replies).await;
+        for (req, payload, permit) in rest {
+            self.handle(req, payload, permit).await;
+        }
+    }
+
     /// Queues a reply, and writes the queue unless another task is writing
+    /// it.
+    async fn send(&self, reply: Reply, permit: OwnedSemaphorePermit) {
+        self.send_all(vec![(reply, permit)]).await;
+    }
+
+    /// Queues replies, and writes the queue unless another task is writing
     /// it. The writer looks at the queue again after letting the socket go,
     /// so a reply queued meanwhile is never left behind.
-    async fn send(&self, reply: Reply, permit: OwnedSemaphorePermit) {
-        self.queue().push((reply, permit));
+    async fn send_all(&self, replies: Vec<(Reply, OwnedSemaphorePermit)>) {
+        self.queue().extend(replies);
         loop {
             let Ok(mut w) = self.writer.try_lock() else {
                 return;
@@ -411,9 +490,41 @@ pub(super) async fn serve(
         } else {
             Bytes::new()
         };
-        let alone = budget.available_permits() + need as usize == BUDGET_UNITS as usize
+        // WRITEs queued behind this one, already received whole, go to the
+        // device with it (one hand-off to storage for all).
+        let mut batch = Vec::new();
+        let batchable = req.kind == CMD_WRITE
+            && req.flags & !CMD_FLAG_FUA == 0
+            && !ctx.export.device.read_only();
+        let mut held = need;
+        while batchable && batch.len() + 1 < MAX_BATCH {
+            let Some(next) = requests.peek_write(req.flags) else {
+                break;
+            };
+            let more = units(&next);
+            // No budget: the request stays for the next round.
+            let Ok(p) = budget.clone().try_acquire_many_owned(more) else {
+                break;
+            };
+            held += more;
+            let data = requests.take_write(&next);
+            batch.push((next, data, p));
+        }
+        let alone = budget.available_permits() + held as usize == BUDGET_UNITS as usize
             && !requests.has_buffered();
-        if alone {
+        if !batch.is_empty() {
+            batch.insert(0, (req, payload, permit));
+            if alone {
+                ctx.handle_writes(batch).await;
+            } else {
+                let ctx = ctx.clone();
+                let user = export_use.clone();
+                tokio::spawn(async move {
+                    ctx.handle_writes(batch).await;
+                    drop(user);
+                });
+            }
+        } else if alone {
             ctx.handle(req, payload, permit).await;
         } else {
             let ctx = ctx.clone();

@@ -11,7 +11,8 @@ use nfs3_types::nfs3::{nfsstat3, stable_how, writeverf3, COMMIT3resok, WRITE3res
 use super::attr::MAX_TRANSFER;
 use super::{backend_fail, fail, ok, read_fh, Ctx, ProcResult};
 use crate::datastore::Stability;
-use crate::nfs::rpc::{Reply, MAX_RECORD};
+use crate::nfs::record::MAX_RECORD;
+use crate::nfs::rpc::Reply;
 use crate::nfs::xdr::{pack, Garbage, XdrReader};
 
 /// READ: `fh, offset, count` → `post_op_attr, count, eof, data`.
