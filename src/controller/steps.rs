@@ -16,7 +16,7 @@ use super::{ControllerError, Inner, SessionHandle};
 use super::{Migration, MigrationMethod, Session, SessionState};
 use crate::datastore::DatastoreError;
 use crate::drivers::{Driver, DriverError, MigrationStatus, VmFile, VmSpec};
-use crate::repo::FileReader;
+use crate::repo::{EntryKind, FileReader, PointKind};
 
 /// How often a live migration's progress is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -116,6 +116,22 @@ pub(super) async fn validate(
             let text = reader.read_at(0, f.size as usize).await?;
             memory_mib = vmx_memsize(&String::from_utf8_lossy(&text));
         }
+    }
+    // A tree point (a database's data folder) lists its files by path.
+    if point.kind == PointKind::Tree {
+        let tree = point.tree();
+        files.extend(
+            tree.entries()
+                .iter()
+                .filter(|e| e.kind() == EntryKind::File)
+                .map(|e| VmFile {
+                    name: e.path.clone(),
+                    size: e.size,
+                    disk: false,
+                    url: None,
+                    location: None,
+                }),
+        );
     }
     let mut spec = VmSpec {
         name: session.name.clone(),
@@ -354,8 +370,8 @@ pub(super) async fn release(
     driver: Option<Arc<dyn Driver>>,
     stopping: bool,
 ) -> Result<(), ControllerError> {
-    if stopping {
-        if let (Some(vm), Some(driver)) = (&session.vm_ref, &driver) {
+    if let (Some(vm), Some(driver)) = (&session.vm_ref, &driver) {
+        if stopping {
             driver.power_off(vm).await?;
             driver.unregister_vm(vm).await?;
             update(inner, handle, |s| {
@@ -363,6 +379,8 @@ pub(super) async fn release(
                 Ok(())
             })
             .await?;
+        } else if session.migration.is_some() {
+            driver.migration_finished(vm).await?;
         }
     }
     super::block::unexport(inner, handle, session).await?;

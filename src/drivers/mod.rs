@@ -285,6 +285,13 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// The session ended after its migration: the VM runs from production
+    /// storage and stays; whatever the driver kept for the published copy
+    /// goes (the postgres driver's session folder). The default keeps nothing.
+    async fn migration_finished(&self, _vm: &VmRef) -> DriverResult<()> {
+        Ok(())
+    }
+
     /// Before revive stops cleanly: stops what cannot outlive the process
     /// (a database on a FUSE mount is stopped cleanly and unmounted; it is
     /// started again by [`Driver::resume`]).

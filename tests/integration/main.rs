@@ -9,6 +9,8 @@ mod iscsi;
 mod nbd;
 mod nfs_proto;
 mod postgres;
+mod postgres_bench;
+mod postgres_session;
 mod qemu;
 mod repo_cli;
 mod s3;

@@ -16,7 +16,6 @@ use std::time::Duration;
 use revive::datastore::{Datastore, DatastoreConfig, ExportConfig};
 use revive::drivers::postgres::{PostgresConfig, PostgresDriver};
 use revive::drivers::{DatastoreSpec, Driver, MigrationStatus, VmRef, VmSpec};
-use revive::fuse::{Mount, MountOptions};
 use revive::repo::Repository;
 
 use crate::support::fuse::{loopback_up, rerun_isolated};
@@ -83,36 +82,13 @@ async fn driver_inner() {
     let base = t.join("base");
     source.basebackup(&base);
     source.stop();
-    // A publication holding that basebackup, written through FUSE.
+    // The basebackup as a tree restore point, published as it is: the
+    // published instance reads its files from the chunks.
     let repo = init_repo(t, None);
-    std::fs::create_dir_all(t.join("seed")).unwrap();
-    std::fs::write(t.join("seed/seed.txt"), b"seed").unwrap();
-    let point = backup_json(&repo, &t.join("seed"), Some("pg"))["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let backed = backup_json(&repo, &base, Some("pg"));
+    assert_eq!(backed["kind"], "tree", "{backed:#}");
+    let point = backed["id"].as_str().expect("id").to_string();
     let ds = datastore(t, &repo).await;
-    ds.publish("/revive", SESSION, &point, None)
-        .await
-        .expect("publish");
-    let (export, folder) = ds
-        .publication_folder("/revive", SESSION)
-        .await
-        .expect("folder");
-    let fill = t.join("fill");
-    std::fs::create_dir_all(&fill).unwrap();
-    let mount = Mount::start(ds.clone(), export, folder, &fill, MountOptions::default())
-        .await
-        .expect("mount");
-    let base_s = format!("{}/.", base.display());
-    let fill_s = fill.display().to_string();
-    tokio::task::spawn_blocking(move || {
-        ok(std::process::Command::new("cp").args(["-a", &base_s, &fill_s]));
-        std::fs::remove_file(Path::new(&fill_s).join("seed.txt")).unwrap();
-    })
-    .await
-    .unwrap();
-    mount.unmount().await.expect("unmount");
 
     let config = driver_config(t, &sock);
     let run_dir = config.run_dir.clone();
@@ -265,27 +241,6 @@ async fn driver_inner() {
     println!("{DRIVER_DONE}");
 }
 
-/// Inserts ids from `base` upwards, one commit each, until an insert fails
-/// or `stop` is set; the ids whose commit was acknowledged.
-async fn acked_writer(endpoint: Endpoint, base: i64, stop: Arc<AtomicBool>) -> Vec<i64> {
-    let client = endpoint.connect().await;
-    let mut acked = Vec::new();
-    for i in 0.. {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let id = base + i;
-        match client
-            .execute("INSERT INTO acked VALUES ($1)", &[&id])
-            .await
-        {
-            Ok(_) => acked.push(id),
-            Err(_) => break,
-        }
-    }
-    acked
-}
-
 /// Aborts the FUSE connection of the mount at `path` (fusectl's `abort`):
 /// to its users the mount dies as if its server had been killed.
 async fn abort_fuse_connection(path: &Path) {
@@ -311,7 +266,8 @@ const REFUSE_TEST: &str = "postgres::bad_input_is_refused_before_anything_starts
 
 /// `revive recover --kind postgres` refuses, before anything is published,
 /// mounted or started, with the check named: a restore point that is not a
-/// PostgreSQL data folder, and a full write cache location.
+/// PostgreSQL data folder, a full write cache location, a cluster of another
+/// major version, and a busy port.
 #[tokio::test]
 async fn bad_input_is_refused_before_anything_starts() {
     if in_netns() {
@@ -321,18 +277,6 @@ async fn bad_input_is_refused_before_anything_starts() {
         return;
     }
     rerun_isolated(REFUSE_TEST, REFUSE_DONE, RUN_TIMEOUT).await;
-}
-
-/// The `[[host]]` of a postgres host named `pg1` with everything in `tmp`.
-pub fn pg_host_toml(tmp: &Path, socket_dir: &Path) -> String {
-    format!(
-        "[sessions]\nmin_free_cache = \"64MiB\"\nretries = 0\n\n\
-         [[host]]\nname = \"pg1\"\ndriver = \"postgres\"\nrun_dir = {:?}\nsocket_dir = {:?}\n\
-         data_parent = {:?}\nlisten_addresses = \"127.0.0.1\"\n",
-        tmp.join("run").to_string_lossy(),
-        socket_dir.to_string_lossy(),
-        tmp.to_string_lossy()
-    )
 }
 
 fn refuse_inner() {
@@ -395,6 +339,27 @@ fn refuse_inner() {
         error.contains(&full.to_string_lossy().into_owned()),
         "{error}"
     );
+    // Data folders (trees) that cannot run here: a PostgreSQL 14 cluster,
+    // and a 15 one whose port is taken.
+    let fake = |name: &str, version: &str| {
+        let dir = t.join(name);
+        std::fs::create_dir_all(dir.join("global")).unwrap();
+        std::fs::create_dir_all(dir.join("base/1")).unwrap();
+        std::fs::write(dir.join("PG_VERSION"), format!("{version}\n")).unwrap();
+        std::fs::write(dir.join("global/pg_control"), vec![0u8; 8192]).unwrap();
+        backup_json(&repo, &dir, Some(name));
+    };
+    fake("pg14", "14");
+    let error = refused(
+        &["--point", "pg14@latest", "--port", "5433"],
+        "postgres version",
+    );
+    assert!(error.contains("PostgreSQL 14"), "{error}");
+    fake("pg15", "15");
+    let held = std::net::TcpListener::bind(("127.0.0.1", 5433)).expect("hold port 5433");
+    let error = refused(&["--point", "pg15@latest", "--port", "5433"], "port");
+    assert!(error.contains("port 5433"), "{error}");
+    drop(held);
     // Nothing was mounted, published or started.
     assert!(mounts_under(&t.join("run")).is_empty());
     assert!(

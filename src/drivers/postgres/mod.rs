@@ -269,6 +269,12 @@ impl Driver for PostgresDriver {
         published::unregister(self, &vm.0).await
     }
 
+    /// After the switchover nothing of the session's folder is needed: its
+    /// removal is the same as unregistering (production is not touched).
+    async fn migration_finished(&self, vm: &VmRef) -> DriverResult<()> {
+        published::unregister(self, &vm.0).await
+    }
+
     async fn start_live_migration(&self, vm: &VmRef, destination: &str) -> DriverResult<TaskRef> {
         migrate::start(self, &vm.0, Path::new(destination)).await
     }

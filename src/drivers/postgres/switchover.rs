@@ -135,8 +135,11 @@ pub(super) async fn switch_over(driver: &PostgresDriver, name: &str) -> DriverRe
             None => false,
         };
         if !running {
+            // Production's log stays with production: the session's
+            // folder goes when the session ends.
+            let log = production_log(&m.destination).await?;
             programs
-                .start(&m.destination, &paths.standby_log(), driver.start_timeout())
+                .start(&m.destination, &log, driver.start_timeout())
                 .await?;
         }
         let production = driver.endpoint(state.port);
@@ -208,4 +211,23 @@ async fn wait_replayed(standby: &Endpoint, target: i64) -> DriverResult<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `<data>/log/revive-start.log` (PostgreSQL's own `log_directory` is `log`
+/// in the data folder), its folder made and owned like the data folder.
+async fn production_log(data: &std::path::Path) -> DriverResult<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let (data, dir) = (data.to_path_buf(), data.join("log"));
+    blocking(move || {
+        let io = |source| DriverError::Io {
+            action: "create the log folder",
+            path: dir.clone(),
+            source,
+        };
+        let owner = std::fs::metadata(&data).map_err(io)?;
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        std::os::unix::fs::chown(&dir, Some(owner.uid()), Some(owner.gid())).map_err(io)?;
+        Ok(dir.join("revive-start.log"))
+    })
+    .await
 }

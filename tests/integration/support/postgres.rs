@@ -7,6 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
@@ -179,6 +181,11 @@ impl Endpoint {
     /// `pgbench -T secs -c clients`: the transactions it reports processed
     /// (each one a commit acknowledged to it).
     pub fn pgbench(&self, secs: u32, clients: u32) -> u64 {
+        processed(&self.pgbench_report(secs, clients))
+    }
+
+    /// `pgbench -T secs -c clients`: its whole report.
+    pub fn pgbench_report(&self, secs: u32, clients: u32) -> String {
         let out = ok(as_postgres("pgbench").args(self.args()).args([
             "-n",
             "-T",
@@ -189,7 +196,7 @@ impl Endpoint {
             "2",
             "postgres",
         ]));
-        processed(&String::from_utf8_lossy(&out.stdout))
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// SQL through psql (for tests without a runtime): its unaligned,
@@ -416,4 +423,37 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .filter(|mp| mp.starts_with(&prefix))
         .map(str::to_string)
         .collect()
+}
+
+/// Inserts ids from `base` upwards, one commit each, until an insert fails
+/// or `stop` is set; the ids whose commit was acknowledged.
+pub async fn acked_writer(endpoint: Endpoint, base: i64, stop: Arc<AtomicBool>) -> Vec<i64> {
+    let client = endpoint.connect().await;
+    let mut acked = Vec::new();
+    for i in 0.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let id = base + i;
+        match client
+            .execute("INSERT INTO acked VALUES ($1)", &[&id])
+            .await
+        {
+            Ok(_) => acked.push(id),
+            Err(_) => break,
+        }
+    }
+    acked
+}
+
+/// The `[[host]]` of a postgres host named `pg1` with everything in `tmp`.
+pub fn pg_host_toml(tmp: &Path, socket_dir: &Path) -> String {
+    format!(
+        "[sessions]\nmin_free_cache = \"64MiB\"\nretries = 0\n\n\
+         [[host]]\nname = \"pg1\"\ndriver = \"postgres\"\nrun_dir = {:?}\nsocket_dir = {:?}\n\
+         data_parent = {:?}\nlisten_addresses = \"127.0.0.1\"\n",
+        tmp.join("run").to_string_lossy(),
+        socket_dir.to_string_lossy(),
+        tmp.to_string_lossy()
+    )
 }
