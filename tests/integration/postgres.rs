@@ -89,6 +89,9 @@ async fn driver_inner() {
     assert_eq!(backed["kind"], "tree", "{backed:#}");
     let point = backed["id"].as_str().expect("id").to_string();
     let ds = datastore(t, &repo).await;
+    ds.publish("/revive", SESSION, &point, None)
+        .await
+        .expect("publish");
 
     let config = driver_config(t, &sock);
     let run_dir = config.run_dir.clone();
