@@ -137,6 +137,8 @@ async fn bench_size(mib: u64, full: bool) {
             "switchover_downtime",
             switchover_downtime(&server, &db, &t.join("production")).await,
         );
+        // Production holds the port the copies below use.
+        stop_server(&t.join("production"), "fast");
     }
     blocking(|| server.stop());
     drop_caches();
