@@ -7,8 +7,10 @@
 #   copy on local disk vs that copy through bindfs (plain FUSE passthrough);
 # - pg_basebackup throughput from the published instance;
 # - switchover write downtime (longest gap between acknowledged commits).
-#   scripts/bench-postgres.sh            # all figures (about 15 min)
+#   scripts/bench-postgres.sh            # all figures (about 6 min here)
 #   REVIVE_PG_BENCH_MIB=256 scripts/bench-postgres.sh   # a quick look
+# REVIVE_PG_BENCH_LOGS=DIR keeps the published server's log and revive's log of
+# each size there (where the time to first query goes).
 # Runs the ignored test postgres_bench::instant_recovery_vs_restore, which
 # re-runs itself in private mount, pid and network namespaces.
 set -eu

@@ -122,6 +122,15 @@ async fn bench_size(mib: u64, full: bool) {
     blocking(|| run_ok(&mut recover));
     let recover_secs = first_query(&db, started).await.as_secs_f64();
     report(&format!("recover_first_query_{mib}"), recover_secs);
+    if let Ok(keep) = std::env::var("REVIVE_PG_BENCH_LOGS") {
+        let keep = Path::new(&keep);
+        let _ = std::fs::create_dir_all(keep);
+        let _ = std::fs::copy(
+            run_dir.join("pg-b").join("published.log"),
+            keep.join(format!("published-{mib}.log")),
+        );
+        let _ = std::fs::write(keep.join(format!("revive-{mib}.log")), server.log());
+    }
 
     if full {
         let tps = blocking(|| tps(&db, PGBENCH_SECS));
