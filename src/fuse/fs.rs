@@ -150,8 +150,8 @@ impl fuser::Filesystem for ReviveFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        // The datastore answers NotSupported until it presents tree points'
-        // symbolic links; forwarding keeps FUSE a thin adapter.
+        // Tree points' links and client-made ones live in the datastore;
+        // forwarding keeps FUSE a thin adapter.
         self.spawn(move |fs| async move {
             match fs.ds.readlink(fs.at(ino)).await {
                 Ok(target) => reply.data(target.as_bytes()),

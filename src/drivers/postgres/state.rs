@@ -7,7 +7,7 @@
 //! <run_dir>/<session>/state.json      this record
 //! <run_dir>/<session>/data/           FUSE mount point: the published data folder
 //! <run_dir>/<session>/published.log   server log of the published instance
-//! <run_dir>/<session>/standby.log     server log of the standby, then production
+//! <run_dir>/<session>/standby.log     server log of the standby (production logs to <data>/log/revive-start.log)
 //! <run_dir>/<session>/basebackup.log  pg_basebackup's messages
 //! ```
 
