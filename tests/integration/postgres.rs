@@ -54,8 +54,8 @@ const DRIVER_DONE: &str = "POSTGRES-DRIVER-CHECKS-PASSED";
 const DRIVER_TEST: &str =
     "postgres::driver_runs_pgbench_on_the_mount_then_switches_over_to_a_standby";
 
-/// The driver alone, on a cluster written into a publication through the
-/// FUSE mount (so it lives in the write cache): register and power on
+/// The driver alone, on a basebackup published as its tree restore point
+/// (read through to the chunks, writes in the write cache): register and power on
 /// (first query), pgbench on the published instance with every acknowledged
 /// commit counted, migrate to a local folder while pgbench writes, switch
 /// over; production answers on the same port, writable, not in recovery,

@@ -25,10 +25,6 @@ fn report(key: &str, value: f64) {
     println!("BENCH-PG {key} {value:.3}");
 }
 
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: scripts/bench-postgres.sh"]
 async fn instant_recovery_vs_restore() {

@@ -38,11 +38,6 @@ fn database_mib() -> u64 {
         .unwrap_or(1024)
 }
 
-/// Runs `f` (blocking: CLI calls, polling) without stalling the runtime.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_recovered_from_backup_survives_kill9_migrates_and_switches_over() {
     if in_netns() {

@@ -401,6 +401,12 @@ pub async fn add_incompressible(endpoint: &Endpoint, mib: u64) {
     }
 }
 
+/// Runs `f` (blocking: CLI calls, polling, pgbench) on a multi-thread
+/// runtime's worker without stalling the other tasks.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
 /// Waits until `pred` holds, polling every 100 ms; panics with `what` after `limit`.
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut pred: F)
 where
