@@ -1,12 +1,12 @@
-//! READDIR and READDIRPLUS: a folder's entries from the datastore, after
-//! the synthetic `.` and `..`. An entry's offset is its datastore cookie
-//! (the file id) shifted past those two, so a listing resumes right after
-//! the last entry the kernel kept, even while the folder changes.
+//! READDIR and READDIRPLUS: a folder's entries as the datastore lists them,
+//! `.` and `..` first. An entry's offset is its datastore cookie, so a
+//! listing resumes right after the last entry the kernel kept, even while
+//! the folder changes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{INodeNo, ReplyDirectory, ReplyDirectoryPlus};
+use fuser::{Errno, FileAttr, INodeNo, ReplyDirectory, ReplyDirectoryPlus};
 
 use super::attr;
 use super::fs::Inner;
@@ -17,51 +17,80 @@ use crate::datastore::FileAt;
 /// is simply asked again at the next offset.
 const DIR_PAGE: usize = 128;
 
-/// Offsets of the synthetic `.` and `..` entries.
-const DOT_OFFSET: u64 = 1;
-const DOTDOT_OFFSET: u64 = 2;
+/// One entry as the kernel gets it.
+struct Entry<'a> {
+    /// Offset of the next entry (the datastore's cookie).
+    next: u64,
+    name: &'a str,
+    attr: FileAttr,
+    /// `.` or `..`: attributes the kernel must not cache.
+    dot: bool,
+}
 
-/// READDIR of folder `ino` from `offset`.
-pub(super) async fn readdir(fs: Arc<Inner>, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+/// Hands folder `ino`'s entries from `offset` to `add` until it reports the
+/// kernel's buffer full or the folder ends.
+async fn list(
+    fs: &Inner,
+    ino: INodeNo,
+    offset: u64,
+    mut add: impl FnMut(Entry<'_>) -> bool,
+) -> Result<(), Errno> {
     let dir = fs.id(ino);
-    if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, fuser::FileType::Directory, ".") {
-        return reply.ok();
-    }
-    if offset < DOTDOT_OFFSET {
-        let parent = match fs.parent(dir).await {
-            Ok(p) => p,
-            Err(e) => return reply.error(fs.fail("readdir", ino, &e)),
-        };
-        if reply.add(parent, DOTDOT_OFFSET, fuser::FileType::Directory, "..") {
-            return reply.ok();
-        }
-    }
-    let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
+    let mut cookie = offset;
     loop {
-        let page = match fs
+        let page = fs
             .ds
             .readdir(FileAt::new(fs.export, dir), cookie, DIR_PAGE)
             .await
-        {
-            Ok(p) => p,
-            Err(e) => return reply.error(fs.fail("readdir", ino, &e)),
-        };
+            .map_err(|e| fs.fail("readdir", ino, &e))?;
         for entry in &page.entries {
-            let kind = attr::file_type(entry.attr.kind);
-            let next = entry.cookie + DOTDOT_OFFSET;
-            if reply.add(
-                fs.view.inodes.ino(entry.attr.fileid),
-                next,
-                kind,
-                &entry.name,
-            ) {
-                return reply.ok();
+            let full = match entry.name.as_str() {
+                "." => add(Entry {
+                    next: entry.cookie,
+                    name: ".",
+                    attr: attr::dir_placeholder(ino),
+                    dot: true,
+                }),
+                // The mount's root has no parent inside the mount.
+                ".." => {
+                    let parent = fs
+                        .parent(dir)
+                        .await
+                        .map_err(|e| fs.fail("readdir", ino, &e))?;
+                    add(Entry {
+                        next: entry.cookie,
+                        name: "..",
+                        attr: attr::dir_placeholder(parent),
+                        dot: true,
+                    })
+                }
+                name => add(Entry {
+                    next: entry.cookie,
+                    name,
+                    attr: fs.view.file_attr(&entry.attr),
+                    dot: false,
+                }),
+            };
+            if full {
+                return Ok(());
             }
             cookie = entry.cookie;
         }
         if page.eof || page.entries.is_empty() {
-            return reply.ok();
+            return Ok(());
         }
+    }
+}
+
+/// READDIR of folder `ino` from `offset`.
+pub(super) async fn readdir(fs: Arc<Inner>, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+    let listed = list(&fs, ino, offset, |e| {
+        reply.add(e.attr.ino, e.next, e.attr.kind, e.name)
+    })
+    .await;
+    match listed {
+        Ok(()) => reply.ok(),
+        Err(errno) => reply.error(errno),
     }
 }
 
@@ -73,43 +102,14 @@ pub(super) async fn readdirplus(
     offset: u64,
     mut reply: ReplyDirectoryPlus,
 ) {
-    let dir = fs.id(ino);
-    let zero = Duration::ZERO;
-    let g = fs.generation;
-    if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, ".", &zero, &attr::dir_placeholder(ino), g)
-    {
-        return reply.ok();
-    }
-    if offset < DOTDOT_OFFSET {
-        let parent = match fs.parent(dir).await {
-            Ok(p) => p,
-            Err(e) => return reply.error(fs.fail("readdirplus", ino, &e)),
-        };
-        let placeholder = attr::dir_placeholder(parent);
-        if reply.add(parent, DOTDOT_OFFSET, "..", &zero, &placeholder, g) {
-            return reply.ok();
-        }
-    }
-    let mut cookie = offset.saturating_sub(DOTDOT_OFFSET);
-    loop {
-        let page = match fs
-            .ds
-            .readdir(FileAt::new(fs.export, dir), cookie, DIR_PAGE)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => return reply.error(fs.fail("readdirplus", ino, &e)),
-        };
-        for entry in &page.entries {
-            let a = fs.view.file_attr(&entry.attr);
-            let next = entry.cookie + DOTDOT_OFFSET;
-            if reply.add(a.ino, next, &entry.name, &fs.ttl, &a, g) {
-                return reply.ok();
-            }
-            cookie = entry.cookie;
-        }
-        if page.eof || page.entries.is_empty() {
-            return reply.ok();
-        }
+    let (ttl, generation) = (fs.ttl, fs.generation);
+    let listed = list(&fs, ino, offset, |e| {
+        let ttl = if e.dot { Duration::ZERO } else { ttl };
+        reply.add(e.attr.ino, e.next, e.name, &ttl, &e.attr, generation)
+    })
+    .await;
+    match listed {
+        Ok(()) => reply.ok(),
+        Err(errno) => reply.error(errno),
     }
 }

@@ -95,7 +95,8 @@ fn read_inner() {
     let mut m = MountProcess::start(&lab.repo, "web01@latest", &mnt, &[]);
     assert_eq!(m.announced["point"], lab.point.as_str());
     assert!(is_mounted(&mnt));
-    let listed = sh(&format!("ls -1 {}", mnt.display()));
+    // Every entry once, `.` and `..` included (`ls -f`: unsorted, all).
+    let listed = sh(&format!("ls -1f {}", mnt.display()));
     let mut names: Vec<&str> = listed.lines().collect();
     names.sort();
     let mut expected: Vec<String> = std::fs::read_dir(&lab.vm.dir)
@@ -103,8 +104,11 @@ fn read_inner() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
+    let mut with_dots = expected.clone();
+    with_dots.extend([".".to_string(), "..".to_string()]);
+    with_dots.sort();
+    assert_eq!(names, with_dots);
     expected.sort();
-    assert_eq!(names, expected);
     // sha256sum through the kernel, and cp out of the mount.
     for name in &expected {
         let through = sh(&format!("sha256sum {}/{name}", mnt.display()));
