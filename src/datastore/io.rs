@@ -211,7 +211,7 @@ impl Datastore {
                         .map(|p| p.point.clone())
                         .ok_or(DatastoreError::Stale)?
                 };
-                let point = self.repo.point(&point_id).await.map_err(|e| repo_err(&e))?;
+                let point = self.point(&point_id).await?;
                 let reader = FileReader::new(&self.repo, &point, file)
                     .map_err(|e| repo_err(&e))?
                     .with_cache(self.block_cache.clone());
@@ -232,6 +232,17 @@ impl Datastore {
             usage: Default::default(),
         });
         Ok(export.files.entry(node.id).or_insert(st).clone())
+    }
+
+    /// Restore point `id`, parsed once while it stays among the recently used.
+    async fn point(&self, id: &str) -> DsResult<Arc<crate::repo::RestorePoint>> {
+        if let Some(p) = super::lock(&self.points).get(id) {
+            return Ok(p.clone());
+        }
+        // Two first opens may both parse it; the second copy replaces the first.
+        let point = Arc::new(self.repo.point(id).await.map_err(|e| repo_err(&e))?);
+        super::lock(&self.points).put(id.to_string(), point.clone());
+        Ok(point)
     }
 
     /// The file's write cache, created on first need.

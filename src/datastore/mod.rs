@@ -125,10 +125,24 @@ pub(crate) struct ExportState {
     missing: DashMap<String, ()>,
 }
 
+/// Parsed restore points kept (see `Datastore::points`).
+const POINTS_KEPT: usize = 16;
+
+/// A std mutex's guard, even if a panic poisoned it: what the locks here
+/// guard stays consistent across a panic (whole values are swapped in).
+pub(in crate::datastore) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The datastore: every export, over one repository.
 pub struct Datastore {
     repo: Repository,
     block_cache: Arc<BlockCache>,
+    /// Parsed manifests of the points files are presented from: a tree
+    /// point's manifest lists every file, and parsing it again for each
+    /// file opened (a folder listing opens hundreds) cost a millisecond
+    /// apiece. Restore points never change.
+    points: std::sync::Mutex<lru::LruCache<String, Arc<crate::repo::RestorePoint>>>,
     config: DatastoreConfig,
     exports: HashMap<ExportId, Arc<ExportState>>,
     by_path: HashMap<String, ExportId>,
@@ -180,6 +194,9 @@ impl Datastore {
         let datastore = Datastore {
             repo,
             block_cache,
+            points: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(POINTS_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             config,
             exports,
             by_path,

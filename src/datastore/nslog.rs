@@ -39,8 +39,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use super::lock;
 use tokio::sync::watch;
 
 /// First 8 bytes of BLAKE3("revive:namespace-log:v1").
@@ -103,10 +104,6 @@ pub struct NsLog {
     file: Mutex<LogFile>,
     pending: Mutex<Pending>,
     flushed: watch::Sender<u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn check(epoch: u64, seq: u64, payload: &[u8]) -> [u8; 12] {

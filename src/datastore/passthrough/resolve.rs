@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
@@ -13,6 +13,7 @@ use rustix::fs::{self as rfs, AtFlags, Dir, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use super::super::types::{Attr, DatastoreError, DsResult, FileId, FileKind};
+use crate::datastore::lock;
 
 /// Parents followed from a file up to the root before the chain is taken
 /// for a cycle (renames racing with a walk) and rebuilt.
@@ -41,13 +42,6 @@ pub(crate) struct Tree {
     dev: u64,
     names: Mutex<HashMap<FileId, Place>>,
     open: Mutex<LruCache<FileId, Arc<OwnedFd>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 /// The one mapping of system errors to datastore errors.
