@@ -259,3 +259,60 @@ async fn tree_point_is_presented_with_its_metadata_and_takes_writes() {
         .is_err());
     assert!(!dir.path().join("cache/pg1").exists());
 }
+
+/// What the postgres driver does before each start (in place of
+/// PostgreSQL's own start-up sync): unstable writes to a publication are
+/// durable after `sync_publication`, where without it a crash of revive
+/// drops them.
+#[tokio::test]
+async fn sync_publication_makes_unstable_writes_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("pgdata");
+    make_tree(&src);
+    let store = Arc::new(LocalStore::open(dir.path().join("repo")).unwrap());
+    let repo = Repository::init(store, 64 * 1024).await.unwrap();
+    let options = BackupOptions {
+        vm: Some("pg".into()),
+        tree: true,
+    };
+    backup(&repo, &src, &options, &NoProgress).await.unwrap();
+    drop(repo);
+    let ds = open(dir.path()).await;
+    let export = ds.export_by_path(EXPORT).unwrap().id;
+    let folder = ds.publish(EXPORT, "pg1", "pg@latest", None).await.unwrap();
+    let root = FileAt::new(export, folder);
+    let version = ds.lookup(&root.child("PG_VERSION")).await.unwrap();
+    let version = FileAt::new(export, version.fileid);
+    let base = ds.lookup(&root.child("base")).await.unwrap();
+    let db = ds
+        .lookup(&FileAt::new(export, base.fileid).child("16384"))
+        .await
+        .unwrap();
+    let rel = ds
+        .lookup(&FileAt::new(export, db.fileid).child("1259"))
+        .await
+        .unwrap();
+    let rel = FileAt::new(export, rel.fileid);
+
+    let synced = Bytes::from_static(b"synced");
+    ds.write(rel, 1_000, synced.clone(), Stability::Unstable)
+        .await
+        .unwrap();
+    ds.sync_publication(EXPORT, "pg1").await.unwrap();
+    let lost = Bytes::from_static(b"16\n");
+    ds.write(version, 0, lost, Stability::Unstable)
+        .await
+        .unwrap();
+    // A crash: nothing is committed or flushed on the way out.
+    drop(ds);
+
+    let ds = open(dir.path()).await;
+    let got = ds.read(rel, 1_000, 6).await.unwrap().data;
+    assert_eq!(got, synced);
+    let got = ds.read(version, 0, 3).await.unwrap().data;
+    assert_eq!(&got[..], b"15\n", "an unstable write nobody synced is gone");
+    assert!(matches!(
+        ds.sync_publication(EXPORT, "nope").await,
+        Err(DatastoreError::NotFound)
+    ));
+}

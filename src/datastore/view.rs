@@ -5,6 +5,7 @@
 
 use std::ops::Range;
 
+use super::io::cache_err;
 use super::namespace::ROOT_ID;
 use super::{Datastore, DatastoreError, DsResult, ExportId, FileAt, FileId, FileOps};
 
@@ -34,6 +35,34 @@ impl Datastore {
         let ns = self.state(export.id)?.ns.read().await;
         let publication = ns.publication(name).ok_or(DatastoreError::NotFound)?;
         Ok((export.id, publication.folder))
+    }
+
+    /// Makes every write to publication `name` durable, as `syncfs(2)` on a
+    /// local file system would: commits the write caches this process has
+    /// open, then syncs the file system that holds the cache folder (writes
+    /// a killed revive left in the page cache).
+    pub async fn sync_publication(&self, export_path: &str, name: &str) -> DsResult<()> {
+        let export = self
+            .export_by_path(export_path)
+            .ok_or(DatastoreError::NotFound)?;
+        let state = self.state(export.id)?.clone();
+        let cache_dir = {
+            let ns = state.ns.read().await;
+            let publication = ns.publication(name).ok_or(DatastoreError::NotFound)?;
+            publication.cache_dir.clone()
+        };
+        let session = self.session(&state, &Some(name.to_string())).await?;
+        session.commit_all().await.map_err(cache_err)?;
+        tokio::task::spawn_blocking(move || {
+            let dir = std::fs::File::open(&cache_dir)?;
+            rustix::fs::syncfs(&dir).map_err(std::io::Error::from)
+        })
+        .await
+        .map_err(|e| DatastoreError::Io(std::io::Error::other(e.to_string())))?
+        .map_err(|e| {
+            tracing::error!(publication = name, cause = %e, "syncing the write cache folder failed");
+            DatastoreError::Io(e)
+        })
     }
 
     /// The entries of a publication's folder, as clients see them now.

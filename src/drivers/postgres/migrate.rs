@@ -442,6 +442,7 @@ pub(super) fn standby_role(driver: &PostgresDriver, m: &MigrationState) -> Role 
         socket_dir: driver.config.socket_dir.clone(),
         listen_addresses: driver.config.listen_addresses.clone(),
         archive_off: true,
+        syncfs_at_start: false,
     }
 }
 

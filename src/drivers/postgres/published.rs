@@ -41,6 +41,7 @@ impl PostgresDriver {
             socket_dir: self.config.socket_dir.clone(),
             listen_addresses: self.config.listen_addresses.clone(),
             archive_off: true,
+            syncfs_at_start: true,
         }
     }
 
@@ -303,6 +304,17 @@ pub(super) async fn ensure_running(
     })
     .await?;
     let started = Instant::now();
+    // What PostgreSQL's start-up syncfs (recovery_init_sync_method) cannot
+    // do through FUSE: every write of an earlier run made durable before
+    // crash recovery writes anything new.
+    driver
+        .datastore
+        .sync_publication(&state.export, &state.name)
+        .await
+        .map_err(|e| DriverError::Fault {
+            operation: format!("sync the write cache of '{}'", state.name),
+            message: e.to_string(),
+        })?;
     driver
         .programs()?
         .start(&data, &paths.published_log(), driver.start_timeout())
