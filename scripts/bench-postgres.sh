@@ -10,7 +10,7 @@
 #   scripts/bench-postgres.sh            # all figures (about 6 min here)
 #   REVIVE_PG_BENCH_MIB=256 scripts/bench-postgres.sh   # a quick look
 # REVIVE_PG_BENCH_LOGS=DIR keeps the published server's log and revive's log of
-# each size there (where the time to first query goes).
+# each size there (where the time to first query goes; revive logs at info).
 # Runs the ignored test postgres_bench::instant_recovery_vs_restore, which
 # re-runs itself in private mount, pid and network namespaces.
 set -eu

@@ -83,9 +83,13 @@ async fn bench_size(mib: u64, full: bool) {
     drop_caches();
 
     // revive recover: from the command to the first query.
-    let spec = ServerSpec::new(&repo)
+    let mut spec = ServerSpec::new(&repo)
         .with_api()
         .toml(&pg_host_toml(t, &sock));
+    if std::env::var_os("REVIVE_PG_BENCH_LOGS").is_some() {
+        // The session's steps with their times.
+        spec = spec.log_level("revive=info");
+    }
     let mut server = ReviveServer::start(&t.join("server"), spec);
     let restored = t.join("restored");
     let run_dir = t.join("run");
