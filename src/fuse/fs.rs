@@ -56,14 +56,17 @@ impl ReviveFs {
         }
     }
 
-    /// Runs one request's work on the runtime.
-    fn spawn<F, Fut>(&self, work: F)
+    /// Runs one request's work to its reply on this request thread, with
+    /// the runtime's timers, I/O and blocking pool: no hand-off to a worker
+    /// and back, as a libfuse file system serves a request on the thread
+    /// that read it.
+    fn serve<F, Fut>(&self, work: F)
     where
         F: FnOnce(Arc<Inner>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let fut = work(self.inner.clone());
-        self.inner.runtime.spawn(fut);
+        self.inner.runtime.block_on(fut);
     }
 }
 
@@ -91,7 +94,7 @@ impl fuser::Filesystem for ReviveFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             // The mount's root has no parent inside the mount.
             let dir = fs.id(parent);
             let name = if name == ".." && dir == fs.view.inodes.root {
@@ -107,7 +110,7 @@ impl fuser::Filesystem for ReviveFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.getattr(fs.at(ino)).await {
                 Ok(a) => reply.attr(&fs.ttl, &fs.view.file_attr(&a)),
                 Err(e) => reply.error(fs.fail("getattr", ino, &e)),
@@ -141,7 +144,7 @@ impl fuser::Filesystem for ReviveFs {
             atime: attr::set_time(atime),
             mtime: attr::set_time(mtime),
         };
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.setattr(fs.at(ino), &set, None).await {
                 Ok(a) => reply.attr(&fs.ttl, &fs.view.file_attr(&a)),
                 Err(e) => reply.error(fs.fail("setattr", ino, &e)),
@@ -152,7 +155,7 @@ impl fuser::Filesystem for ReviveFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         // Tree points' links and client-made ones live in the datastore;
         // forwarding keeps FUSE a thin adapter.
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.readlink(fs.at(ino)).await {
                 Ok(target) => reply.data(target.as_bytes()),
                 Err(e) => reply.error(fs.fail("readlink", ino, &e)),
@@ -180,7 +183,7 @@ impl fuser::Filesystem for ReviveFs {
             Err(e) => return reply.error(e),
         };
         let attrs = new_attrs(req, mode, umask);
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             let created = fs
                 .ds
                 .create(
@@ -210,7 +213,7 @@ impl fuser::Filesystem for ReviveFs {
             Err(e) => return reply.error(e),
         };
         let attrs = new_attrs(req, mode, umask);
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.mkdir(&fs.name_at(fs.id(parent), &name), &attrs).await {
                 Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
                 Err(e) => reply.error(fs.fail("mkdir", parent, &e)),
@@ -223,7 +226,7 @@ impl fuser::Filesystem for ReviveFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.remove(&fs.name_at(fs.id(parent), &name)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("unlink", parent, &e)),
@@ -236,7 +239,7 @@ impl fuser::Filesystem for ReviveFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.rmdir(&fs.name_at(fs.id(parent), &name)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("rmdir", parent, &e)),
@@ -258,7 +261,7 @@ impl fuser::Filesystem for ReviveFs {
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         let attrs = new_attrs(req, 0o777, 0);
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             let at = fs.name_at(fs.id(parent), &name);
             match fs.ds.symlink(&at, &target, &attrs).await {
                 Ok(a) => reply.entry(&fs.ttl, &fs.view.file_attr(&a), fs.generation),
@@ -285,7 +288,7 @@ impl fuser::Filesystem for ReviveFs {
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             let (from_dir, to_dir) = (fs.id(parent), fs.id(newparent));
             if no_replace {
                 match fs.ds.lookup(&fs.name_at(to_dir, &to)).await {
@@ -322,7 +325,7 @@ impl fuser::Filesystem for ReviveFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.read(fs.at(ino), offset, size).await {
                 Ok(r) => reply.data(&r.data),
                 Err(e) => reply.error(fs.fail("read", ino, &e)),
@@ -345,7 +348,7 @@ impl fuser::Filesystem for ReviveFs {
         // The request buffer is reused for the next request: one copy.
         let data = Bytes::copy_from_slice(data);
         let stable = stability(flags);
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.write(fs.at(ino), offset, data, stable).await {
                 Ok(w) => reply.written(w.count),
                 Err(e) => reply.error(fs.fail("write", ino, &e)),
@@ -375,7 +378,7 @@ impl fuser::Filesystem for ReviveFs {
     ) {
         // The same journal sync as an NFS COMMIT: every acknowledged write
         // of the file survives a crash once this returns.
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.commit(fs.at(ino)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("fsync", ino, &e)),
@@ -391,7 +394,7 @@ impl fuser::Filesystem for ReviveFs {
         offset: u64,
         reply: ReplyDirectory,
     ) {
-        self.spawn(move |fs| super::dir::readdir(fs, ino, offset, reply));
+        self.serve(move |fs| super::dir::readdir(fs, ino, offset, reply));
     }
 
     fn readdirplus(
@@ -402,7 +405,7 @@ impl fuser::Filesystem for ReviveFs {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        self.spawn(move |fs| super::dir::readdirplus(fs, ino, offset, reply));
+        self.serve(move |fs| super::dir::readdirplus(fs, ino, offset, reply));
     }
 
     fn fsyncdir(
@@ -416,7 +419,7 @@ impl fuser::Filesystem for ReviveFs {
         // Every namespace change (create, rename, remove, mkdir, setattr)
         // is durable in the namespace log before the datastore answers it,
         // so there is nothing left to flush: check the folder still exists.
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.getattr(fs.at(ino)).await.map(|_| ()) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fs.fail("fsyncdir", ino, &e)),
@@ -425,7 +428,7 @@ impl fuser::Filesystem for ReviveFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             match fs.ds.fsstat(fs.export).await {
                 Ok(st) => {
                     const BS: u64 = 4096;
@@ -473,7 +476,7 @@ impl fuser::Filesystem for ReviveFs {
         } else {
             CreateMode::Unchecked
         };
-        self.spawn(move |fs| async move {
+        self.serve(move |fs| async move {
             let created = fs
                 .ds
                 .create(&fs.name_at(fs.id(parent), &name), how, &attrs)

@@ -2,12 +2,13 @@
 //! `scripts/bench-postgres.sh`, ignored in the test run). For each database
 //! size in `REVIVE_PG_BENCH_MIB` (default "1024 4096"): time to first query
 //! by `revive recover` vs `revive restore` + `pg_ctl start`; for the first
-//! size also pgbench tps on the published instance vs the restored copy on
-//! local disk vs the same copy through bindfs (a plain FUSE passthrough),
-//! `pg_basebackup` throughput from the published instance, and the write
-//! downtime of a switchover. Figures go to stdout as `BENCH-PG <key> <value>`.
+//! size also pgbench tps on the published instance vs a restored copy on
+//! local disk vs another restored copy through bindfs (a plain FUSE
+//! passthrough), all three running and measured in turn, `pg_basebackup`
+//! throughput from the published instance, and the write downtime of a
+//! switchover. Figures go to stdout as `BENCH-PG <key> <value>`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::support::fuse::{loopback_up, rerun_isolated};
@@ -19,7 +20,9 @@ const DONE: &str = "POSTGRES-BENCH-DONE";
 const TEST: &str = "postgres_bench::instant_recovery_vs_restore";
 const PORT: u16 = 5433;
 /// Seconds of each pgbench run.
-const PGBENCH_SECS: u32 = 15;
+const PGBENCH_SECS: u32 = 10;
+/// Rounds of the tps comparison (each runs pgbench on every instance once).
+const TPS_ROUNDS: usize = 3;
 
 fn report(key: &str, value: f64) {
     println!("BENCH-PG {key} {value:.3}");
@@ -97,6 +100,7 @@ async fn bench_size(mib: u64, full: bool) {
         run_dir.join("pg-b").join("data"),
         restored.clone(),
         t.join("bindfs"),
+        t.join("tps-local"),
         t.join("production"),
     ]);
     let db = Endpoint {
@@ -133,8 +137,7 @@ async fn bench_size(mib: u64, full: bool) {
     }
 
     if full {
-        let tps = blocking(|| tps(&db, PGBENCH_SECS));
-        report("tps_published", tps);
+        blocking(|| compare_tps(&repo, t, &sock, &db));
         let copy = postgres_dir(&t.join("bb-copy"), 0o700);
         let began = Instant::now();
         blocking(|| basebackup_from(&db, &copy));
@@ -157,38 +160,78 @@ async fn bench_size(mib: u64, full: bool) {
     let repo_s = repo.to_string_lossy().into_owned();
     let restored_s = restored.to_string_lossy().into_owned();
     blocking(|| run_ok(revive().args(["restore", "--repo", &repo_s, "pg@latest", &restored_s])));
-    let local = start_copy(&restored, &sock);
+    let local = start_copy(&restored, &sock, PORT);
     let restore_secs = first_query(&local, started).await.as_secs_f64();
     report(&format!("restore_first_query_{mib}"), restore_secs);
+    stop_server(&restored, "fast");
+}
 
-    if full {
-        report("tps_local", blocking(|| tps(&local, PGBENCH_SECS)));
-        stop_server(&restored, "fast");
-        // The same folder through bindfs: what any FUSE file system costs.
-        let mnt = postgres_dir(&t.join("bindfs"), 0o700);
-        ok(std::process::Command::new("bindfs")
-            .arg(&restored)
-            .arg(&mnt));
-        let through = start_copy(&mnt, &sock);
-        first_query(&through, Instant::now()).await;
-        report("tps_bindfs", blocking(|| tps(&through, PGBENCH_SECS)));
-        stop_server(&mnt, "fast");
-        ok(std::process::Command::new("umount").arg(&mnt));
-    } else {
-        stop_server(&restored, "fast");
+/// pgbench tps side by side: the published instance `published`, a restored
+/// copy on local disk and another restored copy through bindfs (what any
+/// FUSE file system costs) run at once; each round runs pgbench on each in
+/// turn, so load from elsewhere hits all three alike. Reports the medians
+/// and the medians of the per-round ratios.
+fn compare_tps(repo: &Path, t: &Path, sock: &Path, published: &Endpoint) {
+    let local_dir = t.join("tps-local");
+    let bindfs_src = t.join("tps-bindfs-source");
+    for dir in [&local_dir, &bindfs_src] {
+        run_ok(
+            revive()
+                .args(["restore", "--repo"])
+                .arg(repo)
+                .arg("pg@latest")
+                .arg(dir),
+        );
     }
+    let local = start_copy(&local_dir, sock, PORT + 1);
+    let mnt: PathBuf = postgres_dir(&t.join("bindfs"), 0o700);
+    ok(std::process::Command::new("bindfs")
+        .arg(&bindfs_src)
+        .arg(&mnt));
+    let through = start_copy(&mnt, sock, PORT + 2);
+    let mut runs: [Vec<f64>; 3] = Default::default();
+    for _ in 0..TPS_ROUNDS {
+        for (i, db) in [published, &through, &local].into_iter().enumerate() {
+            runs[i].push(tps(db, PGBENCH_SECS));
+        }
+    }
+    stop_server(&local_dir, "fast");
+    stop_server(&mnt, "fast");
+    ok(std::process::Command::new("umount").arg(&mnt));
+    let [published, bindfs, local] = &runs;
+    println!("tps by round: published {published:?}, bindfs {bindfs:?}, local {local:?}");
+    report("tps_published", median(published));
+    report("tps_bindfs", median(bindfs));
+    report("tps_local", median(local));
+    let ratio = |of: &[f64]| -> f64 {
+        median(
+            &published
+                .iter()
+                .zip(of)
+                .map(|(p, o)| p / o)
+                .collect::<Vec<_>>(),
+        )
+    };
+    report("tps_ratio_bindfs", ratio(bindfs));
+    report("tps_ratio_local", ratio(local));
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-/// Starts a restored data folder on [`PORT`] with its socket in `sock`.
-fn start_copy(data: &Path, sock: &Path) -> Endpoint {
+/// Starts a restored data folder on `port` with its socket in `sock`.
+fn start_copy(data: &Path, sock: &Path, port: u16) -> Endpoint {
     let conf = data.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
     text.push_str(&format!(
-        "port = {PORT}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n",
+        "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n",
         sock.display()
     ));
     std::fs::write(&conf, text).unwrap();
@@ -209,7 +252,7 @@ fn start_copy(data: &Path, sock: &Path) -> Endpoint {
         .arg(&log));
     Endpoint {
         socket_dir: sock.to_path_buf(),
-        port: PORT,
+        port,
     }
 }
 
