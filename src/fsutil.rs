@@ -89,3 +89,36 @@ mod tests {
         );
     }
 }
+
+thread_local! {
+    /// Set on threads that serve one request at a time outside the async
+    /// workers (FUSE request threads): blocking file work may run on them.
+    static SERVES_BLOCKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as one that may block in file I/O (a FUSE request
+/// thread): [`blocking`] runs work on it directly, sparing a hand-off to
+/// tokio's blocking pool and back on every write.
+pub fn serve_blocking_here() {
+    SERVES_BLOCKING.with(|s| s.set(true));
+}
+
+/// True on a thread marked with [`serve_blocking_here`].
+pub fn serves_blocking() -> bool {
+    SERVES_BLOCKING.with(std::cell::Cell::get)
+}
+
+/// Runs blocking file work `f`: on this thread when it was marked with
+/// [`serve_blocking_here`], else on tokio's blocking pool (never on an
+/// async worker).
+///
+/// # Errors
+/// The pool's `JoinError` when `f` panicked there.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if serves_blocking() {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f).await
+}

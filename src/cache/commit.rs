@@ -40,7 +40,10 @@
 //! concurrent stable writes cost about one journal sync, not N.
 //!
 //! The flush runs in `spawn_blocking`, detached from the caller that started
-//! it, so a cancelled caller never leaves the cache "flushing" forever.
+//! it, so a cancelled caller never leaves the cache "flushing" forever. On a
+//! FUSE request thread (`fsutil::serves_blocking`) it runs on that thread:
+//! its caller is never cancelled, and the hand-off would cost a wake-up
+//! per fsync.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
@@ -396,15 +399,22 @@ impl Shared {
             since.get_or_insert(now);
             if start {
                 let shared = Arc::clone(self);
-                // Detached on purpose: see the module doc.
-                drop(tokio::task::spawn_blocking(move || {
+                let flush = move || {
                     let flushed = shared.flushed.clone();
                     shared.flush_quietly();
                     // Let go of the files before waking anyone, so a waiter
                     // that drops its handle really closes (and unlocks) them.
                     drop(shared);
                     flushed.send_modify(|n| *n += 1);
-                }));
+                };
+                if crate::fsutil::serves_blocking() {
+                    // A request thread runs its caller to the end: the
+                    // flush cannot be abandoned half way.
+                    flush();
+                } else {
+                    // Detached on purpose: see the module doc.
+                    drop(tokio::task::spawn_blocking(flush));
+                }
             }
             if rx.changed().await.is_err() {
                 // Unreachable while `self` holds the sender; stay safe anyway.

@@ -89,12 +89,12 @@ pub(super) fn check_range(offset: u64, len: u64) -> Result<u64> {
     }
 }
 
-/// Runs blocking file I/O off the async threads.
+/// Runs blocking file I/O off the async threads (see `fsutil::blocking`).
 pub(super) async fn blocking<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+    crate::fsutil::blocking(f)
         .await
         .map_err(|e| join_err(path, e))?
 }

@@ -66,6 +66,9 @@ impl ReviveFs {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let fut = work(self.inner.clone());
+        // The write cache's file I/O then runs here too, as in a libfuse
+        // file system.
+        crate::fsutil::serve_blocking_here();
         self.inner.runtime.block_on(fut);
     }
 }

@@ -165,32 +165,22 @@ impl Mount {
         config.n_threads = Some(REQUEST_THREADS);
         config.clone_fd = true;
         let blocking_path = path.clone();
-        let (session, unmounter) = tokio::task::spawn_blocking(move || {
-            let meta = std::fs::metadata(&blocking_path).map_err(|e| FuseError::MountPoint {
-                path: blocking_path.clone(),
-                reason: e.to_string(),
-            })?;
-            if !meta.is_dir() {
-                return Err(FuseError::MountPoint {
-                    path: blocking_path.clone(),
-                    reason: "not a folder".into(),
-                });
-            }
-            let mut session =
-                fuser::Session::new(filesystem, &blocking_path, &config).map_err(|source| {
-                    FuseError::Mount {
+        let (session, unmounter) =
+            tokio::task::spawn_blocking(move || {
+                check_mount_point(&blocking_path)?;
+                let mut session = fuser::Session::new(filesystem, &blocking_path, &config)
+                    .map_err(|source| FuseError::Mount {
                         path: blocking_path.clone(),
                         source,
-                    }
-                })?;
-            let unmounter = session.unmount_callable();
-            Ok((session, unmounter))
-        })
-        .await
-        .map_err(|e| FuseError::Mount {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+                    })?;
+                let unmounter = session.unmount_callable();
+                Ok((session, unmounter))
+            })
+            .await
+            .map_err(|e| FuseError::Mount {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
         let (tx, ended) = watch::channel(false);
         let loop_path = path.clone();
         std::thread::Builder::new()
@@ -343,9 +333,42 @@ fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A mount point must be an existing empty folder: mounting over files
+/// would hide them (and a data folder's files could be mistaken for the
+/// backup's).
+fn check_mount_point(path: &Path) -> Result<(), FuseError> {
+    let refuse = |reason: String| FuseError::MountPoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| refuse(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(refuse("not a folder".into()));
+    }
+    let mut entries = std::fs::read_dir(path).map_err(|e| refuse(e.to_string()))?;
+    if entries.next().is_some() {
+        return Err(refuse("not empty".into()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_existing_empty_folder_is_a_mount_point() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_mount_point(dir.path()).is_ok());
+        let reason = |p: &Path| match check_mount_point(p) {
+            Err(FuseError::MountPoint { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(reason(&dir.path().join("missing")).contains("No such file"));
+        std::fs::write(dir.path().join("file"), "x").unwrap();
+        assert_eq!(reason(&dir.path().join("file")), "not a folder");
+        assert_eq!(reason(dir.path()), "not empty");
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {
