@@ -57,8 +57,8 @@ pub struct Role {
     pub archive_off: bool,
     /// Crash recovery syncs the data folder with one `syncfs` instead of an
     /// open and fsync of every file. For the published instance: through
-    /// FUSE the per-file walk costs round trips per file (most of the time
-    /// to first query), and revive makes the whole write cache durable
+    /// FUSE the per-file walk costs round trips per file (0.25-0.35 s of a
+    /// 1000-file cluster's start), and revive makes the whole write cache durable
     /// itself before every start (`Datastore::sync_publication`).
     pub syncfs_at_start: bool,
 }
