@@ -51,12 +51,14 @@ async fn list(
                     attr: attr::dir_placeholder(ino),
                     dot: true,
                 }),
-                // The mount's root has no parent inside the mount.
+                // The entry names the parent; the mount's root has none
+                // inside the mount.
                 ".." => {
-                    let parent = fs
-                        .parent(dir)
-                        .await
-                        .map_err(|e| fs.fail("readdir", ino, &e))?;
+                    let parent = if dir == fs.view.inodes.root {
+                        INodeNo::ROOT
+                    } else {
+                        fs.view.inodes.ino(entry.attr.fileid)
+                    };
                     add(Entry {
                         next: entry.cookie,
                         name: "..",

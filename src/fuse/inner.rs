@@ -40,15 +40,6 @@ impl Inner {
         FileAt::new(self.export, dir).child(name)
     }
 
-    /// The inode of a folder's parent; the mount's root is its own parent.
-    pub async fn parent(&self, dir: FileId) -> Result<INodeNo, DatastoreError> {
-        if dir == self.view.inodes.root {
-            return Ok(INodeNo::ROOT);
-        }
-        let a = self.ds.lookup(&self.name_at(dir, "..")).await?;
-        Ok(self.view.inodes.ino(a.fileid))
-    }
-
     /// Logs a failure at the level it deserves and returns its errno.
     pub fn fail(&self, op: &'static str, ino: INodeNo, e: &DatastoreError) -> Errno {
         match e {
