@@ -181,12 +181,12 @@ async fn open(dir: &Path) -> Datastore {
     Datastore::open(repo, config).await.unwrap()
 }
 
-#[tokio::test]
-async fn tree_point_is_presented_with_its_metadata_and_takes_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("pgdata");
+/// `make_tree` in `dir/pgdata`, backed up as tree point `pg` and published
+/// as `pg1`: the datastore and the publication's folder.
+async fn published_tree(dir: &Path) -> (Datastore, FileAt) {
+    let src = dir.join("pgdata");
     make_tree(&src);
-    let store = Arc::new(LocalStore::open(dir.path().join("repo")).unwrap());
+    let store = Arc::new(LocalStore::open(dir.join("repo")).unwrap());
     let repo = Repository::init(store, 64 * 1024).await.unwrap();
     let options = BackupOptions {
         vm: Some("pg".into()),
@@ -194,11 +194,28 @@ async fn tree_point_is_presented_with_its_metadata_and_takes_writes() {
     };
     backup(&repo, &src, &options, &NoProgress).await.unwrap();
     drop(repo);
-
-    let ds = open(dir.path()).await;
+    let ds = open(dir).await;
     let export = ds.export_by_path(EXPORT).unwrap().id;
     let folder = ds.publish(EXPORT, "pg1", "pg@latest", None).await.unwrap();
-    let root = FileAt::new(export, folder);
+    (ds, FileAt::new(export, folder))
+}
+
+/// The file or folder at `path` (slash-separated) under `dir`.
+async fn lookup_path(ds: &Datastore, dir: FileAt, path: &str) -> FileAt {
+    let mut at = dir;
+    for name in path.split('/') {
+        let attr = ds.lookup(&at.child(name)).await.unwrap();
+        at = FileAt::new(dir.export, attr.fileid);
+    }
+    at
+}
+
+#[tokio::test]
+async fn tree_point_is_presented_with_its_metadata_and_takes_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("pgdata");
+    let (ds, root) = published_tree(dir.path()).await;
+    let export = root.export;
     assert_eq!(list_published(&ds, root).await, list_local(&src));
     let top = ds.getattr(root).await.unwrap();
     assert_eq!(top.mode, 0o700, "the folder takes the tree root's mode");
@@ -216,14 +233,8 @@ async fn tree_point_is_presented_with_its_metadata_and_takes_writes() {
     ));
 
     // A write deep in the tree lands in the cache and reads back over the backup.
-    let base = ds.lookup(&root.child("base")).await.unwrap();
-    let db = ds
-        .lookup(&FileAt::new(export, base.fileid).child("16384"))
-        .await
-        .unwrap();
-    let db_at = FileAt::new(export, db.fileid);
-    let rel = ds.lookup(&db_at.child("1259")).await.unwrap();
-    let rel_at = FileAt::new(export, rel.fileid);
+    let db_at = lookup_path(&ds, root, "base/16384").await;
+    let rel_at = lookup_path(&ds, db_at, "1259").await;
     let patch = Bytes::from_static(b"written after the backup");
     ds.write(rel_at, 70_000, patch.clone(), Stability::FileSync)
         .await
@@ -267,32 +278,9 @@ async fn tree_point_is_presented_with_its_metadata_and_takes_writes() {
 #[tokio::test]
 async fn sync_publication_makes_unstable_writes_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("pgdata");
-    make_tree(&src);
-    let store = Arc::new(LocalStore::open(dir.path().join("repo")).unwrap());
-    let repo = Repository::init(store, 64 * 1024).await.unwrap();
-    let options = BackupOptions {
-        vm: Some("pg".into()),
-        tree: true,
-    };
-    backup(&repo, &src, &options, &NoProgress).await.unwrap();
-    drop(repo);
-    let ds = open(dir.path()).await;
-    let export = ds.export_by_path(EXPORT).unwrap().id;
-    let folder = ds.publish(EXPORT, "pg1", "pg@latest", None).await.unwrap();
-    let root = FileAt::new(export, folder);
-    let version = ds.lookup(&root.child("PG_VERSION")).await.unwrap();
-    let version = FileAt::new(export, version.fileid);
-    let base = ds.lookup(&root.child("base")).await.unwrap();
-    let db = ds
-        .lookup(&FileAt::new(export, base.fileid).child("16384"))
-        .await
-        .unwrap();
-    let rel = ds
-        .lookup(&FileAt::new(export, db.fileid).child("1259"))
-        .await
-        .unwrap();
-    let rel = FileAt::new(export, rel.fileid);
+    let (ds, root) = published_tree(dir.path()).await;
+    let version = lookup_path(&ds, root, "PG_VERSION").await;
+    let rel = lookup_path(&ds, root, "base/16384/1259").await;
 
     let synced = Bytes::from_static(b"synced");
     ds.write(rel, 1_000, synced.clone(), Stability::Unstable)

@@ -138,9 +138,10 @@ async fn bench_size(mib: u64, full: bool) {
 
     if full {
         blocking(|| compare_tps(&repo, t, &sock, &db));
-        let copy = postgres_dir(&t.join("bb-copy"), 0o700);
+        let copy = t.join("bb-copy");
         let began = Instant::now();
-        blocking(|| basebackup_from(&db, &copy));
+        // As `revive migrate` runs it (see `Endpoint::basebackup`).
+        blocking(|| db.basebackup(&copy));
         let secs = began.elapsed().as_secs_f64();
         let bytes = dir_bytes(&copy);
         report("basebackup_mb_s", bytes as f64 / 1e6 / secs);
@@ -265,26 +266,6 @@ fn tps(db: &Endpoint, secs: u32) -> f64 {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no tps in pgbench's report:\n{report}"))
-}
-
-/// `pg_basebackup -Fp -c fast` of `db` into `dest`, as `revive migrate`
-/// runs it (a spread checkpoint would time the checkpoint, not the copy).
-fn basebackup_from(db: &Endpoint, dest: &Path) {
-    ok(as_postgres("pg_basebackup")
-        .arg("-h")
-        .arg(&db.socket_dir)
-        .args([
-            "-p",
-            &db.port.to_string(),
-            "-U",
-            "postgres",
-            "-X",
-            "stream",
-            "-c",
-            "fast",
-            "-D",
-        ])
-        .arg(dest));
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

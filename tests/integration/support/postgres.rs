@@ -216,6 +216,17 @@ impl Endpoint {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// `pg_basebackup -Fp -X stream -c fast` of this server into `dest`
+    /// (created 0700 for the postgres user). `-c fast`, as `revive migrate`
+    /// runs it: a spread checkpoint would only add its wait.
+    pub fn basebackup(&self, dest: &Path) {
+        postgres_dir(dest, 0o700);
+        ok(as_postgres("pg_basebackup")
+            .args(self.args())
+            .args(["-Fp", "-X", "stream", "-c", "fast", "-D"])
+            .arg(dest));
+    }
+
     fn args(&self) -> Vec<String> {
         vec![
             "-h".into(),
@@ -326,23 +337,7 @@ impl Cluster {
     /// `pg_basebackup -Fp -X stream -c fast` into `dest` (a consistent copy
     /// PostgreSQL starts from, and what the issue backs up).
     pub fn basebackup(&self, dest: &Path) {
-        postgres_dir(dest, 0o700);
-        ok(as_postgres("pg_basebackup")
-            .args([
-                "-h",
-                &self.endpoint.socket_dir.to_string_lossy(),
-                "-p",
-                &self.endpoint.port.to_string(),
-                "-U",
-                "postgres",
-                "-Fp",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "-D",
-            ])
-            .arg(dest));
+        self.endpoint.basebackup(dest);
     }
 }
 
