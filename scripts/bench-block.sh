@@ -22,7 +22,8 @@
 # folder, default /var/tmp/revive-bench-block), BENCH_MD (report, default
 # docs/bench-block.md; empty: do not write), BENCH_SKIP_BUILD=1 (use the
 # existing release binary), BENCH_LINES (subset of: cold1 cold16 seqread
-# warm1 warm16 seqwrite; default all).
+# warm1 warm16 seqwrite; default all), BENCH_NBD_POLL_US (revive's [nbd]
+# poll_us; default: revive's default, 100).
 #
 # Exit status: 0 on success, 1 when a server fails to start or a job fails.
 set -euo pipefail
@@ -34,7 +35,7 @@ WORK=${BENCH_DIR:-/var/tmp/revive-bench-block}
 MD=${BENCH_MD-$ROOT/docs/bench-block.md}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 REVIVE=$TARGET/release/revive
-CMDLINE="${BENCH_RUNTIME:+BENCH_RUNTIME=$BENCH_RUNTIME }${BENCH_REPEAT:+BENCH_REPEAT=$BENCH_REPEAT }${BENCH_LINES:+BENCH_LINES=\"$BENCH_LINES\" }scripts/bench-block.sh"
+CMDLINE="${BENCH_NBD_POLL_US:+BENCH_NBD_POLL_US=$BENCH_NBD_POLL_US }${BENCH_RUNTIME:+BENCH_RUNTIME=$BENCH_RUNTIME }${BENCH_REPEAT:+BENCH_REPEAT=$BENCH_REPEAT }${BENCH_LINES:+BENCH_LINES=\"$BENCH_LINES\" }scripts/bench-block.sh"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 log() { echo "bench: $*" >&2; }
@@ -123,7 +124,9 @@ start_nbdkit() {
 
 # ------------------------------------------------------------------ fio --
 # run_fio nbd URL ARGS... | run_fio nfs URL ARGS...: prints
-# "read_iops read_kibs write_iops write_kibs".
+# "read_iops read_kibs write_iops write_kibs server_cpu_ticks", the last the
+# CPU time (user + system, clock ticks) the server process $SERVER_PID used
+# while fio ran.
 #
 # fio's nfs engine sometimes never finishes its unmount after a sequential
 # read (see docs/bench-nfs.md): terse stats are printed every second and the
@@ -139,8 +142,10 @@ run_fio() {
     setsid timeout -s INT -k 3 $((RUNTIME + 10)) stdbuf -oL "${engine[@]}" --name=bench \
         --size=256m --time_based "--runtime=$RUNTIME" --randrepeat=0 --output-format=terse \
         --terse-version=3 --status-interval=1 "$@" >"$WORK/fio.out" 2>"$WORK/fio.err" &
-    local pid=$!
+    local pid=$! cpu_before cpu_after
+    cpu_before=$(cpu_ticks "$SERVER_PID")
     wait "$pid" || true
+    cpu_after=$(cpu_ticks "$SERVER_PID")
     kill -KILL -- "-$pid" 2>/dev/null || true
     out=$(grep '^3;' "$WORK/fio.out" | tail -n1)
     if [ -z "$out" ]; then
@@ -148,8 +153,11 @@ run_fio() {
         die "fio failed: $kind $*"
     fi
     # terse v3: 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
-    echo "$out" | awk -F';' '{print $8, $7, $49, $48}'
+    echo "$out" | awk -F';' -v cpu=$((cpu_after - cpu_before)) '{print $8, $7, $49, $48, cpu}'
 }
+
+# CPU time (user + system, all threads) process $1 has used, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # ---------------------------------------------------------------- setup --
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
@@ -199,6 +207,7 @@ portmap = false
 [nbd]
 bind = "127.0.0.1"
 port = 0
+${BENCH_NBD_POLL_US:+poll_us = $BENCH_NBD_POLL_US}
 
 [[export]]
 path = "/revive"
@@ -230,10 +239,12 @@ stats() { sort -g | awk '{v[NR]=$1} END {printf "%s %s %s", v[int((NR+1)/2)], v[
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else print 0 }'; }
 
 # measure LABEL UNIT(iops|mibs) DIR(read|write) COLD(0|1) ARGS...
-# Per repeat: revive over NBD, nbdkit, revive over NFS; a cold line restarts
-# revive (empty block cache) before each of its two runs.
+# Per repeat: revive over NBD and nbdkit (revive first in odd repeats,
+# nbdkit first in even ones, so neither always runs on what the other left
+# behind: dirty pages, a warm CPU), then revive over NFS; a cold line
+# restarts revive (empty block cache) before each of its two runs.
 measure() {
-    local label=$1 unit=$2 dir=$3 cold=$4 i r k n rv kv nv rvs="" kvs="" nvs="" rk="" rn=""
+    local label=$1 unit=$2 dir=$3 cold=$4 i r k n rv kv nv rvs="" kvs="" nvs="" rk="" rn="" rc=""
     shift 4
     pick() {
         set -- $1
@@ -244,29 +255,38 @@ measure() {
         write/mibs) awk -v k="$4" 'BEGIN{printf "%.0f", k/1024}' ;;
         esac
     }
+    cpu() { set -- $1; echo "$5"; }
+    fresh() {
+        if [ "$cold" = 1 ]; then
+            stop_revive
+            start_revive
+        fi
+    }
     for i in $(seq "$REPEAT"); do
-        if [ "$cold" = 1 ]; then
-            stop_revive
-            start_revive
+        if [ $((i % 2)) = 1 ]; then
+            fresh
+            r=$(SERVER_PID=$REVIVE_PID run_fio nbd "$REVIVE_NBD" "$@")
+            k=$(SERVER_PID=$NBDKIT_PID run_fio nbd "$NBDKIT_NBD" "$@")
+        else
+            k=$(SERVER_PID=$NBDKIT_PID run_fio nbd "$NBDKIT_NBD" "$@")
+            fresh
+            r=$(SERVER_PID=$REVIVE_PID run_fio nbd "$REVIVE_NBD" "$@")
         fi
-        r=$(run_fio nbd "$REVIVE_NBD" "$@")
-        k=$(run_fio nbd "$NBDKIT_NBD" "$@")
-        if [ "$cold" = 1 ]; then
-            stop_revive
-            start_revive
-        fi
-        n=$(run_fio nfs "$REVIVE_NFS" "$@")
+        fresh
+        n=$(SERVER_PID=$REVIVE_PID run_fio nfs "$REVIVE_NFS" "$@")
         rv=$(pick "$r")
         kv=$(pick "$k")
         nv=$(pick "$n")
-        log "$label [$i/$REPEAT]: revive nbd $rv, nbdkit $kv, revive nfs $nv ($unit)"
+        log "$label [$i/$REPEAT]: revive nbd $rv, nbdkit $kv, revive nfs $nv ($unit); server CPU ticks: revive nbd $(cpu "$r"), nbdkit $(cpu "$k")"
         rvs+="$rv"$'\n'
         kvs+="$kv"$'\n'
         nvs+="$nv"$'\n'
         rk+=$(ratio "$rv" "$kv")$'\n'
         rn+=$(ratio "$rv" "$nv")$'\n'
+        # CPU per unit of work, revive over nbdkit: (cpu_r / rv) / (cpu_k / kv).
+        rc+=$(ratio "$(cpu "$r")" "$(awk -v c="$(cpu "$k")" -v k="$kv" -v r="$rv" 'BEGIN{printf "%.6f", (k > 0) ? c * r / k : 0}')")$'\n'
     done
-    RESULTS+=("$label|$unit|$(printf %s "$rvs" | stats)|$(printf %s "$kvs" | stats)|$(printf %s "$rk" | stats)|$(printf %s "$nvs" | stats)|$(printf %s "$rn" | stats)")
+    RESULTS+=("$label|$unit|$(printf %s "$rvs" | stats)|$(printf %s "$kvs" | stats)|$(printf %s "$rk" | stats)|$(printf %s "$rc" | stats)|$(printf %s "$nvs" | stats)|$(printf %s "$rn" | stats)")
 }
 
 LINES=" ${BENCH_LINES:-cold1 cold16 seqread warm1 warm16 seqwrite} "
@@ -280,7 +300,7 @@ if want seqread; then
     measure "1 MiB sequential read, qd4" mibs read 0 "${SEQREAD[@]}"
 elif want warm1 || want warm16; then
     log "warming revive's block cache"
-    run_fio nbd "$REVIVE_NBD" "${SEQREAD[@]}" >/dev/null
+    SERVER_PID=$REVIVE_PID run_fio nbd "$REVIVE_NBD" "${SEQREAD[@]}" >/dev/null
 fi
 want warm1 && measure "4 KiB random read, qd1, warm block cache" iops read 0 "${RANDREAD1[@]}"
 want warm16 && measure "4 KiB random read, qd16, warm block cache" iops read 0 "${RANDREAD16[@]}"
@@ -298,15 +318,15 @@ cell() {
     fi
 }
 table() {
-    echo "| workload (fio, 256 MiB disk, ${RUNTIME} s per run, median of $REPEAT) | revive NBD | nbdkit file | revive NBD / nbdkit | revive NFS | revive NBD / NFS |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    local line label unit r k rk n rn u
+    echo "| workload (fio, 256 MiB disk, ${RUNTIME} s per run, median of $REPEAT) | revive NBD | nbdkit file | revive NBD / nbdkit | server CPU per op, revive / nbdkit | revive NFS | revive NBD / NFS |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    local line label unit r k rk rc n rn u
     for line in "${RESULTS[@]}"; do
-        IFS='|' read -r label unit r k rk n rn <<<"$line"
+        IFS='|' read -r label unit r k rk rc n rn <<<"$line"
         u=" IOPS"
         [ "$unit" = mibs ] && u=" MiB/s"
         # shellcheck disable=SC2086
-        echo "| $label | $(cell $r "$u") | $(cell $k "$u") | $(cell $rk x) | $(cell $n "$u") | $(cell $rn x) |"
+        echo "| $label | $(cell $r "$u") | $(cell $k "$u") | $(cell $rk x) | $(cell $rc x) | $(cell $n "$u") | $(cell $rn x) |"
     done
 }
 
@@ -327,9 +347,10 @@ fio $(fio --version | sed 's/^fio-//') (nbd engine, libnbd $LIBNBD_VERSION; nfs 
 
 $TABLE
 
-- Same machine, one run: each line runs revive over NBD, nbdkit, then revive over NFS, $REPEAT times; cells show the median and (range). Ratio columns are medians of the per-repeat ratios (runs seconds apart). fio and the servers share the $(nproc) cores with whatever else runs, so absolute figures are noisy.
+- Same machine, one run: each line runs revive over NBD and nbdkit (revive first in odd repeats, nbdkit first in even ones), then revive over NFS, $REPEAT times; cells show the median and (range). Ratio columns are medians of the per-repeat ratios (runs seconds apart). "Server CPU per op" is the server process's CPU time (user + system, all threads, from /proc) during its run divided by the operations (or MiB) it served, revive's over nbdkit's: above 1.0x revive spends more CPU for each request. fio and the servers share the $(nproc) cores with whatever else runs, so absolute figures are noisy.
 - revive serves restore point \`disk@latest\` of a 256 MiB disk (3/8 random, 2/8 compressible text, 1/8 zeros, 2/8 duplicates) from its deduplicated repository ($((REPO_BYTES >> 20)) MiB on disk), 1 MiB chunks, zstd, BLAKE3-verified when they enter the 256 MiB block cache; NBD export \`disk\` and NFS publication \`bench\` are the same file and write cache. nbdkit's file plugin serves the same bytes as a plain file on the same filesystem, in the page cache.
 - "cold" lines restart revive before each of its runs (empty block cache; the cache fills while the job runs). The sequential read loads every chunk, so the "warm" lines read only memory. nbdkit's cold and warm lines are the same workload run twice.
+- Each NBD connection is served by threads of its own (nbdkit's model). revive's reader polls its socket for up to [nbd] \`poll_us\` (here ${BENCH_NBD_POLL_US:-100} µs) for the next request of a client with nothing else in flight that answered its last reply within that time, instead of sleeping in recv; nbdkit sleeps. Polling saves the two cross-CPU wake-ups of each queue-depth-1 request and costs CPU while such a client is busy: the CPU column shows how much.
 - Writes: fio's nbd engine sends plain NBD_CMD_WRITEs (no FUA, no flush during the run); revive journals them in memory and lands them in the write cache's data file, nbdkit writes the plain file (page cache).
 EOF
     log "wrote $MD"

@@ -133,6 +133,11 @@ pub struct NbdSection {
     pub bind: IpAddr,
     /// Port (10809, IANA's; 0 picks a free one).
     pub port: u16,
+    /// Microseconds a connection polls for the next request of a client
+    /// that answers each reply quickly (queue depth 1), instead of
+    /// sleeping; it costs a CPU while such a client is busy and saves it
+    /// two wake-ups per request. 0 turns polling off.
+    pub poll_us: u64,
 }
 
 impl Default for NbdSection {
@@ -141,6 +146,7 @@ impl Default for NbdSection {
             enabled: false,
             bind: IpAddr::from([0, 0, 0, 0]),
             port: DEFAULT_NBD_PORT,
+            poll_us: super::nbd::DEFAULT_POLL.as_micros() as u64,
         }
     }
 }

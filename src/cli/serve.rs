@@ -238,8 +238,11 @@ pub async fn serve(config_path: Option<PathBuf>, repo: Option<String>) -> anyhow
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let nbd = nbd_listener
-        .map(|listener| tokio::spawn(NbdServer::new(blocks.clone()).serve(listener, stopped())));
+    let nbd_poll = std::time::Duration::from_micros(config.nbd.poll_us);
+    let nbd = nbd_listener.map(|listener| {
+        let server = NbdServer::new(blocks.clone()).with_poll(nbd_poll);
+        tokio::spawn(server.serve(listener, stopped()))
+    });
     let iscsi = iscsi_listener.map(|listener| {
         let targets = ExportTargets::new(blocks.clone());
         tokio::spawn(IscsiServer::new(targets).serve(listener, stopped()))

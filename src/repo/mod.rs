@@ -454,7 +454,9 @@ impl Repository {
             Err(e) => return Err(e.into()),
         };
         let id = *id;
-        tokio::task::spawn_blocking(move || chunk::decode(&id, &raw))
+        // On a thread that serves a client itself (NBD, FUSE) the decode
+        // runs in place: no hand-off on a cold read.
+        crate::fsutil::blocking(move || chunk::decode(&id, &raw))
             .await
             .map_err(|e| RepoError::Internal {
                 what: format!("decode chunk {id}: {e}"),

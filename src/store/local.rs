@@ -81,7 +81,7 @@ impl LocalStore {
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || f(&inner)).await {
+        match crate::fsutil::blocking(move || f(&inner)).await {
             Ok(result) => result,
             Err(join) => Err(StoreError::Io {
                 action: "run store task",

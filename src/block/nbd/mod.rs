@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::registry::{BlockExports, BlockProtocol};
 
@@ -39,15 +39,35 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 /// A client gets this long to choose an export; then its connection closes.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a connection's thread polls its socket for the next request
+/// of a client that answers each reply quickly (see `transmission`).
+pub const DEFAULT_POLL: Duration = Duration::from_micros(100);
+
+/// When the server stops or the export goes, a connection's requests in
+/// flight get this long to be answered; then the connection is dropped
+/// (a client that reads no replies cannot hold the server up).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 /// The NBD server of one registry of block exports.
 pub struct NbdServer {
     registry: Arc<BlockExports>,
+    poll: Duration,
 }
 
 impl NbdServer {
     /// A server for the NBD exports of `registry`.
     pub fn new(registry: Arc<BlockExports>) -> NbdServer {
-        NbdServer { registry }
+        NbdServer {
+            registry,
+            poll: DEFAULT_POLL,
+        }
+    }
+
+    /// Polls for a queue-depth-1 client's next request for up to `poll`
+    /// (zero: never), instead of [`DEFAULT_POLL`].
+    pub fn with_poll(mut self, poll: Duration) -> NbdServer {
+        self.poll = poll;
+        self
     }
 
     /// Serves `listener` until `shutdown` completes, then stops accepting,
@@ -76,6 +96,7 @@ impl NbdServer {
                             peer,
                             self.registry.clone(),
                             stop_rx.clone(),
+                            self.poll,
                             done_tx.clone(),
                         ));
                     }
@@ -107,6 +128,7 @@ async fn connection(
     peer: SocketAddr,
     registry: Arc<BlockExports>,
     mut stop: watch::Receiver<bool>,
+    poll: Duration,
     _done: mpsc::Sender<()>,
 ) {
     tracing::debug!("nbd connection accepted");
@@ -141,8 +163,32 @@ async fn connection(
         .metrics
         .connections_open
         .fetch_add(1, Ordering::Relaxed);
-    let (rd, wr) = stream.into_split();
-    transmission::serve(rd, wr, negotiated, export_use, stop).await;
+    let (done_tx, mut done_rx) = oneshot::channel();
+    let started = stream.into_std().and_then(|socket| {
+        transmission::start(socket, negotiated, export_use.clone(), poll, done_tx)
+    });
+    match started {
+        Ok(closer) => {
+            let mut closed = export_use;
+            let wanted = tokio::select! {
+                _ = &mut done_rx => false,
+                () = closed.closed() => true,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if wanted {
+                closer.stop_reading();
+                if tokio::time::timeout(CLOSE_GRACE, &mut done_rx)
+                    .await
+                    .is_err()
+                {
+                    tracing::info!("closing nbd connection: replies not taken in time");
+                    closer.abort();
+                    let _ = done_rx.await;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(cause = %e, "cannot serve nbd connection"),
+    }
     export
         .metrics
         .connections_open

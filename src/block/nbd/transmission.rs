@@ -1,31 +1,48 @@
-//! The transmission phase of one connection: requests in, replies out.
+//! The transmission phase of one connection: requests in, replies out, on
+//! threads of the connection's own rather than on tokio's workers.
 //!
-//! The reader splits the stream into requests (a WRITE is taken only after
-//! its length was checked against [`MAX_REQUEST`] and the connection's byte
-//! budget was reserved; a receive may bring up to [`READ_AHEAD`] bytes of
-//! the requests queued behind it). A request alone on the connection (a
-//! queue-depth-1 client) is answered in the reader task; any other gets its
-//! own task, so a client's whole queue runs in parallel against the device.
-//! WRITEs already received whole behind a WRITE go to the device with it in
-//! one [`write_many`](crate::block::BlockDevice::write_many), so the storage
-//! below pays one hand-off for the lot. Replies go out in completion order
-//! (handles let replies overtake each other) through a queue: whichever task
-//! finds the socket free writes everything queued in one vectored write, so
-//! a client's burst of small replies costs a few system calls, and a lone
-//! request's reply leaves from its own task without a hand-off.
+//! Why threads: a queue-depth-1 client sends its next request only after
+//! the reply, so every hand-off between threads on the way (reactor, async
+//! worker, blocking pool, back) is latency it pays on every request. A
+//! worker blocks in `recv`, answers the request on its own thread
+//! (`Handle::block_on` over the device, with the write cache's file I/O and
+//! chunk loads running in place: [`crate::fsutil::serve_blocking_here`])
+//! and writes the reply, as nbdkit's threads do. A client that stops
+//! reading replies blocks only its own connection's threads.
+//!
+//! Workers take turns at the socket: one holds the reader at a time. It
+//! splits the stream into requests (a WRITE is taken only after its length
+//! was checked against [`MAX_REQUEST`] and the connection's byte budget was
+//! reserved; a receive may bring up to [`READ_AHEAD`] bytes of the requests
+//! queued behind it). A request alone on the connection (nothing else in
+//! flight, nothing buffered behind it) is answered by the reader without
+//! letting the socket go. Any other request is answered after the reader
+//! lets go, and a waiting worker (or a new one, up to [`MAX_WORKERS`]) reads
+//! on, so a client's queue runs in parallel against the device. WRITEs
+//! already received whole behind a WRITE go to the device with it in one
+//! [`write_many`](crate::block::BlockDevice::write_many). Replies go out in
+//! completion order (handles let replies overtake each other) through a
+//! queue: whichever worker finds the socket free writes everything queued
+//! in one vectored write.
 //!
 //! A request that breaks the framing (bad magic, a WRITE longer than
 //! [`MAX_REQUEST`]) closes this connection only; a request that is merely
-//! invalid (range, flags, unknown command) is answered NBD_EINVAL.
+//! invalid (range, flags, unknown command) is answered NBD_EINVAL. The
+//! server closes a connection by shutting its socket down for reading:
+//! workers see the end of the stream, answer what they hold, and leave.
 
-use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::io::{IoSlice, Write};
+use std::mem::MaybeUninit;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
+use rustix::io::Errno;
+use rustix::net::RecvFlags;
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use super::proto::*;
@@ -41,6 +58,10 @@ const BUDGET_UNITS: u32 = 2048;
 /// Granularity of the byte budget.
 const UNIT: u32 = 64 * 1024;
 
+/// Threads serving one connection at most (nbdkit's default is the same):
+/// a client's queue deeper than this waits in the socket.
+pub const MAX_WORKERS: usize = 16;
+
 /// Zeros for NBD_CMD_WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE, shared.
 const ZERO_PIECE: usize = 1 << 20;
 
@@ -54,17 +75,70 @@ const READ_AHEAD: usize = 4 << 20;
 /// Most WRITE requests handed to the device together.
 const MAX_BATCH: usize = 64;
 
-/// Splits the stream into request headers and WRITE payloads.
-struct RequestReader<R> {
-    inner: R,
-    buf: BytesMut,
+/// Threads polling a socket now, across all connections.
+static POLLERS: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread's turn at polling its socket. At most all CPUs but one poll at
+/// once, so polling never takes the whole machine from the work it waits
+/// for.
+struct PollTurn;
+
+impl PollTurn {
+    fn take() -> Option<PollTurn> {
+        static MAX: OnceLock<usize> = OnceLock::new();
+        let max =
+            *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) - 1);
+        POLLERS
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PollTurn)
+    }
 }
 
-impl<R: AsyncRead + Unpin> RequestReader<R> {
-    fn new(inner: R) -> Self {
+impl Drop for PollTurn {
+    fn drop(&mut self) {
+        POLLERS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes a lock whose holder panicked too: the data behind these locks
+/// (a buffer, a socket, a queue) stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Splits the stream into request headers and WRITE payloads.
+///
+/// Hybrid polling: a wake-up between CPUs costs tens of microseconds (more
+/// in a VM), twice per request of a queue-depth-1 client: the request wakes
+/// the server's thread, the reply the client's. While a client answers each
+/// reply within `poll`, the reader waits for its next request by polling
+/// the socket for up to `poll` instead of sleeping in `recv`, so the
+/// request needs no wake-up. A client that pauses longer is not polled for
+/// again until it answers quickly once more; only a connection with nothing
+/// else in flight polls (see [`PollTurn`] for the machine-wide limit).
+struct RequestReader {
+    socket: TcpStream,
+    buf: BytesMut,
+    /// Longest poll; zero: never poll.
+    poll: Duration,
+    /// Whether the next receive may poll (set by the connection: only
+    /// while nothing else is in flight).
+    may_poll: bool,
+    /// The client sent its last request within `poll` of the wait's start.
+    answers_fast: bool,
+}
+
+impl RequestReader {
+    fn new(socket: TcpStream, poll: Duration) -> Self {
         RequestReader {
-            inner,
+            socket,
             buf: BytesMut::with_capacity(64 * 1024),
+            poll,
+            may_poll: false,
+            answers_fast: true,
         }
     }
 
@@ -73,9 +147,49 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         !self.buf.is_empty()
     }
 
+    /// One receive into the buffer's free room; the bytes received.
+    fn receive(&mut self) -> std::io::Result<usize> {
+        let started = Instant::now();
+        if self.may_poll && self.answers_fast && !self.poll.is_zero() {
+            if let Some(_turn) = PollTurn::take() {
+                let deadline = started + self.poll;
+                loop {
+                    match self.recv(RecvFlags::DONTWAIT) {
+                        Ok(n) => return Ok(n),
+                        Err(Errno::AGAIN | Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        let n = loop {
+            match self.recv(RecvFlags::empty()) {
+                Ok(n) => break n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.answers_fast = started.elapsed() < self.poll;
+        Ok(n)
+    }
+
+    fn recv(&mut self, flags: RecvFlags) -> rustix::io::Result<usize> {
+        let room: &mut [MaybeUninit<u8>] = self.buf.spare_capacity_mut();
+        let ((got, _), _) = rustix::net::recv(&self.socket, room, flags)?;
+        let n = got.len();
+        // SAFETY: `recv` initialised the first `n` bytes of the spare
+        // capacity, which follow the buffer's length.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        Ok(n)
+    }
+
     /// Reads until `n` bytes are buffered; false at a clean end of stream
     /// before any byte of them.
-    async fn fill(&mut self, n: usize) -> std::io::Result<bool> {
+    fn fill(&mut self, n: usize) -> std::io::Result<bool> {
         while self.buf.len() < n {
             let need = n - self.buf.len();
             // Room for what is needed and for the requests a client queued
@@ -83,7 +197,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             if self.buf.capacity() - self.buf.len() < need {
                 self.buf.reserve(need.max(READ_AHEAD));
             }
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            if self.receive()? == 0 {
                 if self.buf.is_empty() {
                     return Ok(false);
                 }
@@ -94,8 +208,8 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     }
 
     /// The next request header; `None` at a clean end of stream.
-    async fn header(&mut self) -> std::io::Result<Option<[u8; REQUEST_LEN]>> {
-        if !self.fill(REQUEST_LEN).await? {
+    fn header(&mut self) -> std::io::Result<Option<[u8; REQUEST_LEN]>> {
+        if !self.fill(REQUEST_LEN)? {
             return Ok(None);
         }
         let mut h = [0u8; REQUEST_LEN];
@@ -121,12 +235,24 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     }
 
     /// The `len` bytes of data after a WRITE header (`len` already checked).
-    async fn payload(&mut self, len: usize) -> std::io::Result<Bytes> {
-        if !self.fill(len).await? {
+    fn payload(&mut self, len: usize) -> std::io::Result<Bytes> {
+        if !self.fill(len)? {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         Ok(self.buf.split_to(len).freeze())
     }
+}
+
+/// A request taken from the stream, with the budget it holds until its
+/// reply is written.
+type Taken = (Request, Bytes, OwnedSemaphorePermit);
+
+/// What a worker took from the stream to answer.
+enum Work {
+    /// Any request.
+    One(Taken),
+    /// WRITEs with the same flags received back to back (two or more).
+    Writes(Vec<Taken>),
 }
 
 /// What every request of the connection needs.
@@ -134,37 +260,37 @@ struct Ctx {
     export: Arc<BlockExport>,
     structured: bool,
     block_status: bool,
+    /// The runtime the device's futures run on.
+    runtime: Handle,
     /// Replies waiting for the socket, each with the budget its request
     /// holds until the reply is written.
-    queue: std::sync::Mutex<Vec<(Reply, OwnedSemaphorePermit)>>,
-    /// The socket; its holder writes the queue.
-    writer: Mutex<OwnedWriteHalf>,
+    queue: Mutex<Vec<(Reply, OwnedSemaphorePermit)>>,
+    /// The socket's sending side; its holder writes the queue.
+    writer: Mutex<TcpStream>,
     /// Writing failed (the client is gone): replies are dropped.
     broken: AtomicBool,
 }
 
 impl Ctx {
-    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<(Reply, OwnedSemaphorePermit)>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Answers one request and sends the reply.
-    async fn handle(&self, req: Request, payload: Bytes, permit: OwnedSemaphorePermit) {
-        let reply = self.answer(req, payload).await;
-        self.send(reply, permit).await;
+    fn handle(&self, (req, payload, permit): Taken) {
+        let reply = self.runtime.block_on(self.answer(req, payload));
+        self.send_all(vec![(reply, permit)]);
     }
 
     /// Answers a batch of WRITE requests with the same flags, taken from
     /// the stream back to back: the device gets them in one call. A write
     /// that fails gets its error; the ones after it are answered one by
     /// one, as if they had come alone.
-    async fn handle_writes(&self, batch: Vec<(Request, Bytes, OwnedSemaphorePermit)>) {
+    fn handle_writes(&self, batch: Vec<Taken>) {
         let fua = batch[0].0.flags & CMD_FLAG_FUA != 0;
         let writes: Vec<(u64, Bytes)> = batch
             .iter()
             .map(|(r, p, _)| (r.offset, p.clone()))
             .collect();
-        let result = self.export.device.write_many(writes, fua).await;
+        let result = self
+            .runtime
+            .block_on(self.export.device.write_many(writes, fua));
         let done = match &result {
             Ok(()) => batch.len(),
             Err((n, _)) => *n,
@@ -190,34 +316,30 @@ impl Ctx {
                 rest.push((req, payload, permit));
             }
         }
-        self.send_all(replies).await;
-        for (req, payload, permit) in rest {
-            self.handle(req, payload, permit).await;
+        self.send_all(replies);
+        for taken in rest {
+            self.handle(taken);
         }
     }
 
-    /// Queues a reply, and writes the queue unless another task is writing
-    /// it.
-    async fn send(&self, reply: Reply, permit: OwnedSemaphorePermit) {
-        self.send_all(vec![(reply, permit)]).await;
-    }
-
-    /// Queues replies, and writes the queue unless another task is writing
-    /// it. The writer looks at the queue again after letting the socket go,
-    /// so a reply queued meanwhile is never left behind.
-    async fn send_all(&self, replies: Vec<(Reply, OwnedSemaphorePermit)>) {
-        self.queue().extend(replies);
+    /// Queues replies, and writes the queue unless another worker is
+    /// writing it. The writer looks at the queue again after letting the
+    /// socket go, so a reply queued meanwhile is never left behind.
+    fn send_all(&self, replies: Vec<(Reply, OwnedSemaphorePermit)>) {
+        lock(&self.queue).extend(replies);
         loop {
-            let Ok(mut w) = self.writer.try_lock() else {
-                return;
+            let mut w = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
             };
             loop {
-                let batch = std::mem::take(&mut *self.queue());
+                let batch = std::mem::take(&mut *lock(&self.queue));
                 if batch.is_empty() {
                     break;
                 }
                 if !self.broken.load(Ordering::Relaxed) {
-                    if let Err(e) = write_batch(&mut w, &batch).await {
+                    if let Err(e) = write_batch(&mut w, &batch) {
                         tracing::debug!(cause = %e, "writing replies failed");
                         self.broken.store(true, Ordering::Relaxed);
                     }
@@ -226,7 +348,7 @@ impl Ctx {
                 drop(batch);
             }
             drop(w);
-            if self.queue().is_empty() {
+            if lock(&self.queue).is_empty() {
                 return;
             }
         }
@@ -373,13 +495,10 @@ async fn write_zeros(
 }
 
 /// Writes whole replies, with as few system calls as the socket allows.
-async fn write_batch(
-    w: &mut OwnedWriteHalf,
-    batch: &[(Reply, OwnedSemaphorePermit)],
-) -> std::io::Result<()> {
+fn write_batch(w: &mut TcpStream, batch: &[(Reply, OwnedSemaphorePermit)]) -> std::io::Result<()> {
     if let [(reply, _)] = batch {
         if reply.data.is_empty() {
-            return w.write_all(&reply.head).await;
+            return w.write_all(&reply.head);
         }
     }
     let mut bufs: Vec<Bytes> = batch
@@ -394,10 +513,12 @@ async fn write_batch(
             .take(MAX_IOV)
             .map(|b| IoSlice::new(b))
             .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
+        let mut n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         while n > 0 && first < bufs.len() {
             let len = bufs[first].len();
             if n >= len {
@@ -420,71 +541,81 @@ fn units(req: &Request) -> u32 {
     }
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+/// One connection in transmission, shared by its workers.
+struct Connection {
+    ctx: Ctx,
+    /// The socket's receiving side and what was received of it.
+    reader: Mutex<RequestReader>,
+    budget: Arc<Semaphore>,
+    /// Requests being answered by workers that let the reader go.
+    busy: AtomicUsize,
+    /// Workers waiting for the reader.
+    idle: AtomicUsize,
+    /// Workers alive.
+    workers: AtomicUsize,
+    /// The stream ended (the client left or broke the protocol, or the
+    /// server shut the socket down): no worker reads any more.
+    ended: AtomicBool,
+    /// Told when the last worker has left.
+    finished: Mutex<Option<oneshot::Sender<()>>>,
+    /// The connection's span, entered by every worker.
+    span: tracing::Span,
+    /// Keeps the export's device in use while a worker may touch it.
+    _export_use: ExportUse,
 }
 
-/// Serves requests on an export until the client disconnects, breaks the
-/// protocol, the export is removed or the server stops; then lets requests
-/// in flight finish and closes the connection.
-pub(super) async fn serve(
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
-    negotiated: Negotiated,
-    export_use: ExportUse,
-    mut stop: watch::Receiver<bool>,
-) {
-    let ctx = Arc::new(Ctx {
-        export: negotiated.export,
-        structured: negotiated.structured,
-        block_status: negotiated.block_status,
-        queue: std::sync::Mutex::new(Vec::new()),
-        writer: Mutex::new(wr),
-        broken: AtomicBool::new(false),
-    });
-    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
-    let mut requests = RequestReader::new(rd);
-    let mut closed = export_use.clone();
-    loop {
-        let header = tokio::select! {
-            h = requests.header() => h,
-            () = closed.closed() => break,
-            () = stopped(&mut stop) => break,
-        };
-        let header = match header {
+impl Connection {
+    /// The next request (or batch of writes) from the stream; `None` when
+    /// the stream has ended, after marking it so.
+    fn next(&self, requests: &mut RequestReader) -> Option<Work> {
+        if self.ended.load(Ordering::SeqCst) {
+            return None;
+        }
+        let work = self.take(requests);
+        if work.is_none() {
+            self.ended.store(true, Ordering::SeqCst);
+        }
+        work
+    }
+
+    fn take(&self, requests: &mut RequestReader) -> Option<Work> {
+        let export = &self.ctx.export;
+        requests.may_poll = self.busy.load(Ordering::SeqCst) == 0;
+        let header = match requests.header() {
             Ok(Some(h)) => h,
-            Ok(None) => break,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::debug!(cause = %e, "connection ended mid-request");
-                break;
+                return None;
             }
         };
         let Some(req) = Request::parse(&header) else {
-            tracing::info!(export = %ctx.export.name, "closing nbd connection: bad request magic");
-            break;
+            tracing::info!(export = %export.name, "closing nbd connection: bad request magic");
+            return None;
         };
         if req.kind == CMD_DISC {
-            break;
+            return None;
         }
         if req.kind == CMD_WRITE && req.len > MAX_REQUEST {
-            tracing::info!(export = %ctx.export.name, len = req.len, "closing nbd connection: write longer than the maximum block size");
-            break;
+            tracing::info!(export = %export.name, len = req.len, "closing nbd connection: write longer than the maximum block size");
+            return None;
         }
-        let need = units(&req);
-        let Ok(permit) = budget.clone().acquire_many_owned(need).await else {
-            break;
+        let budget = self.budget.clone();
+        let permit = match budget.clone().try_acquire_many_owned(units(&req)) {
+            Ok(p) => p,
+            // Replies being written free it; the socket waits meanwhile.
+            Err(_) => self
+                .ctx
+                .runtime
+                .block_on(budget.acquire_many_owned(units(&req)))
+                .ok()?,
         };
         let payload = if req.kind == CMD_WRITE {
-            let read = tokio::select! {
-                p = requests.payload(req.len as usize) => p,
-                () = closed.closed() => break,
-                () = stopped(&mut stop) => break,
-            };
-            match read {
+            match requests.payload(req.len as usize) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(cause = %e, "connection ended inside a write");
-                    break;
+                    return None;
                 }
             }
         } else {
@@ -492,52 +623,209 @@ pub(super) async fn serve(
         };
         // WRITEs queued behind this one, already received whole, go to the
         // device with it (one hand-off to storage for all).
+        let batchable =
+            req.kind == CMD_WRITE && req.flags & !CMD_FLAG_FUA == 0 && !export.device.read_only();
         let mut batch = Vec::new();
-        let batchable = req.kind == CMD_WRITE
-            && req.flags & !CMD_FLAG_FUA == 0
-            && !ctx.export.device.read_only();
-        let mut held = need;
         while batchable && batch.len() + 1 < MAX_BATCH {
             let Some(next) = requests.peek_write(req.flags) else {
                 break;
             };
-            let more = units(&next);
             // No budget: the request stays for the next round.
-            let Ok(p) = budget.clone().try_acquire_many_owned(more) else {
+            let Ok(p) = self.budget.clone().try_acquire_many_owned(units(&next)) else {
                 break;
             };
-            held += more;
             let data = requests.take_write(&next);
             batch.push((next, data, p));
         }
-        let alone = budget.available_permits() + held as usize == BUDGET_UNITS as usize
-            && !requests.has_buffered();
-        if !batch.is_empty() {
-            batch.insert(0, (req, payload, permit));
-            if alone {
-                ctx.handle_writes(batch).await;
-            } else {
-                let ctx = ctx.clone();
-                let user = export_use.clone();
-                tokio::spawn(async move {
-                    ctx.handle_writes(batch).await;
-                    drop(user);
-                });
-            }
-        } else if alone {
-            ctx.handle(req, payload, permit).await;
-        } else {
-            let ctx = ctx.clone();
-            let user = export_use.clone();
-            tokio::spawn(async move {
-                ctx.handle(req, payload, permit).await;
-                drop(user);
-            });
+        if batch.is_empty() {
+            return Some(Work::One((req, payload, permit)));
+        }
+        batch.insert(0, (req, payload, permit));
+        Some(Work::Writes(batch))
+    }
+
+    fn answer(&self, work: Work) {
+        match work {
+            Work::One(taken) => self.ctx.handle(taken),
+            Work::Writes(batch) => self.ctx.handle_writes(batch),
         }
     }
-    // Every request in flight is answered (its reply written, or dropped
-    // when the client is gone) before the connection closes.
-    let _ = budget.acquire_many(BUDGET_UNITS).await;
-    let _ = ctx.writer.lock().await.shutdown().await;
-    drop(export_use);
+
+    /// Starts another worker when none waits for the reader (the one that
+    /// let it go is busy answering), up to [`MAX_WORKERS`].
+    fn more_hands(self: &Arc<Self>) {
+        if self.idle.load(Ordering::SeqCst) > 0 || self.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        let grown = self
+            .workers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_WORKERS).then_some(n + 1)
+            });
+        if grown.is_ok() && !self.spawn_worker() {
+            self.leave();
+        }
+    }
+
+    /// Starts a worker already counted in `workers`; false when the
+    /// system refused a thread.
+    fn spawn_worker(self: &Arc<Self>) -> bool {
+        let conn = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || conn.work());
+        if let Err(e) = &spawned {
+            tracing::warn!(cause = %e, "cannot start an nbd connection thread");
+        }
+        spawned.is_ok()
+    }
+
+    /// A worker: takes turns at the reader until the stream ends.
+    fn work(self: Arc<Self>) {
+        crate::fsutil::serve_blocking_here();
+        let span = self.span.clone();
+        let _entered = span.enter();
+        loop {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let mut requests = lock(&self.reader);
+            self.idle.fetch_sub(1, Ordering::SeqCst);
+            let work = loop {
+                let Some(work) = self.next(&mut requests) else {
+                    break None;
+                };
+                if self.busy.load(Ordering::SeqCst) > 0 || requests.has_buffered() {
+                    // Counted before the reader goes, so whoever reads next
+                    // does not take its request to be alone.
+                    self.busy.fetch_add(1, Ordering::SeqCst);
+                    break Some(work);
+                }
+                // Alone: answered without letting the socket go.
+                self.answer(work);
+            };
+            drop(requests);
+            let Some(work) = work else {
+                break;
+            };
+            self.more_hands();
+            self.answer(work);
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.leave();
+    }
+
+    /// A worker leaves; the last one closes the socket (every reply it
+    /// owed is written by now) and says so.
+    fn leave(&self) {
+        if self.workers.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let _ = lock(&self.ctx.writer).shutdown(Shutdown::Both);
+        if let Some(tx) = lock(&self.finished).take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Ends a connection from outside: its workers see the end of the stream,
+/// answer what they hold, and leave.
+pub(super) struct Closer(TcpStream);
+
+impl Closer {
+    /// Stops reading requests; requests in flight still get replies.
+    pub(super) fn stop_reading(&self) {
+        let _ = self.0.shutdown(Shutdown::Read);
+    }
+
+    /// Drops the connection outright: a worker blocked writing to a client
+    /// that reads nothing fails and leaves.
+    pub(super) fn abort(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+/// Starts serving requests on an export on threads of their own, polling
+/// for a fast client's next request for up to `poll`; `done`
+/// is told when the client disconnected or broke the protocol, or the
+/// connection was closed through the returned [`Closer`], and every
+/// request in flight was answered.
+///
+/// # Errors
+/// The socket could not be made blocking or cloned, or no thread could be
+/// started; the connection is dropped.
+pub(super) fn start(
+    socket: TcpStream,
+    negotiated: Negotiated,
+    export_use: ExportUse,
+    poll: Duration,
+    done: oneshot::Sender<()>,
+) -> std::io::Result<Closer> {
+    socket.set_nonblocking(false)?;
+    let writer = socket.try_clone()?;
+    let closer = Closer(socket.try_clone()?);
+    let conn = Arc::new(Connection {
+        ctx: Ctx {
+            export: negotiated.export,
+            structured: negotiated.structured,
+            block_status: negotiated.block_status,
+            runtime: Handle::current(),
+            queue: Mutex::new(Vec::new()),
+            writer: Mutex::new(writer),
+            broken: AtomicBool::new(false),
+        },
+        reader: Mutex::new(RequestReader::new(socket, poll)),
+        budget: Arc::new(Semaphore::new(BUDGET_UNITS as usize)),
+        busy: AtomicUsize::new(0),
+        idle: AtomicUsize::new(0),
+        workers: AtomicUsize::new(1),
+        ended: AtomicBool::new(false),
+        finished: Mutex::new(Some(done)),
+        span: tracing::Span::current(),
+        _export_use: export_use,
+    });
+    if !conn.spawn_worker() {
+        return Err(std::io::Error::other("no thread for the connection"));
+    }
+    Ok(closer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn the_reader_polls_only_for_a_client_that_answers_quickly() {
+        let poll = Duration::from_millis(20);
+        let (mut client, server) = pair();
+        let mut reader = RequestReader::new(server, poll);
+        reader.may_poll = true;
+        // Sent before the wait: a quick client, polled for next time.
+        client.write_all(&[1; REQUEST_LEN]).unwrap();
+        assert_eq!(reader.header().unwrap(), Some([1; REQUEST_LEN]));
+        assert!(reader.answers_fast);
+        // A pause longer than the poll: the wait ends in recv, and the
+        // next wait does not poll.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(poll * 3);
+            client.write_all(&[2; REQUEST_LEN]).unwrap();
+            client
+        });
+        assert_eq!(reader.header().unwrap(), Some([2; REQUEST_LEN]));
+        assert!(!reader.answers_fast);
+        let mut client = late.join().unwrap();
+        // Quick again: polled for again.
+        client.write_all(&[3; REQUEST_LEN]).unwrap();
+        assert_eq!(reader.header().unwrap(), Some([3; REQUEST_LEN]));
+        assert!(reader.answers_fast);
+        // The end of the stream is seen while polling, too.
+        drop(client);
+        assert_eq!(reader.header().unwrap(), None);
+    }
 }
