@@ -15,8 +15,9 @@
 //! was checked against [`MAX_REQUEST`] and the connection's byte budget was
 //! reserved; a receive may bring up to [`READ_AHEAD`] bytes of the requests
 //! queued behind it). A request alone on the connection (nothing else in
-//! flight, nothing buffered behind it) is answered by the reader without
-//! letting the socket go. Any other request is answered after the reader
+//! flight, nothing buffered behind it, not a large WRITE) is answered by
+//! the reader without letting the socket go. Any other request is answered
+//! after the reader
 //! lets go, and a waiting worker (or a new one, up to [`MAX_WORKERS`]) reads
 //! on, so a client's queue runs in parallel against the device. WRITEs
 //! already received whole behind a WRITE go to the device with it in one
@@ -72,6 +73,9 @@ const MAX_IOV: usize = 1024;
 /// queue of 1 MiB writes (qd4) arrives in one system call.
 const READ_AHEAD: usize = 4 << 20;
 
+/// A WRITE this long is stored while another worker reads on.
+const BIG_WRITE: u32 = 256 * 1024;
+
 /// Most WRITE requests handed to the device together.
 const MAX_BATCH: usize = 64;
 
@@ -117,8 +121,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// reply within `poll`, the reader waits for its next request by polling
 /// the socket for up to `poll` instead of sleeping in `recv`, so the
 /// request needs no wake-up. A client that pauses longer is not polled for
-/// again until it answers quickly once more; only a connection with nothing
-/// else in flight polls (see [`PollTurn`] for the machine-wide limit).
+/// again until it answers quickly once more. Only the wait for a new
+/// request polls, and only on a connection with nothing else in flight
+/// (see [`PollTurn`] for the machine-wide limit).
 struct RequestReader {
     socket: TcpStream,
     buf: BytesMut,
@@ -150,7 +155,10 @@ impl RequestReader {
     /// One receive into the buffer's free room; the bytes received.
     fn receive(&mut self) -> std::io::Result<usize> {
         let started = Instant::now();
-        if self.may_poll && self.answers_fast && !self.poll.is_zero() {
+        // Only between requests: the rest of a request already begun comes
+        // at the network's pace, and polling for it is CPU thrown away.
+        let between = self.buf.is_empty();
+        if between && self.may_poll && self.answers_fast && !self.poll.is_zero() {
             if let Some(_turn) = PollTurn::take() {
                 let deadline = started + self.poll;
                 loop {
@@ -173,7 +181,9 @@ impl RequestReader {
                 Err(e) => return Err(e.into()),
             }
         };
-        self.answers_fast = started.elapsed() < self.poll;
+        if between {
+            self.answers_fast = started.elapsed() < self.poll;
+        }
         Ok(n)
     }
 
@@ -253,6 +263,18 @@ enum Work {
     One(Taken),
     /// WRITEs with the same flags received back to back (two or more).
     Writes(Vec<Taken>),
+}
+
+impl Work {
+    /// Whether it carries more data than a small request: the socket then
+    /// goes to another worker while this one stores the data, so copying
+    /// the next request in overlaps with writing this one out.
+    fn is_big(&self) -> bool {
+        match self {
+            Work::One((req, _, _)) => req.kind == CMD_WRITE && req.len >= BIG_WRITE,
+            Work::Writes(_) => true,
+        }
+    }
 }
 
 /// What every request of the connection needs.
@@ -693,7 +715,8 @@ impl Connection {
                 let Some(work) = self.next(&mut requests) else {
                     break None;
                 };
-                if self.busy.load(Ordering::SeqCst) > 0 || requests.has_buffered() {
+                if self.busy.load(Ordering::SeqCst) > 0 || requests.has_buffered() || work.is_big()
+                {
                     // Counted before the reader goes, so whoever reads next
                     // does not take its request to be alone.
                     self.busy.fetch_add(1, Ordering::SeqCst);
