@@ -1,4 +1,4 @@
-//! `nbd`: a Network Block Device server for block exports, on tokio.
+//! `nbd`: a Network Block Device server for block exports.
 //!
 //! - [`proto`]: wire constants and the request header.
 //! - [`handshake`]: fixed newstyle option haggling (NBD_OPT_GO, INFO, LIST,
@@ -9,8 +9,10 @@
 //! - [`reply`]: option replies, simple replies, structured reply chunks.
 //!
 //! One task accepts connections; each connection runs its handshake (at
-//! most [`HANDSHAKE_TIMEOUT`]) and then its transmission phase on the
-//! export it chose. Exports come from the protocol-agnostic
+//! most [`HANDSHAKE_TIMEOUT`]) as a task, then its transmission phase on
+//! the export it chose on threads of its own, while its task waits to close
+//! it when the server stops or the export goes (requests in flight get
+//! [`CLOSE_GRACE`]). Exports come from the protocol-agnostic
 //! [`BlockExports`]. Multi-conn is advertised: every connection to an
 //! export writes into the same write cache, and a flush commits it whole.
 //! TLS (NBD_OPT_STARTTLS) is not offered; it is answered NBD_REP_ERR_UNSUP.
