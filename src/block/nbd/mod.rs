@@ -53,7 +53,16 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// The NBD server of one registry of block exports.
 pub struct NbdServer {
     registry: Arc<BlockExports>,
+    timing: Timing,
+}
+
+/// How a server's connections wait: for requests, and to close.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// Longest poll for a quick client's next request.
     poll: Duration,
+    /// How long requests in flight may take once the connection must close.
+    close_grace: Duration,
 }
 
 impl NbdServer {
@@ -61,14 +70,24 @@ impl NbdServer {
     pub fn new(registry: Arc<BlockExports>) -> NbdServer {
         NbdServer {
             registry,
-            poll: DEFAULT_POLL,
+            timing: Timing {
+                poll: DEFAULT_POLL,
+                close_grace: CLOSE_GRACE,
+            },
         }
     }
 
     /// Polls for a queue-depth-1 client's next request for up to `poll`
     /// (zero: never), instead of [`DEFAULT_POLL`].
     pub fn with_poll(mut self, poll: Duration) -> NbdServer {
-        self.poll = poll;
+        self.timing.poll = poll;
+        self
+    }
+
+    /// Gives requests in flight `grace` to finish when a connection must
+    /// close, instead of [`CLOSE_GRACE`].
+    pub fn with_close_grace(mut self, grace: Duration) -> NbdServer {
+        self.timing.close_grace = grace;
         self
     }
 
@@ -98,7 +117,7 @@ impl NbdServer {
                             peer,
                             self.registry.clone(),
                             stop_rx.clone(),
-                            self.poll,
+                            self.timing,
                             done_tx.clone(),
                         ));
                     }
@@ -130,7 +149,7 @@ async fn connection(
     peer: SocketAddr,
     registry: Arc<BlockExports>,
     mut stop: watch::Receiver<bool>,
-    poll: Duration,
+    timing: Timing,
     _done: mpsc::Sender<()>,
 ) {
     tracing::debug!("nbd connection accepted");
@@ -167,7 +186,7 @@ async fn connection(
         .fetch_add(1, Ordering::Relaxed);
     let (done_tx, mut done_rx) = oneshot::channel();
     let started = stream.into_std().and_then(|socket| {
-        transmission::start(socket, negotiated, export_use.clone(), poll, done_tx)
+        transmission::start(socket, negotiated, export_use.clone(), timing.poll, done_tx)
     });
     match started {
         Ok(closer) => {
@@ -179,7 +198,7 @@ async fn connection(
             };
             if wanted {
                 closer.stop_reading();
-                if tokio::time::timeout(CLOSE_GRACE, &mut done_rx)
+                if tokio::time::timeout(timing.close_grace, &mut done_rx)
                     .await
                     .is_err()
                 {

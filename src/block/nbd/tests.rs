@@ -469,3 +469,65 @@ async fn a_queue_of_writes_with_one_beyond_the_end() {
     }
     assert!(data[3 * 4096..4 * 4096].iter().all(|b| *b == 0));
 }
+
+#[tokio::test]
+async fn a_client_that_reads_no_replies_cannot_hold_up_the_server_stop() {
+    let reg = BlockExports::new();
+    let dev = Arc::new(MemDevice::new("disk", vec![7u8; SIZE]));
+    let local = vec![IpAddr::from([127, 0, 0, 1])];
+    reg.add(BlockExport::new("disk", BlockProtocol::Nbd, dev, local))
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        NbdServer::new(reg.clone()).with_close_grace(std::time::Duration::from_millis(200));
+    let serving = tokio::spawn(server.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    let mut c = Client::connect(addr).await;
+    c.option(OPT_EXPORT_NAME, b"disk").await;
+    let mut rest = [0u8; 10];
+    c.0.read_exact(&mut rest).await.unwrap();
+    // 64 MiB of replies asked for and never read: far more than the two
+    // sockets' buffers hold, so the server's workers block writing them.
+    let mut burst = BytesMut::new();
+    for i in 0..1024u64 {
+        burst.put_u32(REQUEST_MAGIC);
+        burst.put_u16(0);
+        burst.put_u16(CMD_READ);
+        burst.put_u64(i);
+        burst.put_u64(0);
+        burst.put_u32(SIZE as u32);
+    }
+    c.0.write_all(&burst).await.unwrap();
+    // Until the server has filled the sockets: replies stop arriving.
+    let mut seen = 0;
+    while reg
+        .get("disk", BlockProtocol::Nbd)
+        .unwrap()
+        .metrics
+        .bytes_read
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 8 << 20
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        seen += 1;
+        assert!(seen < 500, "the server never read the requests");
+    }
+    stop_tx.send(()).unwrap();
+    // A hang here is the failure; the grace is 200 ms.
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), serving).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "the server did not stop");
+    // The connection was dropped: what the sockets held, then the end.
+    let mut sink = vec![0u8; 1 << 20];
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Ok(n) = c.0.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection stayed open");
+}
