@@ -62,6 +62,16 @@ impl Client {
         Client(s)
     }
 
+    /// Connected and in transmission on export `disk` (old-style
+    /// NBD_OPT_EXPORT_NAME; its size and flags skipped).
+    async fn export_disk(addr: SocketAddr) -> Client {
+        let mut c = Client::connect(addr).await;
+        c.option(OPT_EXPORT_NAME, b"disk").await;
+        let mut rest = [0u8; 10];
+        c.0.read_exact(&mut rest).await.unwrap();
+        c
+    }
+
     async fn option(&mut self, option: u32, data: &[u8]) {
         let mut b = BytesMut::new();
         b.put_u64(IHAVEOPT);
@@ -128,12 +138,7 @@ impl Client {
         data: &[u8],
     ) {
         let mut b = BytesMut::new();
-        b.put_u32(REQUEST_MAGIC);
-        b.put_u16(flags);
-        b.put_u16(kind);
-        b.put_u64(handle);
-        b.put_u64(offset);
-        b.put_u32(len);
+        put_request(&mut b, kind, flags, handle, offset, len);
         b.put_slice(data);
         self.0.write_all(&b).await.unwrap();
     }
@@ -155,6 +160,16 @@ impl Client {
         let mut b = [0u8; 1];
         matches!(self.0.read(&mut b).await, Ok(0) | Err(_))
     }
+}
+
+/// Appends one request header to `b`.
+fn put_request(b: &mut BytesMut, kind: u16, flags: u16, handle: u64, offset: u64, len: u32) {
+    b.put_u32(REQUEST_MAGIC);
+    b.put_u16(flags);
+    b.put_u16(kind);
+    b.put_u64(handle);
+    b.put_u64(offset);
+    b.put_u32(len);
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -327,10 +342,7 @@ async fn simple_replies_without_structured_negotiation() {
 #[tokio::test]
 async fn garbage_closes_only_its_own_connection() {
     let (addr, _, _) = server().await;
-    let mut good = Client::connect(addr).await;
-    good.option(OPT_EXPORT_NAME, b"disk").await;
-    let mut rest = [0u8; 10];
-    good.0.read_exact(&mut rest).await.unwrap();
+    let mut good = Client::export_disk(addr).await;
 
     for garbage in [
         &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
@@ -360,17 +372,11 @@ async fn garbage_closes_only_its_own_connection() {
     assert!(huge.closed().await);
     // In transmission: a bad magic and an oversized write close that connection.
     for (magic, len) in [(0xdead_beefu32, 0u32), (REQUEST_MAGIC, u32::MAX)] {
-        let mut c = Client::connect(addr).await;
-        c.option(OPT_EXPORT_NAME, b"disk").await;
-        let mut rest = [0u8; 10];
-        c.0.read_exact(&mut rest).await.unwrap();
+        let mut c = Client::export_disk(addr).await;
         let mut req = BytesMut::new();
-        req.put_u32(magic);
-        req.put_u16(0);
-        req.put_u16(CMD_WRITE);
-        req.put_u64(1);
-        req.put_u64(0);
-        req.put_u32(len);
+        put_request(&mut req, CMD_WRITE, 0, 1, 0, len);
+        // The magic in front is the one under test.
+        req[..4].copy_from_slice(&magic.to_be_bytes());
         c.0.write_all(&req).await.unwrap();
         assert!(c.closed().await);
     }
@@ -383,19 +389,11 @@ async fn garbage_closes_only_its_own_connection() {
 #[tokio::test]
 async fn requests_in_flight_run_in_parallel_and_all_get_answers() {
     let (addr, _, _) = server().await;
-    let mut c = Client::connect(addr).await;
-    c.option(OPT_EXPORT_NAME, b"disk").await;
-    let mut rest = [0u8; 10];
-    c.0.read_exact(&mut rest).await.unwrap();
+    let mut c = Client::export_disk(addr).await;
     // A burst of pipelined writes then reads: every handle answered once.
     let mut burst = BytesMut::new();
     for i in 0..32u64 {
-        burst.put_u32(REQUEST_MAGIC);
-        burst.put_u16(0);
-        burst.put_u16(CMD_WRITE);
-        burst.put_u64(i);
-        burst.put_u64(i * 1024);
-        burst.put_u32(1024);
+        put_request(&mut burst, CMD_WRITE, 0, i, i * 1024, 1024);
         burst.put_bytes(i as u8, 1024);
     }
     c.0.write_all(&burst).await.unwrap();
@@ -436,19 +434,11 @@ async fn export_name_after_structured_replies_keeps_them() {
 #[tokio::test]
 async fn a_queue_of_writes_with_one_beyond_the_end() {
     let (addr, dev, _) = server().await;
-    let mut c = Client::connect(addr).await;
-    c.option(OPT_EXPORT_NAME, b"disk").await;
-    let mut rest = [0u8; 10];
-    c.0.read_exact(&mut rest).await.unwrap();
+    let mut c = Client::export_disk(addr).await;
     let mut burst = BytesMut::new();
     for i in 0..8u64 {
         let offset = if i == 3 { SIZE as u64 } else { i * 4096 };
-        burst.put_u32(REQUEST_MAGIC);
-        burst.put_u16(0);
-        burst.put_u16(CMD_WRITE);
-        burst.put_u64(i);
-        burst.put_u64(offset);
-        burst.put_u32(4096);
+        put_request(&mut burst, CMD_WRITE, 0, i, offset, 4096);
         burst.put_bytes(0x10 + i as u8, 4096);
     }
     c.0.write_all(&burst).await.unwrap();
@@ -485,20 +475,12 @@ async fn a_client_that_reads_no_replies_cannot_hold_up_the_server_stop() {
     let serving = tokio::spawn(server.serve(listener, async {
         let _ = stop_rx.await;
     }));
-    let mut c = Client::connect(addr).await;
-    c.option(OPT_EXPORT_NAME, b"disk").await;
-    let mut rest = [0u8; 10];
-    c.0.read_exact(&mut rest).await.unwrap();
+    let mut c = Client::export_disk(addr).await;
     // 64 MiB of replies asked for and never read: far more than the two
     // sockets' buffers hold, so the server's workers block writing them.
     let mut burst = BytesMut::new();
     for i in 0..1024u64 {
-        burst.put_u32(REQUEST_MAGIC);
-        burst.put_u16(0);
-        burst.put_u16(CMD_READ);
-        burst.put_u64(i);
-        burst.put_u64(0);
-        burst.put_u32(SIZE as u32);
+        put_request(&mut burst, CMD_READ, 0, i, 0, SIZE as u32);
     }
     c.0.write_all(&burst).await.unwrap();
     // Until the server has filled the sockets: replies stop arriving.
