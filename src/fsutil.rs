@@ -92,13 +92,15 @@ mod tests {
 
 thread_local! {
     /// Set on threads that serve one request at a time outside the async
-    /// workers (FUSE request threads): blocking file work may run on them.
+    /// workers (FUSE request threads, NBD connection threads): blocking file
+    /// work may run on them.
     static SERVES_BLOCKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Marks this thread as one that may block in file I/O (a FUSE request
-/// thread): [`blocking`] runs work on it directly, sparing a hand-off to
-/// tokio's blocking pool and back on every write.
+/// thread, an NBD connection thread): [`blocking`] runs work on it
+/// directly, sparing a hand-off to tokio's blocking pool and back on every
+/// write.
 pub fn serve_blocking_here() {
     SERVES_BLOCKING.with(|s| s.set(true));
 }

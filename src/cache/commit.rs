@@ -41,7 +41,8 @@
 //!
 //! The flush runs in `spawn_blocking`, detached from the caller that started
 //! it, so a cancelled caller never leaves the cache "flushing" forever. On a
-//! FUSE request thread (`fsutil::serves_blocking`) it runs on that thread:
+//! FUSE request or NBD connection thread (`fsutil::serves_blocking`) it runs
+//! on that thread:
 //! its caller is never cancelled, and the hand-off would cost a wake-up
 //! per fsync.
 

@@ -154,11 +154,11 @@ impl RequestReader {
 
     /// One receive into the buffer's free room; the bytes received.
     fn receive(&mut self) -> std::io::Result<usize> {
-        let started = Instant::now();
-        // Only between requests: the rest of a request already begun comes
-        // at the network's pace, and polling for it is CPU thrown away.
-        let between = self.buf.is_empty();
-        if between && self.may_poll && self.answers_fast && !self.poll.is_zero() {
+        // Only the wait for a new request is timed and may poll: the rest
+        // of a request already begun comes at the network's pace, and
+        // polling for it is CPU thrown away.
+        let started = (self.buf.is_empty() && !self.poll.is_zero()).then(Instant::now);
+        if let Some(started) = started.filter(|_| self.may_poll && self.answers_fast) {
             if let Some(_turn) = PollTurn::take() {
                 let deadline = started + self.poll;
                 loop {
@@ -181,7 +181,7 @@ impl RequestReader {
                 Err(e) => return Err(e.into()),
             }
         };
-        if between {
+        if let Some(started) = started {
             self.answers_fast = started.elapsed() < self.poll;
         }
         Ok(n)
