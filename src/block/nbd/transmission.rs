@@ -15,12 +15,12 @@
 //! was checked against [`MAX_REQUEST`] and the connection's byte budget was
 //! reserved; a receive may bring up to [`READ_AHEAD`] bytes of the requests
 //! queued behind it, and a long WRITE's data is received into a reused
-//! buffer of its own, [`PayloadPool`]). A request alone on the connection (nothing else in
-//! flight, nothing buffered behind it, not a large WRITE) is answered by
-//! the reader without letting the socket go. Any other request is answered
-//! after the reader
-//! lets go, and a waiting worker (or a new one, up to [`MAX_WORKERS`]) reads
-//! on, so a client's queue runs in parallel against the device. WRITEs
+//! buffer of its own, see [`PayloadPool`]). A request alone on the
+//! connection (nothing else in flight, nothing buffered behind it, not a
+//! large WRITE) is answered by the reader without letting the socket go.
+//! Any other request is answered after the reader lets go, and a waiting
+//! worker (or a new one, up to [`MAX_WORKERS`]) reads on, so a client's
+//! queue runs in parallel against the device. WRITEs
 //! already received whole behind a WRITE go to the device with it in one
 //! [`write_many`](crate::block::BlockDevice::write_many). Replies go out in
 //! completion order (handles let replies overtake each other) through a
