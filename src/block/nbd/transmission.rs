@@ -327,17 +327,10 @@ impl RequestReader {
         // What came with the header, then the rest straight from the
         // socket into the pool buffer.
         let mut buf = self.pool.take(len);
-        let mut got = self.buf.len();
+        let got = self.buf.len();
         buf[..got].copy_from_slice(&self.buf);
         self.buf.clear();
-        while got < len {
-            match (&self.socket).read(&mut buf[got..len]) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        (&self.socket).read_exact(&mut buf[got..len])?;
         let pool = self.pool.clone();
         Ok(Bytes::from_owner(Pooled { buf, len, pool }))
     }
