@@ -705,14 +705,14 @@ impl Connection {
             tracing::info!(export = %export.name, len = req.len, "closing nbd connection: write longer than the maximum block size");
             return None;
         }
-        let budget = self.budget.clone();
-        let permit = match budget.clone().try_acquire_many_owned(units(&req)) {
+        let need = units(&req);
+        let permit = match self.budget.clone().try_acquire_many_owned(need) {
             Ok(p) => p,
             // Replies being written free it; the socket waits meanwhile.
             Err(_) => self
                 .ctx
                 .runtime
-                .block_on(budget.acquire_many_owned(units(&req)))
+                .block_on(self.budget.clone().acquire_many_owned(need))
                 .ok()?,
         };
         let payload = if req.kind == CMD_WRITE {
