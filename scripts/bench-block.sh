@@ -12,6 +12,10 @@
 # (b) nbdkit's file plugin serves the same bytes as a plain file.
 # (c) revive's NFS datastore serves the same publication (the same file and
 #     write cache as (a)) to fio's nfs engine (scripts/build-fio-nfs.sh).
+# (d) nbdkit's null plugin (no storage at all: writes are dropped, reads
+#     are zeros): what fio's nbd engine reaches against a server that does
+#     no work but sleeps between requests as nbdkit does, the ceiling of
+#     any line the client bounds.
 #
 # All three listen on 127.0.0.1 (free ports); fio and the servers share the
 # machine's cores. Both data sets sit on the same filesystem and in the page
@@ -73,12 +77,15 @@ wait_port() {
 
 REVIVE_PID=""
 NBDKIT_PID=""
+NULL_PID=""
 cleanup() {
     set +e
     [ -n "$REVIVE_PID" ] && kill -TERM "$REVIVE_PID" 2>/dev/null && wait "$REVIVE_PID" 2>/dev/null
     [ -n "$NBDKIT_PID" ] && kill -TERM "$NBDKIT_PID" 2>/dev/null && wait "$NBDKIT_PID" 2>/dev/null
+    [ -n "$NULL_PID" ] && kill -TERM "$NULL_PID" 2>/dev/null && wait "$NULL_PID" 2>/dev/null
     REVIVE_PID=""
     NBDKIT_PID=""
+    NULL_PID=""
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -110,16 +117,18 @@ stop_revive() {
     REVIVE_PID=""
 }
 
+# start_nbdkit PLUGIN ARGS...: starts nbdkit on a free port; sets
+# STARTED_PID and STARTED_NBD.
 start_nbdkit() {
     local port
     port=$(free_port)
-    nbdkit -f -i 127.0.0.1 -p "$port" file "$WORK/plain/disk.img" 2>>"$WORK/nbdkit.log" &
-    NBDKIT_PID=$!
-    wait_port "$port" "$NBDKIT_PID" || {
+    nbdkit -f -i 127.0.0.1 -p "$port" "$@" 2>>"$WORK/nbdkit.log" &
+    STARTED_PID=$!
+    wait_port "$port" "$STARTED_PID" || {
         cat "$WORK/nbdkit.log" >&2
-        die "nbdkit failed to start"
+        die "nbdkit $1 failed to start"
     }
-    NBDKIT_NBD="nbd://127.0.0.1:$port/"
+    STARTED_NBD="nbd://127.0.0.1:$port/"
 }
 
 # ------------------------------------------------------------------ fio --
@@ -224,8 +233,13 @@ protocol = "nbd"
 allowed_clients = ["127.0.0.1"]
 EOF
 
-start_nbdkit
-log "nbdkit up"
+start_nbdkit file "$WORK/plain/disk.img"
+NBDKIT_PID=$STARTED_PID
+NBDKIT_NBD=$STARTED_NBD
+start_nbdkit null size=256M
+NULL_PID=$STARTED_PID
+NULL_NBD=$STARTED_NBD
+log "nbdkit up (file and null)"
 
 # ------------------------------------------------------------------ run --
 RANDREAD1=(--rw=randread --bs=4k --iodepth=1)
@@ -241,10 +255,11 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else pr
 # measure LABEL UNIT(iops|mibs) DIR(read|write) COLD(0|1) ARGS...
 # Per repeat: revive over NBD and nbdkit (revive first in odd repeats,
 # nbdkit first in even ones, so neither always runs on what the other left
-# behind: dirty pages, a warm CPU), then revive over NFS; a cold line
-# restarts revive (empty block cache) before each of its two runs.
+# behind: a warm CPU, the host's mood), then revive over NFS, then
+# nbdkit's null plugin; a cold line restarts revive (empty block cache)
+# before each of its two runs.
 measure() {
-    local label=$1 unit=$2 dir=$3 cold=$4 i r k n rv kv nv rvs="" kvs="" nvs="" rk="" rn="" rc=""
+    local label=$1 unit=$2 dir=$3 cold=$4 i r k n z rv kv nv zv rvs="" kvs="" nvs="" zvs="" rk="" rn="" rc=""
     shift 4
     pick() {
         set -- $1
@@ -261,32 +276,53 @@ measure() {
             stop_revive
             start_revive
         fi
+        settle
+    }
+    # A write line starts every run from the same page cache: nothing of
+    # either server's file cached and nothing dirty. Otherwise a run pays
+    # for writing back what the run before it dirtied, and overwrites
+    # whatever folios earlier lines left (nbdkit's file was read in 4 KiB
+    # pieces, revive's data file is new), which moved this line's ratio by
+    # more than 10 % in manual runs.
+    settle() {
+        [ "$dir" = write ] || return 0
+        sync
+        if ! echo 1 2>/dev/null >/proc/sys/vm/drop_caches; then
+            [ -n "${SETTLE_WARNED:-}" ] || log "cannot drop the page cache (not root): write runs start from whatever the last run left"
+            SETTLE_WARNED=1
+        fi
     }
     for i in $(seq "$REPEAT"); do
         if [ $((i % 2)) = 1 ]; then
             fresh
             r=$(SERVER_PID=$REVIVE_PID run_fio nbd "$REVIVE_NBD" "$@")
+            settle
             k=$(SERVER_PID=$NBDKIT_PID run_fio nbd "$NBDKIT_NBD" "$@")
         else
+            settle
             k=$(SERVER_PID=$NBDKIT_PID run_fio nbd "$NBDKIT_NBD" "$@")
             fresh
             r=$(SERVER_PID=$REVIVE_PID run_fio nbd "$REVIVE_NBD" "$@")
         fi
         fresh
         n=$(SERVER_PID=$REVIVE_PID run_fio nfs "$REVIVE_NFS" "$@")
+        settle
+        z=$(SERVER_PID=$NULL_PID run_fio nbd "$NULL_NBD" "$@")
         rv=$(pick "$r")
         kv=$(pick "$k")
         nv=$(pick "$n")
-        log "$label [$i/$REPEAT]: revive nbd $rv, nbdkit $kv, revive nfs $nv ($unit); server CPU ticks: revive nbd $(cpu "$r"), nbdkit $(cpu "$k")"
+        zv=$(pick "$z")
+        log "$label [$i/$REPEAT]: revive nbd $rv, nbdkit $kv, revive nfs $nv, nbdkit null $zv ($unit); server CPU ticks: revive nbd $(cpu "$r"), nbdkit $(cpu "$k")"
         rvs+="$rv"$'\n'
         kvs+="$kv"$'\n'
         nvs+="$nv"$'\n'
+        zvs+="$zv"$'\n'
         rk+=$(ratio "$rv" "$kv")$'\n'
         rn+=$(ratio "$rv" "$nv")$'\n'
         # CPU per unit of work, revive over nbdkit: (cpu_r / rv) / (cpu_k / kv).
         rc+=$(ratio "$(cpu "$r")" "$(awk -v c="$(cpu "$k")" -v k="$kv" -v r="$rv" 'BEGIN{printf "%.6f", (k > 0) ? c * r / k : 0}')")$'\n'
     done
-    RESULTS+=("$label|$unit|$(printf %s "$rvs" | stats)|$(printf %s "$kvs" | stats)|$(printf %s "$rk" | stats)|$(printf %s "$rc" | stats)|$(printf %s "$nvs" | stats)|$(printf %s "$rn" | stats)")
+    RESULTS+=("$label|$unit|$(printf %s "$rvs" | stats)|$(printf %s "$kvs" | stats)|$(printf %s "$rk" | stats)|$(printf %s "$rc" | stats)|$(printf %s "$nvs" | stats)|$(printf %s "$rn" | stats)|$(printf %s "$zvs" | stats)")
 }
 
 LINES=" ${BENCH_LINES:-cold1 cold16 seqread warm1 warm16 seqwrite} "
@@ -318,15 +354,15 @@ cell() {
     fi
 }
 table() {
-    echo "| workload (fio, 256 MiB disk, ${RUNTIME} s per run, median of $REPEAT) | revive NBD | nbdkit file | revive NBD / nbdkit | server CPU per op, revive / nbdkit | revive NFS | revive NBD / NFS |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
-    local line label unit r k rk rc n rn u
+    echo "| workload (fio, 256 MiB disk, ${RUNTIME} s per run, median of $REPEAT) | revive NBD | nbdkit file | revive NBD / nbdkit | server CPU per op, revive / nbdkit | revive NFS | revive NBD / NFS | nbdkit null (no storage) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    local line label unit r k rk rc n rn z u
     for line in "${RESULTS[@]}"; do
-        IFS='|' read -r label unit r k rk rc n rn <<<"$line"
+        IFS='|' read -r label unit r k rk rc n rn z <<<"$line"
         u=" IOPS"
         [ "$unit" = mibs ] && u=" MiB/s"
         # shellcheck disable=SC2086
-        echo "| $label | $(cell $r "$u") | $(cell $k "$u") | $(cell $rk x) | $(cell $rc x) | $(cell $n "$u") | $(cell $rn x) |"
+        echo "| $label | $(cell $r "$u") | $(cell $k "$u") | $(cell $rk x) | $(cell $rc x) | $(cell $n "$u") | $(cell $rn x) | $(cell $z "$u") |"
     done
 }
 
@@ -351,7 +387,8 @@ $TABLE
 - revive serves restore point \`disk@latest\` of a 256 MiB disk (3/8 random, 2/8 compressible text, 1/8 zeros, 2/8 duplicates) from its deduplicated repository ($((REPO_BYTES >> 20)) MiB on disk), 1 MiB chunks, zstd, BLAKE3-verified when they enter the 256 MiB block cache; NBD export \`disk\` and NFS publication \`bench\` are the same file and write cache. nbdkit's file plugin serves the same bytes as a plain file on the same filesystem, in the page cache.
 - "cold" lines restart revive before each of its runs (empty block cache; the cache fills while the job runs). The sequential read loads every chunk, so the "warm" lines read only memory. nbdkit's cold and warm lines are the same workload run twice.
 - Each NBD connection is served by threads of its own (nbdkit's model). revive's reader polls its socket for up to [nbd] \`poll_us\` (here ${BENCH_NBD_POLL_US:-100} µs) for the next request of a client with nothing else in flight that answered its last reply within that time, instead of sleeping in recv; nbdkit sleeps. Polling saves the two cross-CPU wake-ups of each queue-depth-1 request and costs CPU while such a client is busy: the CPU column shows how much.
-- Writes: fio's nbd engine sends plain NBD_CMD_WRITEs (no FUA, no flush during the run). revive receives a write's data into a buffer of the connection's own pool, reused as soon as the write is stored, and lands it in the write cache's data file (page cache; writes of up to 256 KiB are also queued as journal records, longer ones leave the next flush a checkpoint); nbdkit's file plugin receives into a buffer of its own and writes the plain file (page cache).
+- Writes: fio's nbd engine sends plain NBD_CMD_WRITEs (no FUA, no flush during the run). revive receives a write's data into a buffer of the connection's own pool, reused as soon as the write is stored, and lands it in the write cache's data file (page cache; writes of up to 256 KiB are also queued as journal records, longer ones leave the next flush a checkpoint); nbdkit's file plugin receives into a buffer of its own and writes the plain file (page cache). Before each write run the script writes back and drops the page cache (\`sync; echo 1 > /proc/sys/vm/drop_caches\`, as root), so that every run starts with nothing of either file cached and nothing dirty: otherwise a run pays for writing back what the run before it dirtied, and finds folios of whatever size earlier lines left in the page cache for its file.
+- "nbdkit null (no storage)" is nbdkit's null plugin (writes dropped, reads answered with zeros) on the same client job, run after revive's NFS in each repeat: a server that does no storage work but sleeps between requests, as nbdkit does. Where it is not above both servers, the client (fio's single thread) or the protocol bounds the line, not the server; revive's polling can beat it at queue depth 1.
 EOF
     log "wrote $MD"
 fi
