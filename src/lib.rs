@@ -33,6 +33,7 @@
 
 pub mod api;
 pub mod block;
+pub mod bufpool;
 pub mod cache;
 pub mod config;
 pub mod controller;

@@ -63,6 +63,7 @@ use super::format::{
 use super::journal::{Journal, Record};
 use super::range_lock::RangeLocks;
 use super::write_cache::CachePaths;
+use crate::bufpool::BufferPool;
 
 /// An I/O event recorded in tests, to check the durability ordering against
 /// a model of what a power loss would keep (see `tests::power_loss_model`).
@@ -128,6 +129,8 @@ pub(crate) struct Shared {
     pub flushes: AtomicU64,
     /// A `presync` thread is running.
     pub presyncing: Arc<AtomicBool>,
+    /// Buffers for long reads of cached bytes (see `WriteCache::read`).
+    pub read_buffers: Arc<BufferPool>,
     /// I/O events, for the ordering test.
     #[cfg(test)]
     pub trace: Mutex<Vec<Event>>,

@@ -37,6 +37,7 @@ use super::format::{
 use super::journal::{Journal, Replayed};
 use super::range_lock::RangeLocks;
 use super::write_cache::CachePaths;
+use crate::bufpool::BufferPool;
 
 /// How much of the bitmap `open` reads per call.
 const LOAD_CHUNK: usize = 256 * BITMAP_PAGE_BYTES;
@@ -59,6 +60,12 @@ pub(crate) fn parent_of(path: &Path) -> &Path {
     }
 }
 
+/// Cached bytes read in one piece this long go into a reused buffer.
+pub(crate) const POOLED_READ: usize = 64 * 1024;
+
+/// Bytes of free read buffers one cache keeps.
+const READ_BUFFERS_KEEP: usize = 8 << 20;
+
 fn shared(
     paths: &CachePaths,
     files: Files,
@@ -79,6 +86,7 @@ fn shared(
         flushed: watch::Sender::new(0),
         flushes: AtomicU64::new(0),
         presyncing: Arc::new(AtomicBool::new(false)),
+        read_buffers: BufferPool::new(POOLED_READ, READ_BUFFERS_KEEP),
         #[cfg(test)]
         trace: Mutex::new(Vec::new()),
     }

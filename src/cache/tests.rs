@@ -154,6 +154,51 @@ async fn read_returns_segments_and_stops_at_the_end() {
     ));
 }
 
+/// A long read of cached bytes comes in a reused buffer, and bytes the
+/// data file no longer has (its end cut under the cache, as a concurrent
+/// truncate would) read as zeros, never as an earlier read's bytes.
+#[tokio::test]
+async fn long_cached_reads_reuse_buffers_and_never_show_stale_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 32 * u64::from(BS);
+    let base = MemBase::new(len as usize);
+    let cache = backup_cache(&dir, len).await;
+    cache
+        .write(
+            0,
+            Bytes::from(vec![0x5A; len as usize]),
+            Stability::Unstable,
+            &base,
+        )
+        .await
+        .unwrap();
+    let first = match cache.read(0, len).await.unwrap().as_slice() {
+        [Segment::Cached(b)] => b.clone(),
+        other => panic!("expected one cached segment, got {other:?}"),
+    };
+    assert!(first.iter().all(|&b| b == 0x5A));
+    let ptr = first.as_ptr();
+    drop(first);
+
+    let half = len / 2;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths(&dir).data)
+        .unwrap()
+        .set_len(half)
+        .unwrap();
+    let second = match cache.read(0, len).await.unwrap().as_slice() {
+        [Segment::Cached(b)] => b.clone(),
+        other => panic!("expected one cached segment, got {other:?}"),
+    };
+    assert_eq!(second.as_ptr(), ptr, "the first read's buffer is reused");
+    assert!(second[..half as usize].iter().all(|&b| b == 0x5A));
+    assert!(
+        second[half as usize..].iter().all(|&b| b == 0),
+        "bytes past the cut read as zeros"
+    );
+}
+
 #[tokio::test]
 async fn truncate_then_extend_reads_zeros_beyond_the_cut() {
     let dir = tempfile::tempdir().unwrap();

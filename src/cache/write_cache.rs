@@ -299,11 +299,7 @@ impl WriteCache {
             for p in plan {
                 let mut bytes = Bytes::new();
                 if p.0 == Kind::Cached {
-                    let mut buf = BytesMut::zeroed((p.2 - p.1) as usize);
-                    // A short read (a concurrent truncate) leaves zeros.
-                    read_full_at(&files.data, &mut buf, p.1)
-                        .map_err(io_err("read", &shared.paths.data))?;
-                    bytes = buf.freeze();
+                    bytes = read_cached(&shared, &files.data, p.1, (p.2 - p.1) as usize)?;
                 }
                 out.push(to_segment(p, bytes));
             }
@@ -443,6 +439,25 @@ enum Kind {
     Cached,
     Base,
     Zero,
+}
+
+/// `len` cached bytes of the data file at `offset`. Long reads go into a
+/// reused buffer of the cache's pool (see [`crate::bufpool`]: a fresh,
+/// zeroed 1 MiB buffer per read cost more than the read itself). Blocking.
+fn read_cached(shared: &Shared, data: &std::fs::File, offset: u64, len: usize) -> Result<Bytes> {
+    if len < open::POOLED_READ {
+        let mut buf = BytesMut::zeroed(len);
+        // A short read (a concurrent truncate) leaves zeros.
+        read_full_at(data, &mut buf, offset).map_err(io_err("read", &shared.paths.data))?;
+        return Ok(buf.freeze());
+    }
+    let mut buf = shared.read_buffers.take(len);
+    let got =
+        read_full_at(data, &mut buf[..len], offset).map_err(io_err("read", &shared.paths.data))?;
+    // A pool buffer holds an earlier read's bytes: what a short read (a
+    // concurrent truncate) left out must read as zeros.
+    buf[got..len].fill(0);
+    Ok(shared.read_buffers.freeze(buf, len))
 }
 
 fn to_segment(p: (Kind, u64, u64), bytes: Bytes) -> Segment {

@@ -15,7 +15,7 @@
 //! was checked against [`MAX_REQUEST`] and the connection's byte budget was
 //! reserved; a receive may bring up to [`READ_AHEAD`] bytes of the requests
 //! queued behind it, and a long WRITE's data is received into a reused
-//! buffer of its own, see [`PayloadPool`]). A request alone on the
+//! buffer of its own, see [`BufferPool`]). A request alone on the
 //! connection (nothing else in flight, nothing buffered behind it, not a
 //! large WRITE) is answered by the reader without letting the socket go.
 //! Any other request is answered after the reader lets go, and a waiting
@@ -52,6 +52,7 @@ use super::reply::{self, Reply};
 use super::MAX_REQUEST;
 use crate::block::registry::{BlockExport, ExportUse};
 use crate::block::{BlockError, Extent};
+use crate::bufpool::BufferPool;
 
 /// Bytes of request and reply data one connection holds at once, in units
 /// of [`UNIT`]: 128 MiB, so a client's queue of 1 MiB requests (qemu,
@@ -72,10 +73,10 @@ const MAX_IOV: usize = 1024;
 
 /// Most bytes one receive into the request buffer brings: room for a
 /// client's queue of small requests (sixteen 4 KiB writes) in one system
-/// call. Longer WRITE data goes to a [`PayloadPool`] buffer instead.
+/// call. Longer WRITE data goes to a [`BufferPool`] buffer instead.
 const READ_AHEAD: usize = 64 * 1024;
 
-/// WRITE data this long is received into a [`PayloadPool`] buffer.
+/// WRITE data this long is received into a [`BufferPool`] buffer.
 const POOLED_PAYLOAD: usize = 64 * 1024;
 
 /// Bytes of free payload buffers one connection keeps for reuse.
@@ -121,65 +122,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Reused buffers for the data of long WRITEs, one pool per connection.
-///
-/// Why: the copy out of the socket is most of a large write's cost, and it
-/// is markedly cheaper into memory that is still in the CPU's cache. A
-/// stream of 1 MiB writes received into ever fresh memory (as slices of one
-/// growing request buffer) cost about 1.4x the CPU per MiB of the same
-/// stream received into one buffer used again and again (measured with a
-/// loopback socket and pwrite, 16 MiB of rotating buffers against 1 MiB).
-/// So each payload gets a buffer of its own, which goes back to the pool
-/// when the device is done with it, and the most recently returned buffer
-/// (the warmest) is taken first.
-#[derive(Default)]
-struct PayloadPool {
-    free: Mutex<Vec<Vec<u8>>>,
-}
-
-impl PayloadPool {
-    /// A buffer at least `len` long (a free one if one is long enough).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut free = lock(&self.free);
-        match free.iter().rposition(|b| b.len() >= len) {
-            Some(i) => free.remove(i),
-            None => {
-                drop(free);
-                vec![0; len.next_multiple_of(POOLED_PAYLOAD)]
-            }
-        }
-    }
-
-    /// Takes `buf` back, unless the pool holds enough already.
-    fn give(&self, buf: Vec<u8>) {
-        let mut free = lock(&self.free);
-        let held: usize = free.iter().map(Vec::len).sum();
-        if held + buf.len() <= POOL_KEEP {
-            free.push(buf);
-        }
-    }
-}
-
-/// The data of one WRITE in a pool buffer; the buffer goes back to the
-/// pool when the last `Bytes` over it is dropped.
-struct Pooled {
-    buf: Vec<u8>,
-    len: usize,
-    pool: Arc<PayloadPool>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        self.pool.give(std::mem::take(&mut self.buf));
-    }
-}
-
 /// Splits the stream into request headers and WRITE payloads.
 ///
 /// Hybrid polling: a wake-up between CPUs costs tens of microseconds (more
@@ -194,8 +136,12 @@ impl Drop for Pooled {
 struct RequestReader {
     socket: TcpStream,
     buf: BytesMut,
-    /// Buffers for long WRITE data.
-    pool: Arc<PayloadPool>,
+    /// Buffers for long WRITE data, reused as soon as the device is done
+    /// with them: the copy out of the socket is most of a large write's
+    /// cost, and it is markedly cheaper into memory still in the CPU's
+    /// cache (a stream of 1 MiB writes received into ever fresh memory cost
+    /// about 1.4x the CPU per MiB of one received into a reused buffer).
+    pool: Arc<BufferPool>,
     /// Longest poll; zero: never poll.
     poll: Duration,
     /// Whether the next receive may poll (set by the connection: only
@@ -210,7 +156,7 @@ impl RequestReader {
         RequestReader {
             socket,
             buf: BytesMut::with_capacity(READ_AHEAD),
-            pool: Arc::default(),
+            pool: BufferPool::new(POOLED_PAYLOAD, POOL_KEEP),
             poll,
             may_poll: false,
             answers_fast: true,
@@ -331,8 +277,7 @@ impl RequestReader {
         buf[..got].copy_from_slice(&self.buf);
         self.buf.clear();
         (&self.socket).read_exact(&mut buf[got..len])?;
-        let pool = self.pool.clone();
-        Ok(Bytes::from_owner(Pooled { buf, len, pool }))
+        Ok(self.pool.freeze(buf, len))
     }
 }
 
@@ -966,7 +911,7 @@ mod tests {
         assert_eq!(&first[..], &data[..]);
         let first_buf = first.as_ptr();
         drop(first);
-        assert_eq!(lock(&reader.pool.free).len(), 1, "buffer back in the pool");
+        assert_eq!(reader.pool.free_buffers(), 1, "buffer back in the pool");
         assert_eq!(reader.header().unwrap(), Some([2; REQUEST_LEN]));
         let second = reader.payload(len).unwrap();
         assert_eq!(&second[..], &data[..]);
