@@ -17,7 +17,7 @@
 #     no work but sleeps between requests as nbdkit does, the ceiling of
 #     any line the client bounds.
 #
-# All three listen on 127.0.0.1 (free ports); fio and the servers share the
+# All four listen on 127.0.0.1 (free ports); fio and the servers share the
 # machine's cores. Both data sets sit on the same filesystem and in the page
 # cache.
 #

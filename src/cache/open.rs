@@ -36,7 +36,7 @@ use super::format::{
 };
 use super::journal::{Journal, Replayed};
 use super::range_lock::RangeLocks;
-use super::write_cache::CachePaths;
+use super::write_cache::{CachePaths, POOLED_READ, READ_BUFFERS_KEEP};
 use crate::bufpool::BufferPool;
 
 /// How much of the bitmap `open` reads per call.
@@ -59,12 +59,6 @@ pub(crate) fn parent_of(path: &Path) -> &Path {
         _ => Path::new("."),
     }
 }
-
-/// Cached bytes read in one piece this long go into a reused buffer.
-pub(crate) const POOLED_READ: usize = 64 * 1024;
-
-/// Bytes of free read buffers one cache keeps.
-const READ_BUFFERS_KEEP: usize = 8 << 20;
 
 fn shared(
     paths: &CachePaths,

@@ -441,11 +441,17 @@ enum Kind {
     Zero,
 }
 
+/// Cached bytes read in one piece this long go into a reused buffer.
+pub(super) const POOLED_READ: usize = 64 * 1024;
+
+/// Bytes of free read buffers one cache keeps.
+pub(super) const READ_BUFFERS_KEEP: usize = 8 << 20;
+
 /// `len` cached bytes of the data file at `offset`. Long reads go into a
 /// reused buffer of the cache's pool (see [`crate::bufpool`]: a fresh,
 /// zeroed 1 MiB buffer per read cost more than the read itself). Blocking.
 fn read_cached(shared: &Shared, data: &std::fs::File, offset: u64, len: usize) -> Result<Bytes> {
-    if len < open::POOLED_READ {
+    if len < POOLED_READ {
         let mut buf = BytesMut::zeroed(len);
         // A short read (a concurrent truncate) leaves zeros.
         read_full_at(data, &mut buf, offset).map_err(io_err("read", &shared.paths.data))?;
